@@ -1,1 +1,71 @@
-fn main() {}
+//! `tether`: the command-line entry point. Parses arguments, sets up logging and output, and hands
+//! each subcommand to its module in `commands/`.
+
+mod cli;
+mod commands;
+mod ui;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    cli::{Cli, Command, ConfigCommand, GlobalArgs},
+    ui::Ui,
+};
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    let ui = Ui::new(cli.global.output);
+    let code = match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => {
+            commands::config::check(file.as_deref().or(cli.global.config.as_deref()), ui)
+        }
+        Command::Config(ConfigCommand::Schema) => commands::config::schema(),
+        Command::Doctor => commands::doctor::run(ui),
+        Command::Agent(args) => run_async(tether_agent::run(args)),
+        Command::Exec(_) => not_yet("tether exec", "the exec issue"),
+        Command::Demo => not_yet("tether demo", "the exec issue"),
+        Command::Proxy => not_yet("tether proxy", "the exec issue"),
+    };
+    std::process::exit(code);
+}
+
+fn init_logging(global: &GlobalArgs) {
+    let default = match (global.quiet, global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info,tether=info",
+        (false, 2) => "info,tether=debug,tether_agent=debug",
+        (false, _) => "debug,tether=trace,tether_agent=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> i32 {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn not_yet(what: &str, issue: &str) -> i32 {
+    eprintln!(
+        "{what} is not implemented yet in this build (it arrives with {issue}); `tether config check` and `tether doctor` work today."
+    );
+    2
+}

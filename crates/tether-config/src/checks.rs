@@ -10,13 +10,13 @@ use crate::{
 
 pub(crate) fn check(config: &Config) -> Vec<Issue> {
     let mut issues = Vec::new();
-    if let Some(path) = &config.target.path {
-        if let Err(e) = path.parse::<Target>() {
-            issues.push(
-                Issue::new("/target/path", e.to_string(), "not a target")
-                    .help(format!("targets look like: {TARGET_FORMS}")),
-            );
-        }
+    if let Some(path) = &config.target.path
+        && let Err(e) = path.parse::<Target>()
+    {
+        issues.push(
+            Issue::new("/target/path", e.to_string(), "not a target")
+                .help(format!("targets look like: {TARGET_FORMS}")),
+        );
     }
     let incoming = &config.feature.network.incoming;
     http_filter(
@@ -110,7 +110,7 @@ fn http_filter(filter: &HttpFilterConfig, pointer: &str, issues: &mut Vec<Issue>
     .collect();
     if set.len() > 1 {
         issues.push(Issue::new(format!("{pointer}/{}", set[1]), format!("an http_filter takes one rule, but {} are set", set.join(" and ")), "second rule")
-            .help(format!("combine them with `all_of` (every rule must match) or `any_of`, e.g. \"all_of\": [{{\"header\": \"…\"}}, {{\"path\": \"…\"}}]")));
+            .help("combine them with `all_of` (every rule must match) or `any_of`, e.g. \"all_of\": [{\"header\": \"…\"}, {\"path\": \"…\"}]".to_string()));
     }
     for (name, pattern) in [
         ("header_filter", &filter.header_filter),

@@ -236,30 +236,43 @@ impl Loader {
         }
         let schema = crate::canonical_schema();
         let issues = validate::check(&schema, &merged);
-        let config = if issues.is_empty() {
-            match serde_path_to_error::deserialize::<_, Config>(&merged) {
-                Ok(config) => {
-                    let semantic = checks::check(&config);
-                    problems.extend(semantic.into_iter().map(|issue| locate(&layers, issue)));
-                    Some(config)
-                }
-                Err(e) => {
-                    let pointer = path_to_pointer(e.path());
-                    problems.push(locate(
-                        &layers,
-                        Issue::new(pointer, e.inner().to_string(), "invalid value"),
-                    ));
-                    None
+        // With shape problems, the checks that need typed settings still run on what is left once
+        // the offending values are dropped, so one run reports everything it can.
+        let mut usable = merged;
+        for issue in &issues {
+            drop_setting(&mut usable, &issue.pointer);
+        }
+        problems.extend(issues.iter().cloned().map(|issue| locate(&layers, issue)));
+        match serde_path_to_error::deserialize::<_, Config>(&usable) {
+            Ok(config) => {
+                let semantic = checks::check(&config);
+                problems.extend(semantic.into_iter().map(|issue| locate(&layers, issue)));
+                if problems.is_empty() {
+                    return Ok(Loaded { config, file });
                 }
             }
-        } else {
-            problems.extend(issues.into_iter().map(|issue| locate(&layers, issue)));
-            None
-        };
-        match config {
-            Some(config) if problems.is_empty() => Ok(Loaded { config, file }),
-            _ => Err(Problems(problems)),
+            Err(e) if issues.is_empty() => {
+                let pointer = path_to_pointer(e.path());
+                let issue = Issue::new(pointer, e.inner().to_string(), "invalid value");
+                problems.push(locate(&layers, issue));
+            }
+            Err(_) => {} // already explained by the shape problems
         }
+        Err(Problems(problems))
+    }
+}
+
+/// Removes the setting at `pointer`; inside a list, the whole list (indices must not shift).
+fn drop_setting(value: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else {
+        return;
+    };
+    match value.pointer_mut(parent) {
+        Some(Value::Object(map)) => {
+            map.remove(&last.replace("~1", "/").replace("~0", "~"));
+        }
+        Some(Value::Array(_)) => drop_setting(value, parent),
+        _ => {}
     }
 }
 

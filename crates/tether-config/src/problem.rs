@@ -62,7 +62,10 @@ pub struct Problem {
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.origin.describe(), self.message)
+        match self.origin {
+            Origin::Unknown => f.write_str(&self.message),
+            _ => write!(f, "{}: {}", self.origin.describe(), self.message),
+        }
     }
 }
 
@@ -75,11 +78,9 @@ impl Diagnostic for Problem {
             .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
     }
 
+    // The source comes from `to_report`, which names the file; a source here would hide it.
     fn source_code(&self) -> Option<&dyn SourceCode> {
-        match &self.origin {
-            Origin::File { text, .. } => Some(text as &dyn SourceCode),
-            _ => None,
-        }
+        None
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {

@@ -129,63 +129,62 @@ impl<'s> Walker<'s> {
             }
             return;
         }
-        if let Some(types) = schema.get("type") {
-            if !type_matches(types, value) {
-                let expected = self.describe(schema);
-                self.issues.push(Issue::new(
-                    pointer,
-                    format!(
-                        "{} must be {expected}, not {}",
-                        key_name(pointer),
-                        describe_value(value)
-                    ),
-                    format!("expected {expected}"),
-                ));
-                return;
-            }
+        if let Some(types) = schema.get("type")
+            && !type_matches(types, value)
+        {
+            let expected = self.describe(schema);
+            self.issues.push(Issue::new(
+                pointer,
+                format!(
+                    "{} must be {expected}, not {}",
+                    key_name(pointer),
+                    describe_value(value)
+                ),
+                format!("expected {expected}"),
+            ));
+            return;
         }
-        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-            if !allowed.contains(value) {
-                let names: Vec<String> = allowed.iter().map(show).collect();
-                let mut issue = Issue::new(
-                    pointer,
-                    format!(
-                        "{} cannot be {}: use one of {}",
-                        key_name(pointer),
-                        show(value),
-                        names.join(", ")
-                    ),
-                    format!("one of {}", names.join(", ")),
-                );
-                if let Some(text) = value.as_str() {
-                    let candidates = allowed.iter().filter_map(Value::as_str);
-                    if let Some(best) = closest(text, candidates) {
-                        issue = issue.help(format!("did you mean \"{best}\"?"));
-                    }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+            && !allowed.contains(value)
+        {
+            let names: Vec<String> = allowed.iter().map(show).collect();
+            let mut issue = Issue::new(
+                pointer,
+                format!(
+                    "{} cannot be {}: use one of {}",
+                    key_name(pointer),
+                    show(value),
+                    names.join(", ")
+                ),
+                format!("one of {}", names.join(", ")),
+            );
+            if let Some(text) = value.as_str() {
+                let candidates = allowed.iter().filter_map(Value::as_str);
+                if let Some(best) = closest(text, candidates) {
+                    issue = issue.help(format!("did you mean \"{best}\"?"));
                 }
-                self.issues.push(issue);
-                return;
             }
+            self.issues.push(issue);
+            return;
         }
-        if let Some(constant) = schema.get("const") {
-            if constant != value {
-                self.issues.push(Issue::new(
-                    pointer,
-                    format!("{} must be {}", key_name(pointer), show(constant)),
-                    format!("expected {}", show(constant)),
-                ));
-                return;
-            }
+        if let Some(constant) = schema.get("const")
+            && constant != value
+        {
+            self.issues.push(Issue::new(
+                pointer,
+                format!("{} must be {}", key_name(pointer), show(constant)),
+                format!("expected {}", show(constant)),
+            ));
+            return;
         }
         if let (Some("duration"), Some(text)) =
             (schema.get("format").and_then(Value::as_str), value.as_str())
+            && let Err(e) = humantime::parse_duration(text)
         {
-            if let Err(e) = humantime::parse_duration(text) {
-                self.issues.push(
+            self.issues.push(
                     Issue::new(pointer, format!("{} is not a duration: {e}", key_name(pointer)), "not a duration")
                         .help("write a number of seconds, or a string with units such as \"500ms\", \"5s\", \"10m\""),
                 );
-            }
         }
         match value {
             Value::Number(number) => self.check_range(schema, number, pointer),
@@ -355,10 +354,9 @@ impl<'s> Walker<'s> {
         if let (Some(Value::Object(_)), Some(required)) = (
             schema.get("properties"),
             schema.get("required").and_then(Value::as_array),
-        ) {
-            if let [Value::String(only)] = required.as_slice() {
-                return format!("{{ \"{only}\": … }}");
-            }
+        ) && let [Value::String(only)] = required.as_slice()
+        {
+            return format!("{{ \"{only}\": … }}");
         }
         match schema.get("type") {
             Some(Value::String(t)) => type_name(t).to_owned(),

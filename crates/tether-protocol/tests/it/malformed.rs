@@ -105,12 +105,7 @@ proptest! {
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
         let mut buf = BytesMut::from(&bytes[..]);
-        loop {
-            match decode_frame(&mut buf) {
-                Ok(Some(_)) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) = decode_frame(&mut buf) {}
         prop_assert!(buf.capacity() <= MAX_FRAME_LEN + 4 + bytes.len());
     }
 

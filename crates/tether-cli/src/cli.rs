@@ -1,0 +1,125 @@
+//! The command line: every subcommand, flag and help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const ABOUT: &str = "Run a local process as if it lived inside a pod: its incoming traffic mirrored \
+or stolen, its outgoing connections, DNS, files and environment taken from the target.";
+
+const EXAMPLES: &str = "\
+Examples:
+  tether demo                                  see it work on a local demo target (needs root)
+  tether exec --target deploy/api -- cargo run  run your app inside deploy/api's context
+  tether exec -t netns/staging --steal -- python3 -m http.server 80
+  tether config check                          validate .tether/config.{json,yaml,toml}
+  tether config schema > tether.schema.json    JSON Schema for editor completion
+
+Configuration comes from a file (-f FILE, default .tether/config.json|yaml|toml), then
+TETHER_* environment variables (TETHER_FEATURE__NETWORK__INCOMING__MODE=steal), then flags.";
+
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, about = ABOUT, after_help = EXAMPLES, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// Config file (JSON, YAML or TOML, by extension). Default: .tether/config.{json,yaml,toml}.
+    #[arg(
+        short = 'f',
+        long = "config",
+        global = true,
+        value_name = "FILE",
+        env = "TETHER_CONFIG"
+    )]
+    pub config: Option<PathBuf>,
+    /// More log output (-v: info, -vv: debug, -vvv: trace). RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Output for people (text) or for programs (json: one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run a command with the target's traffic, network, files and environment.
+    #[command(after_help = "\
+Examples:
+  tether exec --target deploy/api -n shop -- npm start
+  tether exec -t netns/demo --steal -- python3 -m http.server 8080
+  tether exec -f .tether/alice.json -- cargo run
+
+tether's exit code is the command's exit code; Ctrl-C stops the command and cleans up.")]
+    Exec(ExecArgs),
+    /// Try tether on a local demo target: no cluster needed (needs root for network namespaces).
+    Demo,
+    /// Check that this machine (and, with a cluster, your permissions) can run tether.
+    Doctor,
+    /// Validate the configuration or print its JSON Schema.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run the agent (started by tether itself, or by the agent pod).
+    #[command(hide = true)]
+    Agent(tether_agent::AgentArgs),
+    /// Run the local proxy (started by `tether exec`).
+    #[command(hide = true)]
+    Proxy,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TargetArgs {
+    /// What to run against: deploy/NAME, pod/NAME, statefulset/NAME, job/NAME, netns/NAME, pid/PID,
+    /// or targetless. Overrides `target.path`.
+    #[arg(short, long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// Kubernetes namespace of the target. Overrides `target.namespace`.
+    #[arg(short, long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+    /// kubeconfig context. Overrides `kube_context`.
+    #[arg(long, value_name = "CONTEXT")]
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Steal incoming traffic instead of mirroring it (same as feature.network.incoming.mode=steal).
+    #[arg(long)]
+    pub steal: bool,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Check a config file (and TETHER_* variables): every problem, with line and column.
+    #[command(after_help = "\
+Exit code: 0 when the configuration is valid, 1 when it has problems.
+With --output json: {\"valid\": …, \"file\": …, \"problems\": [{\"key\", \"message\", \"help\", \"line\", \"column\", …}]}")]
+    Check {
+        /// The file to check (default: -f, then .tether/config.{json,yaml,toml}).
+        file: Option<PathBuf>,
+    },
+    /// Print the configuration's JSON Schema (for editor completion and validation).
+    #[command(after_help = "\
+VS Code: save it, then add to .vscode/settings.json:
+  \"json.schemas\": [{ \"fileMatch\": [\".tether/config.json\"], \"url\": \"./tether.schema.json\" }]")]
+    Schema,
+}

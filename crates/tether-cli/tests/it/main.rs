@@ -1,0 +1,13 @@
+//! The `tether` binary as users run it.
+
+mod config;
+mod usage;
+
+use assert_cmd::Command;
+
+fn tether() -> Command {
+    let mut cmd = Command::cargo_bin("tether").unwrap();
+    // Tests must not pick up the developer's own settings.
+    cmd.env_remove("TETHER_CONFIG").env_remove("RUST_LOG");
+    cmd
+}
