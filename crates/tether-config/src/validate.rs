@@ -116,15 +116,7 @@ impl<'s> Walker<'s> {
                         .map(|b| self.describe(b))
                         .collect::<Vec<_>>()
                         .join(" or ");
-                    self.issues.push(Issue::new(
-                        pointer,
-                        format!(
-                            "{} must be {expected}, not {}",
-                            key_name(pointer),
-                            describe_value(value)
-                        ),
-                        format!("expected {expected}"),
-                    ));
+                    self.issues.push(wrong_type(pointer, &expected, value));
                 }
             }
             return;
@@ -133,15 +125,7 @@ impl<'s> Walker<'s> {
             && !type_matches(types, value)
         {
             let expected = self.describe(schema);
-            self.issues.push(Issue::new(
-                pointer,
-                format!(
-                    "{} must be {expected}, not {}",
-                    key_name(pointer),
-                    describe_value(value)
-                ),
-                format!("expected {expected}"),
-            ));
+            self.issues.push(wrong_type(pointer, &expected, value));
             return;
         }
         if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
@@ -370,6 +354,18 @@ impl<'s> Walker<'s> {
             _ => "a valid value".to_owned(),
         }
     }
+}
+
+fn wrong_type(pointer: &str, expected: &str, value: &Value) -> Issue {
+    Issue::new(
+        pointer,
+        format!(
+            "{} must be {expected}, not {}",
+            key_name(pointer),
+            describe_value(value)
+        ),
+        format!("expected {expected}"),
+    )
 }
 
 fn type_name(t: &str) -> &'static str {

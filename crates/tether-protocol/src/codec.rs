@@ -7,7 +7,9 @@
 use bytes::{Buf, BufMut, BytesMut};
 use prost::Message;
 
-use crate::{Frame, MAX_FRAME_LEN};
+use crate::{
+    Body, Frame, HttpFilter, MAX_FILTER_DEPTH, MAX_FRAME_LEN, http_filter::Rule, request::Op,
+};
 
 const LEN_PREFIX: usize = 4;
 
@@ -29,10 +31,26 @@ pub enum EncodeError {
         "frame of {len} bytes exceeds the limit of {max} bytes; split the data into smaller chunks"
     )]
     TooLarge { len: usize, max: usize },
+    #[error("HTTP filter nested {depth} levels deep; the limit is {max}")]
+    FilterTooDeep { depth: usize, max: usize },
 }
 
 /// Appends `frame` to `dst`, length prefix first.
 pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError> {
+    // The decoder refuses messages nested deeper than protobuf's recursion limit; refuse them here
+    // first, so a peer never sends what the other side must reject (found by fuzzing).
+    if let Some(Body::Request(request)) = &frame.body
+        && let Some(Op::PortSubscribe(subscribe)) = &request.op
+        && let Some(filter) = &subscribe.http_filter
+    {
+        let depth = filter_depth(filter);
+        if depth > MAX_FILTER_DEPTH {
+            return Err(EncodeError::FilterTooDeep {
+                depth,
+                max: MAX_FILTER_DEPTH,
+            });
+        }
+    }
     let len = frame.encoded_len();
     if len > MAX_FRAME_LEN {
         return Err(EncodeError::TooLarge {
@@ -45,6 +63,16 @@ pub fn encode_frame(frame: &Frame, dst: &mut BytesMut) -> Result<(), EncodeError
     dst.put_u32(len as u32);
     frame.encode_raw(dst);
     Ok(())
+}
+
+/// Levels of `all_of`/`any_of` nesting, counting the filter itself.
+fn filter_depth(filter: &HttpFilter) -> usize {
+    match &filter.rule {
+        Some(Rule::AllOf(list) | Rule::AnyOf(list)) => {
+            1 + list.filters.iter().map(filter_depth).max().unwrap_or(0)
+        }
+        _ => 1,
+    }
 }
 
 /// Takes one whole frame from the front of `src`. `Ok(None)`: not enough bytes yet (`src` keeps

@@ -40,5 +40,9 @@ pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// The largest `data` a sender puts in one [`StreamData`], [`Datagram`] or file read.
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 
+/// The deepest `all_of`/`any_of` nesting of an [`HttpFilter`] the encoder accepts. Deeper
+/// filters would hit protobuf's decoding recursion limit (100 nested messages) at the receiver.
+pub const MAX_FILTER_DEPTH: usize = 32;
+
 /// Bytes a sender may have in flight on a new stream before the first [`WindowUpdate`].
 pub const INITIAL_STREAM_WINDOW: u32 = 256 * 1024;

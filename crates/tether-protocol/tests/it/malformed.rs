@@ -68,6 +68,50 @@ fn an_oversized_frame_is_refused_by_the_encoder() {
     assert!(buf.is_empty());
 }
 
+/// Regression (found by the `frame_roundtrip` fuzz target): a filter nested ~50 levels deep
+/// encoded fine but the receiver refused it (protobuf recursion limit), killing the link.
+#[test]
+fn a_filter_too_deep_for_the_receiver_is_refused_by_the_sender() {
+    use tether_protocol::{
+        HttpFilter, HttpFilterList, MAX_FILTER_DEPTH, PortSubscribe, Request, http_filter::Rule,
+        request::Op,
+    };
+    let nested = |depth: usize| {
+        let mut filter = HttpFilter {
+            rule: Some(Rule::Header("x".into())),
+        };
+        for _ in 1..depth {
+            filter = HttpFilter {
+                rule: Some(Rule::AllOf(HttpFilterList {
+                    filters: vec![filter],
+                })),
+            };
+        }
+        Frame {
+            seq: 1,
+            ack: 0,
+            body: Some(Body::Request(Request {
+                id: 1,
+                op: Some(Op::PortSubscribe(PortSubscribe {
+                    http_filter: Some(filter),
+                    ..Default::default()
+                })),
+            })),
+        }
+    };
+    let deepest = nested(MAX_FILTER_DEPTH);
+    assert_eq!(crate::decode_one(encode(&deepest)), deepest);
+    let mut buf = BytesMut::new();
+    let err = encode_frame(&nested(MAX_FILTER_DEPTH + 1), &mut buf).unwrap_err();
+    assert!(
+        matches!(err, EncodeError::FilterTooDeep { depth: 33, max: 32 }),
+        "{err}"
+    );
+    assert!(buf.is_empty());
+    // And what the fuzzer built: 60 levels.
+    assert!(encode_frame(&nested(60), &mut buf).is_err());
+}
+
 #[test]
 fn garbage_payloads_are_errors() {
     for payload in [&[0xff_u8; 8][..], &[0x0a, 0x05, 0x01], &[0x82, 0x01]] {
