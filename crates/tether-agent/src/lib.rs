@@ -1,44 +1,153 @@
-//! The tether agent: runs in (or next to) the target's network namespace and serves sessions from
-//! the local proxy over the tether protocol.
+//! The tether agent: runs next to the target and serves sessions from the local proxy.
 //!
-//! Today it authenticates clients and answers every operation it does not implement yet with a
-//! clean `Unsupported` error, so clients can rely on the protocol's behaviour from day one. Steal,
-//! mirror and the rest arrive with their issues.
+//! It runs as two processes. The **guard** (what was started) resolves the target, sweeps rules
+//! left by dead agents, starts the **worker** (the same binary with `--worker-of`), and when the
+//! worker ends for any reason (a crash, SIGKILL, OOM) removes every rule the worker created. The
+//! worker serves sessions: authentication, steal (redirect rules + a listener in the target's
+//! namespace), mirror (packet capture + TCP reassembly). With the nft backend, redirected ports
+//! expire 3 s after the worker stops refreshing them, so even the death of both processes
+//! leaves no blackhole. See ARCHITECTURE.md for the three cleanup layers.
 //!
-//! Entry points: [`AgentArgs`] (the command line, shared by the `tether-agent` binary and the hidden
-//! `tether agent` subcommand), [`run`], and [`serve`] for tests and embedding.
+//! Entry points: [`AgentArgs`] (shared by the `tether-agent` binary and the hidden
+//! `tether agent` subcommand), [`run`], and [`Agent`] + [`serve`] for embedding in tests.
 
+mod flush;
 pub mod link;
+mod mirror;
+pub mod netns;
+pub mod rules;
 mod session;
+mod steal;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
 
-pub use session::serve;
+pub use session::{Agent, serve};
 
-/// Runs the agent: `tether agent --listen ADDR --token-file FILE`.
+use crate::{netns::Netns, rules::Owner};
+
+/// `tether agent --target netns/NAME --listen ADDR --token-file FILE`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// Address to serve sessions on.
+    /// The target whose traffic the agent serves: `netns/NAME` (from `ip netns`) or `pid/PID`.
+    /// Without it, the agent works in its own network namespace.
+    #[arg(long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// Address to serve sessions on (in the agent's own namespace).
     #[arg(long, default_value = "127.0.0.1:44128")]
     pub listen: SocketAddr,
     /// File holding the session token clients must present (whitespace around it is ignored).
     /// A file, not a flag or variable, so the token does not show in `ps` or `/proc/PID/environ`.
     #[arg(long)]
     pub token_file: PathBuf,
+    /// Force the nftables (true) or iptables-legacy (false) backend. Default: legacy when the
+    /// target already has legacy rules, nftables otherwise.
+    #[arg(long, value_name = "BOOL")]
+    pub nftables: Option<bool>,
+    /// Internal: run as the worker of the guard with this owner tag.
+    #[arg(long, hide = true, value_name = "OWNER")]
+    pub worker_of: Option<String>,
 }
 
-/// Reads the token, binds, and serves until the process is stopped.
-pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+/// Runs the guard or, with `--worker-of`, the worker. Returns the exit code.
+pub async fn run(args: AgentArgs) -> anyhow::Result<i32> {
+    match &args.worker_of {
+        Some(owner) => {
+            let owner: Owner = owner
+                .parse()
+                .map_err(|()| anyhow::anyhow!("bad owner tag {owner}"))?;
+            worker(args, owner).await
+        }
+        None => guard(args).await,
+    }
+}
+
+fn resolve(target: Option<&str>) -> anyhow::Result<Netns> {
+    Ok(match target {
+        Some(target) => Netns::resolve(target)?,
+        None => Netns::current(),
+    })
+}
+
+async fn guard(args: AgentArgs) -> anyhow::Result<i32> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let netns = resolve(args.target.as_deref())?;
+    read_token(&args.token_file)?;
+    let owner = Owner::current();
+    let swept = rules::sweep(&netns, |o| !o.is_alive()).await;
+    if swept > 0 {
+        tracing::warn!(target = %netns.label, "removed {swept} rule set(s) left by agents that no longer run");
+    }
+    let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
+    let mut worker = tokio::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--worker-of")
+        .arg(owner.to_string())
+        .spawn()
+        .context("cannot start the agent worker")?;
+    let worker_pid = worker.id().context("the worker exited at once")?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let status = loop {
+        tokio::select! {
+            status = worker.wait() => break status?,
+            _ = term.recv() => forward_sigterm(worker_pid),
+            _ = interrupt.recv() => forward_sigterm(worker_pid),
+        }
+    };
+    // Whatever ended the worker, its rules go with it.
+    if netns.exists() {
+        let removed = rules::sweep(&netns, |o| *o == owner).await;
+        if removed > 0 && !status.success() {
+            tracing::warn!(
+                ?status,
+                "the agent worker stopped; removed its {removed} rule set(s)"
+            );
+        }
+    }
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+fn forward_sigterm(pid: u32) {
+    use nix::{
+        sys::signal::{Signal, kill},
+        unistd::Pid,
+    };
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+}
+
+async fn worker(args: AgentArgs, owner: Owner) -> anyhow::Result<i32> {
+    // If the guard dies, so does the worker: rules are never left with a live worker and a dead
+    // owner (which a sweep would remove under the worker's feet).
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+    if nix::unistd::getppid().as_raw() as u32 != owner.pid {
+        anyhow::bail!("the agent guard exited before its worker started");
+    }
+    let netns = resolve(args.target.as_deref())?;
     let token = read_token(&args.token_file)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "agent listening");
-    serve(listener, Arc::from(token)).await;
-    Ok(())
+    let agent = Agent::start(Arc::from(token), netns, owner.clone(), args.nftables).await?;
+    let addr = listener.local_addr()?;
+    // One JSON line on stdout: the readiness signal for whoever started the agent.
+    println!(
+        r#"{{"event":"listening","addr":"{addr}","worker_pid":{},"owner":"{owner}"}}"#,
+        std::process::id()
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        () = serve(listener, agent) => {}
+        _ = term.recv() => tracing::info!("stopping"),
+    }
+    Ok(0)
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {

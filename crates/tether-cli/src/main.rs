@@ -46,7 +46,7 @@ fn init_logging(global: &GlobalArgs) {
         .init();
 }
 
-fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> i32 {
+fn run_async(future: impl Future<Output = anyhow::Result<i32>>) -> i32 {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -55,7 +55,7 @@ fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> i32 {
         }
     };
     match runtime.block_on(future) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             1

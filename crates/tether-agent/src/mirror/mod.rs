@@ -1,0 +1,171 @@
+//! Mirror: copies of the target's incoming TCP streams, without touching its traffic path.
+//!
+//! An `AF_PACKET` socket in the target namespace, with a BPF filter for the port ([`bpf`]),
+//! feeds [`reassembly`]; each reassembled client → server stream goes to the session as an
+//! `IncomingConnection` (mode mirror) followed by its bytes.
+
+mod bpf;
+mod reassembly;
+
+use std::{
+    io::Read as _,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use socket2::{Domain, Protocol, Socket, Type};
+use tether_protocol::{
+    Body, IncomingConnection, Log, LogLevel, StreamData, StreamEnd, SubscriptionMode,
+};
+use tokio::sync::mpsc;
+
+use crate::netns::Netns;
+
+use self::reassembly::{Event, FlowKey, Reassembler, Segment};
+
+const ETH_P_IP: u16 = 0x0800;
+/// Out-of-order bytes kept per flow before a gap is skipped.
+const MAX_PENDING_PER_FLOW: usize = 4 << 20;
+const MAX_FLOWS: usize = 16_384;
+const RECV_BUFFER: usize = 16 << 20;
+
+/// A running capture; dropping it stops the capture thread (within 200 ms).
+#[derive(Debug)]
+pub(crate) struct Capture {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Opens a packet socket for `port` inside the namespace and mirrors what it sees to `out`, on a
+/// thread of its own (a blocking socket needs no `unsafe` fd registration with the runtime).
+pub(crate) async fn start(
+    netns: &Netns,
+    port: u16,
+    out: mpsc::Sender<Body>,
+    next_stream: Arc<AtomicU64>,
+) -> std::io::Result<Capture> {
+    let socket = netns
+        .run_in(move || {
+            let protocol = Protocol::from(i32::from(ETH_P_IP.to_be()));
+            let socket = Socket::new(Domain::PACKET, Type::DGRAM, Some(protocol))?;
+            socket.attach_filter(&bpf::program(&[port]))?;
+            // Bursts must not overflow the queue while the session is busy.
+            let _ = socket.set_recv_buffer_size(RECV_BUFFER);
+            socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+            Ok(socket)
+        })
+        .await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name(format!("mirror-{port}"))
+        .spawn(move || capture(socket, &out, &next_stream, &thread_stop))?;
+    Ok(Capture { stop })
+}
+
+fn capture(
+    mut socket: Socket,
+    out: &mpsc::Sender<Body>,
+    next_stream: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let mut reassembler = Reassembler::new(MAX_PENDING_PER_FLOW, MAX_FLOWS);
+    let mut ids = std::collections::HashMap::<FlowKey, u64>::new();
+    let mut buf = vec![0u8; 65_536];
+    let mut events = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let len = match socket.read(&mut buf) {
+            Ok(len) => len,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "mirror capture failed");
+                return;
+            }
+        };
+        let Some(segment) = parse(&buf[..len]) else {
+            continue;
+        };
+        reassembler.on_segment(segment, &mut events);
+        for event in events.drain(..) {
+            let body = match event {
+                Event::Open(key) => {
+                    let stream_id = next_stream.fetch_add(2, Ordering::Relaxed);
+                    ids.insert(key, stream_id);
+                    Body::IncomingConnection(IncomingConnection {
+                        stream_id,
+                        mode: SubscriptionMode::Mirror as i32,
+                        local: Some(SocketAddr::V4(key.server).into()),
+                        remote: Some(SocketAddr::V4(key.client).into()),
+                    })
+                }
+                Event::Data(key, data) => {
+                    let Some(&stream_id) = ids.get(&key) else {
+                        continue;
+                    };
+                    Body::StreamData(StreamData { stream_id, data })
+                }
+                Event::Close(key) => {
+                    let Some(stream_id) = ids.remove(&key) else {
+                        continue;
+                    };
+                    Body::StreamEnd(StreamEnd {
+                        stream_id,
+                        trailers: Vec::new(),
+                    })
+                }
+                Event::Gap(key, lost) => Body::Log(Log {
+                    level: LogLevel::Warn as i32,
+                    message: format!(
+                        "mirror: {lost} bytes of {} → {} were lost; the copy skips them",
+                        key.client, key.server
+                    ),
+                    target: "mirror".into(),
+                }),
+            };
+            if out.blocking_send(body).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn parse(packet: &[u8]) -> Option<Segment> {
+    let sliced = SlicedPacket::from_ip(packet).ok()?;
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) =
+        (&sliced.net, &sliced.transport)
+    else {
+        return None;
+    };
+    let header = ip.header();
+    Some(Segment {
+        key: FlowKey {
+            client: SocketAddrV4::new(header.source_addr(), tcp.source_port()),
+            server: SocketAddrV4::new(header.destination_addr(), tcp.destination_port()),
+        },
+        seq: tcp.sequence_number(),
+        syn: tcp.syn(),
+        fin: tcp.fin(),
+        rst: tcp.rst(),
+        payload: Bytes::copy_from_slice(tcp.payload()),
+    })
+}

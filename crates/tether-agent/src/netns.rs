@@ -1,0 +1,127 @@
+//! The target's network namespace: finding it, and doing things inside it.
+//!
+//! `setns` moves only the calling thread, and sockets keep the namespace they were created in.
+//! So sockets for the target are created on a short-lived thread that entered the namespace
+//! ([`Netns::run_in`]); they then serve on the runtime's threads like any other socket. Rule
+//! commands run as child processes through `nsenter --net` ([`Netns::command`]).
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use nix::sched::CloneFlags;
+
+/// A network namespace to work in.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    /// A file naming the namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub path: PathBuf,
+    /// How the user named it (`netns/NAME`, `pid/PID`).
+    pub label: String,
+    /// The agent's own namespace (no target): nothing to enter.
+    current: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("`{0}` is not a local target: use netns/NAME (a namespace from `ip netns`) or pid/PID")]
+    Syntax(String),
+    #[error("the target {label} does not exist ({path} is missing){hint}")]
+    Missing {
+        label: String,
+        path: String,
+        hint: &'static str,
+    },
+    #[error("cannot open the network namespace of {label}")]
+    Open {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Netns {
+    /// Resolves `netns/NAME` or `pid/PID` and checks it can be opened.
+    pub fn resolve(target: &str) -> Result<Netns, TargetError> {
+        let (path, hint) = match target.split_once('/') {
+            Some(("netns", name)) if !name.is_empty() && !name.contains('/') => (
+                PathBuf::from("/run/netns").join(name),
+                "; `ip netns list` shows the namespaces",
+            ),
+            Some(("pid", pid)) if pid.parse::<u32>().is_ok_and(|p| p > 0) => (
+                PathBuf::from(format!("/proc/{pid}/ns/net")),
+                "; is the process still running?",
+            ),
+            _ => return Err(TargetError::Syntax(target.to_owned())),
+        };
+        let netns = Netns {
+            path,
+            label: target.to_owned(),
+            current: false,
+        };
+        if !netns.exists() {
+            return Err(TargetError::Missing {
+                label: netns.label,
+                path: netns.path.display().to_string(),
+                hint,
+            });
+        }
+        File::open(&netns.path).map_err(|source| TargetError::Open {
+            label: netns.label.clone(),
+            source,
+        })?;
+        Ok(netns)
+    }
+
+    /// The agent's own namespace, for running without a target.
+    pub fn current() -> Netns {
+        Netns {
+            path: PathBuf::from("/proc/self/ns/net"),
+            label: "the agent's own namespace".into(),
+            current: true,
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> tokio::process::Command {
+        let mut command = if self.current {
+            tokio::process::Command::new(program)
+        } else {
+            let mut nsenter = tokio::process::Command::new("nsenter");
+            nsenter
+                .arg(format!("--net={}", self.path.display()))
+                .arg("--")
+                .arg(program);
+            nsenter
+        };
+        command.kill_on_drop(true);
+        command
+    }
+
+    /// Runs `f` on a new thread that entered the namespace, and returns its result.
+    pub async fn run_in<T, F>(&self, f: F) -> std::io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> std::io::Result<T> + Send + 'static,
+    {
+        let path = (!self.current).then(|| self.path.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let entered = path.as_deref().map_or(Ok(()), enter);
+            let _ = tx.send(entered.and_then(|()| f()));
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    }
+}
+
+/// Moves the calling thread into the namespace named by `path`.
+fn enter(path: &Path) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+}

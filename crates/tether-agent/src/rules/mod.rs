@@ -1,0 +1,205 @@
+//! Redirect rules in the target: choosing a backend, applying plans, and sweeping what dead
+//! agents left behind.
+//!
+//! Architecture Invariant: every table or chain tether creates carries its owner (the agent
+//! instance) and its session in its name; nothing is added without a matching removal in
+//! [`SessionRules::teardown`], and [`sweep`] removes only what belongs to dead owners (or to one
+//! named owner, for the guard's cleanup).
+
+pub mod plan;
+
+use std::{path::Path, process::Stdio};
+
+pub use plan::{AGENT_MARK, Backend, Leftover, Owner, Plan, SessionRules};
+
+use crate::netns::Netns;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("`{program}` is not installed where the agent runs; install {package}")]
+    Missing {
+        program: &'static str,
+        package: &'static str,
+    },
+    #[error("`{command}` failed in {target}: {stderr}")]
+    Failed {
+        command: String,
+        target: String,
+        stderr: String,
+    },
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn program(backend: Backend) -> (&'static str, &'static str) {
+    match backend {
+        Backend::Nft => ("nft", "nftables"),
+        Backend::Legacy => ("iptables-legacy", "iptables"),
+    }
+}
+
+/// Applies a plan inside the target's namespace.
+pub async fn apply(netns: &Netns, plan: &Plan) -> Result<(), RulesError> {
+    match plan {
+        Plan::Nft(script) => run(netns, Backend::Nft, &["-f", "-"], Some(script))
+            .await
+            .map(drop),
+        Plan::Iptables(commands) => {
+            for args in commands {
+                let mut full = vec!["-w"];
+                full.extend(args.iter().map(String::as_str));
+                run(netns, Backend::Legacy, &full, None).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(
+    netns: &Netns,
+    backend: Backend,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, RulesError> {
+    let (program, package) = program(backend);
+    if !on_path(program) {
+        return Err(RulesError::Missing { program, package });
+    }
+    let shown = format!("{program} {}", args.join(" "));
+    let mut command = netns.command(program);
+    command.args(args).stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| RulesError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use tokio::io::AsyncWriteExt as _;
+        pipe.write_all(text.as_bytes())
+            .await
+            .map_err(|source| RulesError::Spawn {
+                command: shown.clone(),
+                source,
+            })?;
+    }
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|source| RulesError::Spawn {
+            command: shown.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        return Err(RulesError::Failed {
+            command: shown,
+            target: netns.label.clone(),
+            stderr,
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn on_path(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|dir| dir.join(program).is_file())
+}
+
+/// The backend for this target: `forced` if given; else legacy when the target already has legacy
+/// iptables rules (a mesh's, say), nft otherwise.
+pub async fn choose_backend(netns: &Netns, forced: Option<bool>) -> Result<Backend, RulesError> {
+    if let Some(nft) = forced {
+        return Ok(if nft { Backend::Nft } else { Backend::Legacy });
+    }
+    if on_path("iptables-legacy-save") {
+        let listing = run_save(netns).await.unwrap_or_default();
+        if plan::legacy_has_rules(&listing) {
+            return Ok(Backend::Legacy);
+        }
+    }
+    Ok(Backend::Nft)
+}
+
+async fn run_save(netns: &Netns) -> Result<String, RulesError> {
+    let mut command = netns.command("iptables-legacy-save");
+    command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
+    let output = command.output().await.map_err(|source| RulesError::Spawn {
+        command: "iptables-legacy-save".into(),
+        source,
+    })?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Every tether table or chain in the target, in both backends.
+pub async fn leftovers(netns: &Netns) -> Vec<Leftover> {
+    let mut found = Vec::new();
+    if on_path("nft") {
+        if let Ok(listing) = run(netns, Backend::Nft, &["list", "tables"], None).await {
+            found.extend(plan::nft_leftovers(&listing));
+        }
+    }
+    if on_path("iptables-legacy-save") {
+        if let Ok(listing) = run_save(netns).await {
+            found.extend(plan::legacy_leftovers(&listing));
+        }
+    }
+    found
+}
+
+/// Removes the leftovers whose owner `doomed` says must go; returns how many were removed.
+pub async fn sweep(netns: &Netns, doomed: impl Fn(&Owner) -> bool) -> usize {
+    let mut removed = 0;
+    for leftover in leftovers(netns).await {
+        if !doomed(&leftover.owner) {
+            continue;
+        }
+        match apply(netns, &leftover.teardown()).await {
+            Ok(()) => {
+                tracing::info!(name = %leftover.name, backend = %leftover.backend, "removed rules left by agent {}", leftover.owner);
+                removed += 1;
+            }
+            Err(error) => {
+                tracing::warn!(name = %leftover.name, %error, "cannot remove leftover rules")
+            }
+        }
+    }
+    removed
+}
+
+/// The start time of a process (field 22 of `/proc/PID/stat`), or `None` if it does not exist.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Owner {
+    /// The owner tag of this process.
+    pub fn current() -> Owner {
+        let pid = std::process::id();
+        Owner {
+            pid,
+            start_time: start_time(pid).unwrap_or(0),
+        }
+    }
+
+    /// True while the process that owns these rules runs.
+    pub fn is_alive(&self) -> bool {
+        start_time(self.pid) == Some(self.start_time)
+    }
+}

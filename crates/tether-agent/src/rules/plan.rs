@@ -1,0 +1,276 @@
+//! What the redirect rules look like, without running anything: names, nft scripts, iptables
+//! argument lists. Pure, so it is unit-tested without root.
+//!
+//! Both backends redirect a TCP connection to the agent's steal listener when its destination is
+//! a local address of the target and a subscribed port, unless the connection carries the agent's
+//! own mark ([`AGENT_MARK`]). The `fib daddr type local` / `addrtype LOCAL` match keeps the pod's
+//! connections to *other* hosts on the same port untouched.
+
+use std::{collections::BTreeSet, fmt};
+
+/// `SO_MARK` on the agent's own sockets; rules never redirect marked connections.
+pub const AGENT_MARK: u32 = 0x5454_4852; // "TTHR"
+
+/// How long a redirected port stays redirected without a refresh (nft backend): if every agent
+/// process dies at once, traffic flows to the original app again after this.
+pub const PORT_TIMEOUT_SECS: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A native nftables table; ports held in a set whose elements expire.
+    Nft,
+    /// `iptables-legacy` chains in the nat table (no expiry: no fail-open layer).
+    Legacy,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Nft => "nftables",
+            Backend::Legacy => "iptables-legacy",
+        })
+    }
+}
+
+/// Identifies an agent instance: its guard's pid and start time (clock ticks after boot, from
+/// `/proc/PID/stat`), both in hex. Together they never repeat while the machine is up, so a sweep
+/// can tell a dead owner from a live one even after pid reuse.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}_{:x}", self.pid, self.start_time)
+    }
+}
+
+impl std::str::FromStr for Owner {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Owner, ()> {
+        let (pid, start) = text.split_once('_').ok_or(())?;
+        Ok(Owner {
+            pid: u32::from_str_radix(pid, 16).map_err(drop)?,
+            start_time: u64::from_str_radix(start, 16).map_err(drop)?,
+        })
+    }
+}
+
+/// The rules of one session in one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRules {
+    pub backend: Backend,
+    pub owner: Owner,
+    /// A short form of the session id (hex).
+    pub session: String,
+    /// The steal listener's port in the target.
+    pub listen_port: u16,
+}
+
+const NFT_PREFIX: &str = "tether_";
+const LEGACY_PREFIX: &str = "TTH_";
+
+impl SessionRules {
+    /// The nft table or iptables chain holding this session's rules. iptables chain names are
+    /// limited to 28 characters: `TTH_` + owner (≤ 15) + `_` + 6 = at most 26.
+    pub fn name(&self) -> String {
+        match self.backend {
+            Backend::Nft => format!("{NFT_PREFIX}{}_{}", self.owner, self.session),
+            Backend::Legacy => {
+                let short: String = self.session.chars().take(6).collect();
+                format!("{LEGACY_PREFIX}{}_{short}", self.owner)
+            }
+        }
+    }
+
+    /// nft: the table with an empty port set. Legacy: the chain and the jumps to it.
+    pub fn setup(&self) -> Plan {
+        let name = self.name();
+        match self.backend {
+            Backend::Nft => Plan::Nft(format!(
+                "table ip {name} {{\n\
+                 \x20 set ports {{ type inet_service; flags timeout; }}\n\
+                 \x20 chain prerouting {{\n\
+                 \x20   type nat hook prerouting priority -101; policy accept;\n\
+                 \x20   fib daddr type local tcp dport @ports redirect to :{port}\n\
+                 \x20 }}\n\
+                 \x20 chain output {{\n\
+                 \x20   type nat hook output priority -101; policy accept;\n\
+                 \x20   meta mark != {mark:#x} fib daddr type local tcp dport @ports redirect to :{port}\n\
+                 \x20 }}\n\
+                 }}\n",
+                port = self.listen_port,
+                mark = AGENT_MARK,
+            )),
+            Backend::Legacy => Plan::Iptables(vec![
+                args(&["-t", "nat", "-N", &name]),
+                args(&["-t", "nat", "-I", "PREROUTING", "1", "-j", &name]),
+                args(&["-t", "nat", "-I", "OUTPUT", "1", "-j", &name]),
+            ]),
+        }
+    }
+
+    /// Starts redirecting `port`.
+    pub fn add_port(&self, port: u16) -> Plan {
+        match self.backend {
+            Backend::Nft => Plan::Nft(format!(
+                "add element ip {} ports {{ {port} timeout {PORT_TIMEOUT_SECS}s }}\n",
+                self.name()
+            )),
+            Backend::Legacy => Plan::Iptables(vec![self.legacy_port_rule("-A", port)]),
+        }
+    }
+
+    /// Stops redirecting `port` (for new connections; redirected ones keep going).
+    pub fn remove_port(&self, port: u16) -> Plan {
+        match self.backend {
+            Backend::Nft => Plan::Nft(format!(
+                "delete element ip {} ports {{ {port} }}\n",
+                self.name()
+            )),
+            Backend::Legacy => Plan::Iptables(vec![self.legacy_port_rule("-D", port)]),
+        }
+    }
+
+    /// nft only: restarts the timeout of every port, in one atomic transaction (re-adding an
+    /// element does not restart its timeout; deleting and adding it in one batch does).
+    pub fn refresh(&self, ports: &BTreeSet<u16>) -> Option<Plan> {
+        if self.backend != Backend::Nft || ports.is_empty() {
+            return None;
+        }
+        let list = |timeout: bool| {
+            ports
+                .iter()
+                .map(|p| {
+                    if timeout {
+                        format!("{p} timeout {PORT_TIMEOUT_SECS}s")
+                    } else {
+                        p.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let name = self.name();
+        Some(Plan::Nft(format!(
+            "delete element ip {name} ports {{ {} }}\nadd element ip {name} ports {{ {} }}\n",
+            list(false),
+            list(true)
+        )))
+    }
+
+    /// Removes everything [`setup`](Self::setup) and [`add_port`](Self::add_port) added.
+    pub fn teardown(&self) -> Plan {
+        teardown(self.backend, &self.name())
+    }
+
+    fn legacy_port_rule(&self, action: &str, port: u16) -> Vec<String> {
+        args(&[
+            "-t",
+            "nat",
+            action,
+            &self.name(),
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            &format!("{AGENT_MARK:#x}"),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &self.listen_port.to_string(),
+        ])
+    }
+}
+
+/// Commands for one backend: an nft script (run as one transaction) or iptables argument lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Nft(String),
+    Iptables(Vec<Vec<String>>),
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn teardown(backend: Backend, name: &str) -> Plan {
+    match backend {
+        Backend::Nft => Plan::Nft(format!("delete table ip {name}\n")),
+        Backend::Legacy => Plan::Iptables(vec![
+            args(&["-t", "nat", "-D", "PREROUTING", "-j", name]),
+            args(&["-t", "nat", "-D", "OUTPUT", "-j", name]),
+            args(&["-t", "nat", "-F", name]),
+            args(&["-t", "nat", "-X", name]),
+        ]),
+    }
+}
+
+/// A table or chain some agent left in the target, found in a ruleset listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    pub backend: Backend,
+    pub name: String,
+    pub owner: Owner,
+}
+
+impl Leftover {
+    pub fn teardown(&self) -> Plan {
+        teardown(self.backend, &self.name)
+    }
+}
+
+/// Tether tables in `nft list tables` output.
+pub fn nft_leftovers(listing: &str) -> Vec<Leftover> {
+    listing
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("table ip "))
+        .filter_map(|name| {
+            let rest = name.strip_prefix(NFT_PREFIX)?;
+            let (owner, _session) = rest.rsplit_once('_')?;
+            Some(Leftover {
+                backend: Backend::Nft,
+                name: name.to_owned(),
+                owner: owner.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Tether chains in `iptables-legacy-save -t nat` output.
+pub fn legacy_leftovers(listing: &str) -> Vec<Leftover> {
+    listing
+        .lines()
+        .filter_map(|line| line.strip_prefix(':'))
+        .filter_map(|line| line.split_whitespace().next())
+        .filter_map(|name| {
+            let rest = name.strip_prefix(LEGACY_PREFIX)?;
+            let (owner, _session) = rest.rsplit_once('_')?;
+            Some(Leftover {
+                backend: Backend::Legacy,
+                name: name.to_owned(),
+                owner: owner.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// True when `iptables-legacy-save` output holds any rule: the target's rules live there, so
+/// tether's must too.
+pub fn legacy_has_rules(listing: &str) -> bool {
+    listing.lines().any(|line| line.starts_with("-A "))
+}
+
+#[cfg(test)]
+mod tests;

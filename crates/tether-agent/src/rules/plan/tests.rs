@@ -1,0 +1,135 @@
+use std::collections::BTreeSet;
+
+use super::*;
+
+fn rules(backend: Backend) -> SessionRules {
+    SessionRules {
+        backend,
+        owner: Owner {
+            pid: 0x3fffff,
+            start_time: 0xffff_ffff,
+        },
+        session: "0123456789abcdef".into(),
+        listen_port: 40000,
+    }
+}
+
+#[test]
+fn names_carry_owner_and_session_and_fit_iptables() {
+    assert_eq!(
+        rules(Backend::Nft).name(),
+        "tether_3fffff_ffffffff_0123456789abcdef"
+    );
+    let chain = rules(Backend::Legacy).name();
+    assert_eq!(chain, "TTH_3fffff_ffffffff_012345");
+    assert!(
+        chain.len() <= 28,
+        "iptables chain names are at most 28 characters"
+    );
+}
+
+#[test]
+fn owners_round_trip_through_names() {
+    let owner = Owner {
+        pid: 4242,
+        start_time: 987_654,
+    };
+    assert_eq!(owner.to_string().parse::<Owner>(), Ok(owner));
+    assert!("nope".parse::<Owner>().is_err());
+}
+
+#[test]
+fn the_nft_table_redirects_only_local_destinations_and_spares_the_agents_own_sockets() {
+    let Plan::Nft(script) = rules(Backend::Nft).setup() else {
+        panic!()
+    };
+    assert!(
+        script.contains("set ports { type inet_service; flags timeout; }"),
+        "{script}"
+    );
+    assert!(
+        script.contains("fib daddr type local tcp dport @ports redirect to :40000"),
+        "{script}"
+    );
+    assert!(script.contains("meta mark != 0x54544852"), "{script}");
+    assert_eq!(script.matches("hook").count(), 2, "prerouting and output");
+}
+
+#[test]
+fn ports_expire_unless_refreshed_atomically() {
+    let r = rules(Backend::Nft);
+    assert_eq!(
+        r.add_port(80),
+        Plan::Nft(
+            "add element ip tether_3fffff_ffffffff_0123456789abcdef ports { 80 timeout 3s }\n"
+                .into()
+        )
+    );
+    let Some(Plan::Nft(refresh)) = r.refresh(&BTreeSet::from([80, 81])) else {
+        panic!()
+    };
+    assert_eq!(refresh.lines().count(), 2, "one batch: delete then add");
+    assert!(
+        refresh.starts_with("delete element")
+            && refresh.contains("{ 80 timeout 3s, 81 timeout 3s }"),
+        "{refresh}"
+    );
+    assert_eq!(r.refresh(&BTreeSet::new()), None);
+    assert_eq!(rules(Backend::Legacy).refresh(&BTreeSet::from([80])), None);
+}
+
+#[test]
+fn legacy_teardown_removes_exactly_what_setup_and_ports_added() {
+    let r = rules(Backend::Legacy);
+    let Plan::Iptables(setup) = r.setup() else {
+        panic!()
+    };
+    let Plan::Iptables(teardown) = r.teardown() else {
+        panic!()
+    };
+    // Every jump inserted is deleted with the same match, then the chain goes.
+    for jump in setup.iter().filter(|a| a.contains(&"-I".to_owned())) {
+        let hook = &jump[3];
+        assert!(
+            teardown
+                .iter()
+                .any(|t| t[2] == "-D" && &t[3] == hook && t.ends_with(&["-j".into(), r.name()])),
+            "{hook}"
+        );
+    }
+    assert_eq!(
+        teardown.last().unwrap(),
+        &vec!["-t", "nat", "-X", &r.name()]
+    );
+    let Plan::Iptables(add) = r.add_port(80) else {
+        panic!()
+    };
+    let Plan::Iptables(remove) = r.remove_port(80) else {
+        panic!()
+    };
+    assert_eq!(add[0][2], "-A");
+    assert_eq!(remove[0][2], "-D");
+    assert_eq!(add[0][3..], remove[0][3..], "removal names the same rule");
+}
+
+#[test]
+fn leftovers_are_found_in_listings() {
+    let nft = "table ip filter\ntable ip tether_1a_2b_cafe\ntable inet tether_bad\ntable ip tether_zz_1_x\n";
+    let found = nft_leftovers(nft);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].owner,
+        Owner {
+            pid: 0x1a,
+            start_time: 0x2b
+        }
+    );
+    let legacy = "*nat\n:PREROUTING ACCEPT [0:0]\n:TTH_1a_2b_cafe01 - [0:0]\n-A PREROUTING -j TTH_1a_2b_cafe01\nCOMMIT\n";
+    let found = legacy_leftovers(legacy);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].name, "TTH_1a_2b_cafe01");
+    assert!(legacy_has_rules(legacy));
+    assert!(!legacy_has_rules(
+        "*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"
+    ));
+}

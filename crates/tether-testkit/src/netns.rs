@@ -1,0 +1,282 @@
+//! Test "pods": network namespaces with their own addresses, on a private bridge.
+//!
+//! ```text
+//!   <prefix>-node   (bridge br0, no address)
+//!     ├── veth ── <prefix>-pod0    10.213.0.10/24 (eth0)
+//!     ├── veth ── <prefix>-pod1    10.213.0.11/24
+//!     └── veth ── <prefix>-client  10.213.0.100/24
+//! ```
+//!
+//! Network safety (DEVELOPERS.md): pods and the client have no default route, only their /24 on
+//! the private bridge; the root namespace gets a `blackhole` route for 10.213.0.0/16 so nothing
+//! sent there can leave the machine; every namespace carries a prefix unique to this fixture
+//! (`tt-<pid>-<n>`) and is deleted on drop (also during a panic), and [`Network::new`] first
+//! sweeps namespaces left by test processes that no longer exist (a killed test run).
+
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+/// The range every test pod lives in; blackholed in the root namespace.
+pub const TEST_RANGE: &str = "10.213.0.0/16";
+const SUBNET: [u8; 3] = [10, 213, 0];
+const CLIENT_HOST: u8 = 100;
+const FIRST_POD_HOST: u8 = 10;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A set of namespaces: one node (bridge), some pods, one client.
+#[derive(Debug)]
+pub struct Network {
+    prefix: String,
+    node: String,
+    pods: Vec<Pod>,
+    client: String,
+    children: Mutex<Vec<Child>>,
+}
+
+/// A pod: a network namespace with one address.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Network {
+    /// Creates a node, `pods` pods and a client. Panics with the failing command on error.
+    pub fn new(pods: usize) -> Network {
+        sweep_leftovers();
+        // Idempotent: every fixture adds the same route.
+        run(&["ip", "route", "replace", "blackhole", TEST_RANGE]);
+        let prefix = format!(
+            "tt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut network = Network {
+            node: format!("{prefix}-node"),
+            client: format!("{prefix}-client"),
+            pods: Vec::new(),
+            prefix,
+            children: Mutex::new(Vec::new()),
+        };
+        // From here on, Drop removes whatever was created, even if a later step panics.
+        run(&["ip", "netns", "add", &network.node]);
+        network.exec_ok(
+            &network.node.clone(),
+            &["ip", "link", "add", "br0", "type", "bridge"],
+        );
+        network.exec_ok(&network.node.clone(), &["ip", "link", "set", "br0", "up"]);
+        network.exec_ok(&network.node.clone(), &["ip", "link", "set", "lo", "up"]);
+        for i in 0..pods {
+            let netns = format!("{}-pod{i}", network.prefix);
+            let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], FIRST_POD_HOST + i as u8);
+            network.attach(&netns, &format!("vp{i}"), ip);
+            network.pods.push(Pod { netns, ip });
+        }
+        let client = network.client.clone();
+        network.attach(&client, "vc", network.client_ip());
+        network
+    }
+
+    /// Creates `netns` and links it to the bridge through a veth pair created directly inside the
+    /// two namespaces (no interface ever appears in the root namespace).
+    fn attach(&self, netns: &str, node_side: &str, ip: Ipv4Addr) {
+        run(&["ip", "netns", "add", netns]);
+        self.exec_ok(
+            netns,
+            &[
+                "ip", "link", "add", "eth0", "type", "veth", "peer", "name", node_side, "netns",
+                &self.node,
+            ],
+        );
+        self.exec_ok(
+            &self.node,
+            &["ip", "link", "set", node_side, "master", "br0", "up"],
+        );
+        self.exec_ok(
+            netns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        );
+        self.exec_ok(netns, &["ip", "link", "set", "eth0", "up"]);
+        self.exec_ok(netns, &["ip", "link", "set", "lo", "up"]);
+    }
+
+    pub fn pod(&self, i: usize) -> &Pod {
+        &self.pods[i]
+    }
+
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+
+    pub fn client_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], CLIENT_HOST)
+    }
+
+    /// Runs a command in a namespace and waits for it.
+    pub fn exec(&self, netns: &str, args: &[&str]) -> Output {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]).args(args);
+        command
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?} in {netns}: {e}"))
+    }
+
+    /// Like [`exec`](Self::exec), panicking with stderr when the command fails.
+    pub fn exec_ok(&self, netns: &str, args: &[&str]) -> String {
+        let output = self.exec(netns, args);
+        assert!(
+            output.status.success(),
+            "{args:?} in {netns} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Starts a long-running program in a namespace; it is killed when the network is dropped.
+    pub fn spawn(&self, netns: &str, args: &[&str]) -> u32 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {args:?} in {netns}: {e}"));
+        let pid = child.id();
+        self.children.lock().unwrap().push(child);
+        pid
+    }
+
+    /// Starts the testkit's HTTP app in `pod`, answering `"<name> <port> <method> <path>"` on each
+    /// port, and waits until every port listens.
+    pub fn start_http_app(&self, pod: &Pod, name: &str, ports: &[u16]) -> u32 {
+        let script = apps_dir().join("http_app.py");
+        let mut args = vec![
+            "python3".to_owned(),
+            script.display().to_string(),
+            name.to_owned(),
+        ];
+        args.extend(ports.iter().map(u16::to_string));
+        let pid = self.spawn(
+            &pod.netns,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        for port in ports {
+            self.wait_listening(&pod.netns, *port);
+        }
+        pid
+    }
+
+    /// Sends `count` HTTP GETs from the client namespace, each on a new connection (or all on one
+    /// keep-alive connection), and returns each answer's body (`ERROR …` for a failed request).
+    pub fn http_requests(&self, url: &str, count: usize, keepalive: bool) -> Vec<String> {
+        let script = apps_dir().join("http_client.py");
+        let count = count.to_string();
+        let mut args = vec!["python3", script.to_str().unwrap(), url, &count];
+        if keepalive {
+            args.push("keepalive");
+        }
+        let output = self.exec(&self.client, &args);
+        assert!(
+            output.status.success(),
+            "http client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until something listens on TCP `port` in `netns` (polling `ss`, at most 10 s).
+    pub fn wait_listening(&self, netns: &str, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let filter = format!("sport = :{port}");
+        loop {
+            let out = self.exec_ok(netns, &["ss", "-Hltn", &filter]);
+            if !out.trim().is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on port {port} in {netns} after 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for child in self
+            .children
+            .get_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+            .iter_mut()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        delete_namespaces(|name| name.starts_with(&format!("{}-", self.prefix)));
+    }
+}
+
+fn apps_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/apps"))
+}
+
+fn run(args: &[&str]) {
+    let output = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Deletes namespaces whose name matches, killing what still runs in them.
+fn delete_namespaces(matches: impl Fn(&str) -> bool) {
+    let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if matches(name) {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", name])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// Removes namespaces of test processes that no longer run (`tt-<pid>-…` with a dead pid).
+pub fn sweep_leftovers() {
+    delete_namespaces(|name| {
+        let Some(rest) = name.strip_prefix("tt-") else {
+            return false;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        !pid.is_empty()
+            && pid.parse::<u32>().is_ok()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
