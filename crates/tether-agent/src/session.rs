@@ -253,10 +253,12 @@ impl Session {
                 .await;
             }
             Some(Body::StreamData(data)) => {
-                self.to_stream(data.stream_id, StreamInput::Data(data.data))
+                self.forward_to_stream(data.stream_id, StreamInput::Data(data.data))
             }
-            Some(Body::StreamEnd(end)) => self.to_stream(end.stream_id, StreamInput::End),
-            Some(Body::StreamReset(reset)) => self.to_stream(reset.stream_id, StreamInput::Reset),
+            Some(Body::StreamEnd(end)) => self.forward_to_stream(end.stream_id, StreamInput::End),
+            Some(Body::StreamReset(reset)) => {
+                self.forward_to_stream(reset.stream_id, StreamInput::Reset)
+            }
             Some(other) => {
                 self.send(Body::Error(unsupported(other.kind(), frame.seq)))
                     .await
@@ -269,7 +271,7 @@ impl Session {
         true
     }
 
-    fn to_stream(&mut self, id: u64, input: StreamInput) {
+    fn forward_to_stream(&mut self, id: u64, input: StreamInput) {
         if let Some(tx) = self.streams.get(&id) {
             let _ = tx.send(input);
         }
@@ -339,8 +341,7 @@ impl Session {
         }
         tracing::info!(session = %self.id, port, "stealing");
         if flush {
-            let closed =
-                crate::flush::flush_port(&self.agent.netns, port, self.agent.steal_port).await;
+            let closed = crate::flush::flush_port(&self.agent.netns, port).await;
             self.send(Body::Log(tether_protocol::Log {
                 level: tether_protocol::LogLevel::Info as i32,
                 message: format!("flush_connections: closed {closed} existing connection(s) to port {port}; their clients reconnect into the steal"),
@@ -488,10 +489,10 @@ async fn refresh_loop(netns: Netns, rules: SessionRules, ports: Arc<Mutex<BTreeS
     loop {
         tick.tick().await;
         let current = ports.lock().expect("ports lock").clone();
-        if let Some(plan) = rules.refresh(&current) {
-            if let Err(e) = rules::apply(&netns, &plan).await {
-                tracing::warn!(error = %e, "cannot refresh the redirect; it expires in {}s", rules::plan::PORT_TIMEOUT_SECS);
-            }
+        if let Some(plan) = rules.refresh(&current)
+            && let Err(e) = rules::apply(&netns, &plan).await
+        {
+            tracing::warn!(error = %e, "cannot refresh the redirect; it expires in {}s", rules::plan::PORT_TIMEOUT_SECS);
         }
     }
 }

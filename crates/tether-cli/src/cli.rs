@@ -70,6 +70,19 @@ tether's exit code is the command's exit code; Ctrl-C stops the command and clea
     Demo,
     /// Check that this machine (and, with a cluster, your permissions) can run tether.
     Doctor,
+    /// Remove redirect rules left in a local target by tether agents that no longer run.
+    #[command(after_help = "\
+Agents remove their own rules when they stop, even when killed (their guard process does it), and
+with nftables the redirects expire 3 s after every agent process is gone. This command is the
+third layer: it removes leftover tables and chains by hand. Rules of running agents are kept.
+
+Example:
+  sudo tether cleanup --target netns/staging")]
+    Cleanup {
+        /// The local target: netns/NAME or pid/PID.
+        #[arg(short, long, value_name = "TARGET")]
+        target: String,
+    },
     /// Validate the configuration or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -23,6 +23,7 @@ fn main() {
         }
         Command::Config(ConfigCommand::Schema) => commands::config::schema(),
         Command::Doctor => commands::doctor::run(ui),
+        Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),
         Command::Exec(_) => not_yet("tether exec", "the exec issue"),
         Command::Demo => not_yet("tether demo", "the exec issue"),

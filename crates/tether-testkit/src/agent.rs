@@ -36,6 +36,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `binary` (the `tether-agent` executable) for `target`, waiting for its readiness line.
     pub fn start(binary: &Path, target: &str, extra_args: &[&str]) -> AgentProcess {
+        AgentProcess::start_with_env(binary, target, extra_args, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables for the agent.
+    pub fn start_with_env(
+        binary: &Path,
+        target: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let token = format!("{:032x}", rand_u128());
         let mut token_file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut token_file, token.as_bytes()).unwrap();
@@ -49,6 +59,12 @@ impl AgentProcess {
             ])
             .arg(token_file.path())
             .args(extra_args)
+            // Quiet unless the test run asks for the agent's logs.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -383,7 +399,13 @@ impl SessionClient {
             mode: mode as i32,
             ..Default::default()
         };
-        self.request(request::Op::PortSubscribe(op)).await.map(drop)
+        self.subscribe_with(op).await
+    }
+
+    pub async fn subscribe_with(&mut self, subscribe: PortSubscribe) -> Result<(), ErrorInfo> {
+        self.request(request::Op::PortSubscribe(subscribe))
+            .await
+            .map(drop)
     }
 
     pub async fn unsubscribe(&mut self, port: u16) -> Result<(), ErrorInfo> {

@@ -179,13 +179,29 @@ impl Network {
     /// Sends `count` HTTP GETs from the client namespace, each on a new connection (or all on one
     /// keep-alive connection), and returns each answer's body (`ERROR …` for a failed request).
     pub fn http_requests(&self, url: &str, count: usize, keepalive: bool) -> Vec<String> {
+        self.http_requests_in(&self.client, url, count, keepalive)
+    }
+
+    /// Like [`http_requests`](Self::http_requests), from another namespace (e.g. a pod talking to
+    /// itself over loopback), each on a new connection.
+    pub fn http_requests_from(&self, netns: &str, url: &str, count: usize) -> Vec<String> {
+        self.http_requests_in(netns, url, count, false)
+    }
+
+    fn http_requests_in(
+        &self,
+        netns: &str,
+        url: &str,
+        count: usize,
+        keepalive: bool,
+    ) -> Vec<String> {
         let script = apps_dir().join("http_client.py");
         let count = count.to_string();
         let mut args = vec!["python3", script.to_str().unwrap(), url, &count];
         if keepalive {
             args.push("keepalive");
         }
-        let output = self.exec(&self.client, &args);
+        let output = self.exec(netns, &args);
         assert!(
             output.status.success(),
             "http client failed: {}",
@@ -195,6 +211,27 @@ impl Network {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Opens one keep-alive HTTP connection from `netns` to `url`, driven request by request.
+    pub fn keepalive_client(&self, netns: &str, url: &str) -> KeepaliveClient {
+        let script = apps_dir().join("http_keepalive.py");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "python3",
+                script.to_str().unwrap(),
+                url,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start the keep-alive client");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        KeepaliveClient { child, stdout }
     }
 
     /// Waits until something listens on TCP `port` in `netns` (polling `ss`, at most 10 s).
@@ -212,6 +249,33 @@ impl Network {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// One keep-alive HTTP connection in a namespace; killed on drop.
+#[derive(Debug)]
+pub struct KeepaliveClient {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl KeepaliveClient {
+    /// Sends `GET path` on the connection and returns the answer's body.
+    pub fn get(&mut self, path: &str) -> String {
+        use std::io::{BufRead as _, Write as _};
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{path}").expect("the keep-alive client is running");
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("an answer");
+        line.trim().to_owned()
+    }
+}
+
+impl Drop for KeepaliveClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -110,9 +110,7 @@ async fn run(
 
 fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .any(|dir| dir.join(program).is_file())
+    std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
 }
 
 /// The backend for this target: `forced` if given; else legacy when the target already has legacy
@@ -146,15 +144,15 @@ async fn run_save(netns: &Netns) -> Result<String, RulesError> {
 /// Every tether table or chain in the target, in both backends.
 pub async fn leftovers(netns: &Netns) -> Vec<Leftover> {
     let mut found = Vec::new();
-    if on_path("nft") {
-        if let Ok(listing) = run(netns, Backend::Nft, &["list", "tables"], None).await {
-            found.extend(plan::nft_leftovers(&listing));
-        }
+    if on_path("nft")
+        && let Ok(listing) = run(netns, Backend::Nft, &["list", "tables"], None).await
+    {
+        found.extend(plan::nft_leftovers(&listing));
     }
-    if on_path("iptables-legacy-save") {
-        if let Ok(listing) = run_save(netns).await {
-            found.extend(plan::legacy_leftovers(&listing));
-        }
+    if on_path("iptables-legacy-save")
+        && let Ok(listing) = run_save(netns).await
+    {
+        found.extend(plan::legacy_leftovers(&listing));
     }
     found
 }

@@ -5,6 +5,12 @@
 //! a local address of the target and a subscribed port, unless the connection carries the agent's
 //! own mark ([`AGENT_MARK`]). The `fib daddr type local` / `addrtype LOCAL` match keeps the pod's
 //! connections to *other* hosts on the same port untouched.
+//!
+//! Only a connection's opening SYN is redirected. Conntrack starts in a namespace when the first
+//! NAT table appears there; a connection opened before that has no entry, and with
+//! `nf_conntrack_tcp_loose` its next packet would be tracked as NEW and redirected mid-stream to a
+//! listener that knows nothing of it (a reset). Matching the SYN keeps every open connection with
+//! the original app.
 
 use std::{collections::BTreeSet, fmt};
 
@@ -95,11 +101,11 @@ impl SessionRules {
                  \x20 set ports {{ type inet_service; flags timeout; }}\n\
                  \x20 chain prerouting {{\n\
                  \x20   type nat hook prerouting priority -101; policy accept;\n\
-                 \x20   fib daddr type local tcp dport @ports redirect to :{port}\n\
+                 \x20   fib daddr type local tcp dport @ports tcp flags & (syn | ack) == syn redirect to :{port}\n\
                  \x20 }}\n\
                  \x20 chain output {{\n\
                  \x20   type nat hook output priority -101; policy accept;\n\
-                 \x20   meta mark != {mark:#x} fib daddr type local tcp dport @ports redirect to :{port}\n\
+                 \x20   meta mark != {mark:#x} fib daddr type local tcp dport @ports tcp flags & (syn | ack) == syn redirect to :{port}\n\
                  \x20 }}\n\
                  }}\n",
                 port = self.listen_port,
@@ -175,6 +181,7 @@ impl SessionRules {
             &self.name(),
             "-p",
             "tcp",
+            "--syn",
             "--dport",
             &port.to_string(),
             "-m",

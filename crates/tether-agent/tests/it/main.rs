@@ -1,6 +1,9 @@
 //! The agent as a client meets it: over a real TCP socket.
 
+mod bad_input;
+mod cleanup;
 mod handshake;
+mod mirror;
 mod steal;
 
 use std::{net::SocketAddr, sync::Arc};

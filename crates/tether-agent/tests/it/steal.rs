@@ -80,3 +80,58 @@ async fn steal_with_iptables_legacy() {
         steal_scenario(false).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flush_connections_moves_an_open_keepalive_connection_into_the_steal() {
+    if !require_root("flush_connections_moves_an_open_keepalive_connection_into_the_steal") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let url = format!("http://{}:80/", pod.ip);
+    let mut early = net.keepalive_client(net.client(), &url);
+    assert_eq!(early.get("/before"), "original 80 GET /before");
+
+    let agent = AgentProcess::start(agent_bin(), &format!("netns/{}", pod.netns), &[]);
+    let mut session = agent.session().await;
+    // Without flush, an open connection stays with the original app.
+    session
+        .subscribe(80, SubscriptionMode::Steal)
+        .await
+        .unwrap();
+    let _server = session.serve_http(|port| format!("stolen {port}"));
+    assert_eq!(
+        block_in_place(|| early.get("/still-original")),
+        "original 80 GET /still-original"
+    );
+    let mut stolen_early = net.keepalive_client(net.client(), &url);
+    assert_eq!(block_in_place(|| stolen_early.get("/a")), "stolen 80");
+    drop(session);
+
+    let mut session = agent.session().await;
+    let flush = tether_protocol::PortSubscribe {
+        port: 80,
+        mode: SubscriptionMode::Steal as i32,
+        flush_connections: true,
+        ..Default::default()
+    };
+    session.subscribe_with(flush).await.unwrap();
+    let _server = session.serve_http(|port| format!("stolen {port}"));
+    // The next request on the old connection fails once; the client reconnects into the steal.
+    assert_eq!(
+        block_in_place(|| early.get("/after")),
+        "reconnected: stolen 80"
+    );
+    assert_eq!(
+        block_in_place(|| early.get("/again")),
+        "stolen 80",
+        "the new connection stays stolen"
+    );
+    let said = session.logs();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("closed 1 existing connection")),
+        "{said:?}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The `tether` binary as users run it.
 
+mod cleanup;
 mod config;
 mod usage;
 

@@ -48,7 +48,7 @@ fn the_nft_table_redirects_only_local_destinations_and_spares_the_agents_own_soc
         "{script}"
     );
     assert!(
-        script.contains("fib daddr type local tcp dport @ports redirect to :40000"),
+        script.contains("fib daddr type local tcp dport @ports tcp flags & (syn | ack) == syn redirect to :40000"),
         "{script}"
     );
     assert!(script.contains("meta mark != 0x54544852"), "{script}");
@@ -108,6 +108,10 @@ fn legacy_teardown_removes_exactly_what_setup_and_ports_added() {
         panic!()
     };
     assert_eq!(add[0][2], "-A");
+    assert!(
+        add[0].contains(&"--syn".to_owned()),
+        "only connection starts are redirected"
+    );
     assert_eq!(remove[0][2], "-D");
     assert_eq!(add[0][3..], remove[0][3..], "removal names the same rule");
 }

@@ -1,0 +1,164 @@
+//! The three cleanup layers: the guard, expiring ports (nft), and the sweep at start.
+
+use std::time::{Duration, Instant};
+
+use tether_protocol::SubscriptionMode;
+use tether_testkit::{Network, Pod, agent::AgentProcess, require_root};
+use tokio::task::block_in_place;
+
+use crate::{agent_bin, tether_rules};
+
+fn kill9(pids: &[u32]) {
+    let mut args = vec!["-9".to_owned()];
+    args.extend(pids.iter().map(u32::to_string));
+    std::process::Command::new("kill")
+        .args(&args)
+        .status()
+        .unwrap();
+}
+
+/// Polls (every 50 ms) until a new connection to `port` reaches the original app; returns how long
+/// it took, or panics after `limit`.
+fn until_original(net: &Network, pod: &Pod, port: u16, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let answer = net.http_requests(&format!("http://{}:{port}/", pod.ip), 1, false);
+        if answer.first().is_some_and(|a| a.starts_with("original")) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "after {limit:?} port {port} still does not reach the original app: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn worker_killed(nftables: bool) {
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let backend = if nftables { "true" } else { "false" };
+    let mut agent = AgentProcess::start(
+        agent_bin(),
+        &format!("netns/{}", pod.netns),
+        &["--nftables", backend],
+    );
+    let mut session = agent.session().await;
+    session
+        .subscribe(80, SubscriptionMode::Steal)
+        .await
+        .unwrap();
+    let _server = session.serve_http(|_| "stolen".into());
+    assert_eq!(
+        block_in_place(|| net.http_requests(&format!("http://{}:80/", pod.ip), 1, false)),
+        ["stolen"]
+    );
+
+    kill9(&[agent.worker_pid]);
+    let took = block_in_place(|| until_original(&net, &pod, 80, Duration::from_secs(2)));
+    eprintln!(
+        "worker SIGKILL ({}): original app reached again after {took:?}",
+        if nftables { "nft" } else { "legacy" }
+    );
+    assert_eq!(
+        tether_rules(&net, &pod.netns),
+        "",
+        "the guard must remove every rule"
+    );
+    assert_eq!(
+        block_in_place(|| agent.wait(Duration::from_secs(5))),
+        Some(137),
+        "the guard exits with the worker's status"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_leaves_no_rule_with_nftables() {
+    if require_root("a_killed_worker_leaves_no_rule_with_nftables") {
+        worker_killed(true).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_leaves_no_rule_with_iptables_legacy() {
+    if require_root("a_killed_worker_leaves_no_rule_with_iptables_legacy") {
+        worker_killed(false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_every_agent_process_dies_nft_redirects_expire_and_the_next_agent_sweeps() {
+    if !require_root("when_every_agent_process_dies_nft_redirects_expire_and_the_next_agent_sweeps")
+    {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let target = format!("netns/{}", pod.netns);
+    let agent = AgentProcess::start(agent_bin(), &target, &["--nftables", "true"]);
+    let mut session = agent.session().await;
+    session
+        .subscribe(80, SubscriptionMode::Steal)
+        .await
+        .unwrap();
+    let _server = session.serve_http(|_| "stolen".into());
+    assert_eq!(
+        block_in_place(|| net.http_requests(&format!("http://{}:80/", pod.ip), 1, false)),
+        ["stolen"]
+    );
+
+    kill9(&[agent.guard_pid(), agent.worker_pid]);
+    let took = block_in_place(|| until_original(&net, &pod, 80, Duration::from_secs(5)));
+    eprintln!(
+        "guard and worker SIGKILL: original app reached again after {took:?} with nothing running"
+    );
+    let leftover = tether_rules(&net, &pod.netns);
+    assert!(
+        leftover.contains(&format!("tether_{}", agent.owner)),
+        "the expired table stays until a sweep: {leftover}"
+    );
+    drop(session);
+    drop(agent);
+
+    let _next = AgentProcess::start(agent_bin(), &target, &[]);
+    assert_eq!(
+        tether_rules(&net, &pod.netns),
+        "",
+        "the next agent's sweep removes the dead agent's table"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_agents_on_one_pod_keep_to_their_own_rules() {
+    if !require_root("two_agents_on_one_pod_keep_to_their_own_rules") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80, 81]);
+    let target = format!("netns/{}", pod.netns);
+    let mut first = AgentProcess::start(agent_bin(), &target, &[]);
+    let second = AgentProcess::start(agent_bin(), &target, &[]);
+    let mut one = first.session().await;
+    let mut two = second.session().await;
+    one.subscribe(80, SubscriptionMode::Steal).await.unwrap();
+    two.subscribe(81, SubscriptionMode::Steal).await.unwrap();
+    let _a = one.serve_http(|port| format!("first {port}"));
+    let _b = two.serve_http(|port| format!("second {port}"));
+    let get = |port: u16| {
+        block_in_place(|| net.http_requests(&format!("http://{}:{port}/", pod.ip), 3, false))
+    };
+    assert_eq!(get(80), ["first 80"; 3]);
+    assert_eq!(get(81), ["second 81"; 3]);
+
+    assert_eq!(block_in_place(|| first.stop()), Some(0));
+    let rules = tether_rules(&net, &pod.netns);
+    assert!(
+        !rules.contains(&first.owner) && rules.contains(&second.owner),
+        "{rules}"
+    );
+    assert!(get(80)[0].starts_with("original 80"));
+    assert_eq!(get(81), ["second 81"; 3]);
+}
