@@ -245,6 +245,9 @@ impl Session {
                     }
                     other => Err(unsupported_op(other.as_ref())),
                 };
+                if let Err(refused) = &result {
+                    tracing::warn!(session = %self.id, error = %refused.message, "request refused");
+                }
                 let result = result.unwrap_or_else(response::Result::Error);
                 self.send(Body::Response(Response {
                     id: request.id,

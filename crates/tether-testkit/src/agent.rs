@@ -231,6 +231,21 @@ impl IncomingStream {
         self.buffered.clone()
     }
 
+    /// Takes the next complete HTTP request head off the stream (everything up to and including
+    /// the blank line); `None` if the stream ends first.
+    pub async fn read_request(&mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffered.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = self.buffered.drain(..end + 4).collect();
+                return Some(String::from_utf8_lossy(&head).into_owned());
+            }
+            match self.events.recv().await {
+                Some(StreamEvent::Data(data)) => self.buffered.extend_from_slice(&data),
+                _ => return None,
+            }
+        }
+    }
+
     /// Reads everything until the peer ends the stream.
     pub async fn read_to_end(&mut self) -> Vec<u8> {
         while let Some(StreamEvent::Data(data)) = self.events.recv().await {

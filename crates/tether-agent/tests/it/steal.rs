@@ -135,3 +135,85 @@ async fn flush_connections_moves_an_open_keepalive_connection_into_the_steal() {
         "{said:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_is_a_target_too() {
+    if !require_root("a_process_is_a_target_too") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    // `ip netns exec` execs the app, so this pid is the app, inside the pod's namespace.
+    let app = net.start_http_app(&pod, "original", &[80]);
+    let agent = AgentProcess::start(agent_bin(), &format!("pid/{app}"), &[]);
+    let mut session = agent.session().await;
+    session
+        .subscribe(80, SubscriptionMode::Steal)
+        .await
+        .expect("steal port 80 of the process's namespace");
+    let _server = session.serve_http(|port| format!("stolen {port}"));
+    let answers =
+        block_in_place(|| net.http_requests(&format!("http://{}:80/", pod.ip), 20, false));
+    assert_eq!(answers, ["stolen 80"; 20]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_unsubscribe_stolen_connections_go_on_and_new_ones_reach_the_app() {
+    if !require_root("after_unsubscribe_stolen_connections_go_on_and_new_ones_reach_the_app") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let agent = AgentProcess::start(agent_bin(), &format!("netns/{}", pod.netns), &[]);
+    let mut session = agent.session().await;
+    session
+        .subscribe(80, SubscriptionMode::Steal)
+        .await
+        .unwrap();
+    let url = format!("http://{}:80/", pod.ip);
+    let client = std::sync::Arc::new(std::sync::Mutex::new(
+        net.keepalive_client(net.client(), &url),
+    ));
+    let get = |path: &'static str| {
+        let client = std::sync::Arc::clone(&client);
+        tokio::task::spawn_blocking(move || client.lock().unwrap().get(path))
+    };
+    let keep_alive = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+
+    let first = get("/one");
+    let mut stolen = session
+        .next_incoming(Duration::from_secs(5))
+        .await
+        .expect("the connection is stolen");
+    assert!(
+        stolen
+            .read_request()
+            .await
+            .unwrap()
+            .starts_with("GET /one ")
+    );
+    stolen.send(keep_alive("kept 1"));
+    assert_eq!(first.await.unwrap(), "kept 1");
+
+    session.unsubscribe(80).await.unwrap();
+    // The stolen keep-alive connection is still the session's …
+    let second = get("/two");
+    assert!(
+        stolen
+            .read_request()
+            .await
+            .unwrap()
+            .starts_with("GET /two ")
+    );
+    stolen.send(keep_alive("kept 2"));
+    assert_eq!(second.await.unwrap(), "kept 2");
+    // … while a new connection reaches the original app.
+    let fresh = block_in_place(|| net.http_requests(&url, 1, false));
+    assert_eq!(fresh, ["original 80 GET /?n=0"]);
+}
