@@ -1,5 +1,562 @@
 //! tether's preloaded library (`LD_PRELOAD`): interposes the libc calls of the local process and
-//! forwards what must happen in the target to the local proxy.
+//! asks the local proxy what must happen in the target.
 //!
-//! Empty until the exec issue lands. Architecture Invariant: unsafe code lives only here and in the
-//! agent's `sys` module, every block with a `SAFETY:` comment.
+//! Incoming traffic: when the process listens on a TCP port, the proxy subscribes the matching
+//! port in the target; every remote connection is then made by the proxy to the process's real
+//! local listener, so `accept` returns a real socket. `accept` and `getpeername` report the
+//! remote client's address instead of the proxy's. File descriptors are followed through `dup`,
+//! `dup2`, `dup3`, `fcntl(F_DUPFD…)` and `close`; a forked child opens its own channel; `execve`
+//! keeps the layer's variables in a replaced environment.
+//!
+//! Layout: `channel` (the proxy protocol) and `state` (fd tables) are safe code, unit-tested
+//! without preloading; `sockaddr` converts addresses; this file holds the exported hooks.
+//!
+//! Architecture Invariant: unsafe code lives here (and nowhere else in the workspace), every
+//! block with a `SAFETY:` comment. A hook never panics across the FFI boundary, never calls
+//! `setenv`, and when the proxy is unreachable fails the call with an errno and one message on
+//! stderr instead of silently staying local.
+
+mod addr;
+pub mod channel;
+pub mod state;
+
+use std::{
+    cell::Cell,
+    ffi::{CStr, CString, c_char, c_int, c_void},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicPtr, Ordering},
+    },
+};
+
+use libc::{sockaddr, socklen_t};
+
+use crate::channel::{Answer, Channel, Request, SOCKET_ENV};
+
+/// The variable holding this library's own path, so `execve` can keep it preloaded.
+pub const LIBRARY_ENV: &str = "TETHER_LAYER_PATH";
+
+// ---------------------------------------------------------------------------------------------
+// Real functions.
+
+/// A libc function found with `dlsym(RTLD_NEXT)`, cached atomically (hooks run on any thread).
+struct Real {
+    name: &'static CStr,
+    ptr: AtomicPtr<c_void>,
+}
+
+impl Real {
+    const fn new(name: &'static CStr) -> Real {
+        Real {
+            name,
+            ptr: AtomicPtr::new(std::ptr::null_mut()),
+        }
+    }
+
+    fn get(&self) -> *mut c_void {
+        let cached = self.ptr.load(Ordering::Acquire);
+        if !cached.is_null() {
+            return cached;
+        }
+        // SAFETY: `name` is a NUL-terminated symbol name; RTLD_NEXT asks for the next definition
+        // after this library, i.e. libc's.
+        let found = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) };
+        if found.is_null() {
+            // Without the real function nothing can work; dying loudly beats corrupting state.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                b"tether: libc function missing, aborting\n",
+            );
+            std::process::abort();
+        }
+        self.ptr.store(found, Ordering::Release);
+        found
+    }
+}
+
+/// Declares the real function `$name` with its C signature and a caller `real::$name(...)`.
+macro_rules! real_fns {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        mod real {
+            use super::*;
+            $(
+                pub(crate) unsafe fn $name($($arg: $ty),*) -> $ret {
+                    static REAL: Real = Real::new(match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
+                        Ok(name) => name,
+                        Err(_) => panic!("symbol names have no NUL"),
+                    });
+                    // SAFETY: dlsym returned libc's definition of this very symbol, whose C
+                    // signature is the one declared here.
+                    let f: unsafe extern "C" fn($($ty),*) -> $ret = unsafe { std::mem::transmute(REAL.get()) };
+                    // SAFETY: the caller upholds libc's contract for the call.
+                    unsafe { f($($arg),*) }
+                }
+            )*
+        }
+    };
+}
+
+real_fns! {
+    bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int;
+    listen(fd: c_int, backlog: c_int) -> c_int;
+    accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
+    accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int;
+    getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
+    getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
+    close(fd: c_int) -> c_int;
+    dup(fd: c_int) -> c_int;
+    dup2(old: c_int, new: c_int) -> c_int;
+    dup3(old: c_int, new: c_int, flags: c_int) -> c_int;
+    fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int;
+    execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guard against re-entry: the layer's own work (the channel's socket, allocations) calls libc too.
+
+thread_local! {
+    static IN_LAYER: Cell<bool> = const { Cell::new(false) };
+}
+
+struct Entered;
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let _ = IN_LAYER.try_with(|flag| flag.set(false));
+    }
+}
+
+/// `Some` when this thread may run layer logic now (not already inside it, and thread-locals are
+/// available: they are not during thread teardown).
+fn enter() -> Option<Entered> {
+    IN_LAYER
+        .try_with(|flag| (!flag.replace(true)).then_some(Entered))
+        .ok()
+        .flatten()
+}
+
+/// True once any fd is tracked: lets `close`/`dup` skip the table lock in processes that never
+/// listened remotely.
+static TRACKING: AtomicBool = AtomicBool::new(false);
+
+fn track<T>(f: impl FnOnce(&mut state::Tables) -> T) -> T {
+    TRACKING.store(true, Ordering::Relaxed);
+    state::with(f)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The channel to the proxy: one per process, re-opened after fork.
+
+static CHANNEL: Mutex<Option<Channel>> = Mutex::new(None);
+static SOCKET: OnceLock<Option<PathBuf>> = OnceLock::new();
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+fn socket_path() -> Option<&'static PathBuf> {
+    SOCKET
+        .get_or_init(|| std::env::var_os(SOCKET_ENV).map(PathBuf::from))
+        .as_ref()
+}
+
+extern "C" fn after_fork_in_child() {
+    // The parent's channel is shared with the child through the inherited fd: the child must not
+    // talk on it. Forget it (the parent keeps its own) and let the child open a new one.
+    if let Ok(mut channel) = CHANNEL.try_lock() {
+        std::mem::forget(channel.take());
+    }
+}
+
+/// Asks the proxy; `Err(errno)` when it cannot be reached.
+fn ask(request: &Request) -> Result<Answer, c_int> {
+    let Some(path) = socket_path() else {
+        return Ok(Answer::Local {
+            reason: "the layer is not active".into(),
+        });
+    };
+    let mut guard = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
+    for attempt in 0..2 {
+        if guard.is_none() {
+            static ATFORK: std::sync::Once = std::sync::Once::new();
+            ATFORK.call_once(|| {
+                // SAFETY: registers a plain `extern "C"` function; nothing else is required.
+                unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+            });
+            match Channel::connect(path) {
+                Ok(channel) => *guard = Some(channel),
+                Err(error) => {
+                    unreachable_proxy(path, &error);
+                    return Err(libc::EIO);
+                }
+            }
+        }
+        match guard.as_mut().map(|c| c.ask(request)) {
+            Some(Ok(answer)) => return Ok(answer),
+            Some(Err(error)) if attempt == 1 => {
+                unreachable_proxy(path, &error);
+                return Err(libc::EIO);
+            }
+            _ => *guard = None, // a broken channel: reconnect once
+        }
+    }
+    Err(libc::EIO)
+}
+
+fn unreachable_proxy(path: &std::path::Path, error: &std::io::Error) {
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "tether: cannot reach the local proxy at {} ({error}); is `tether exec` still running? The call fails instead of silently staying local.",
+            path.display()
+        );
+    }
+}
+
+fn set_errno(errno: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn local_addr(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: zeroed storage is a valid out-buffer; its size is passed along.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: `storage` has `len` writable bytes.
+    let rc = unsafe { real::getsockname(fd, (&raw mut storage).cast(), &mut len) };
+    // SAFETY: the kernel wrote `len` bytes into `storage`.
+    (rc == 0)
+        .then(|| unsafe { addr::read((&raw const storage).cast(), len) })
+        .flatten()
+}
+
+fn peer_addr(fd: c_int) -> Option<SocketAddr> {
+    // SAFETY: as in `local_addr`.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: as in `local_addr`.
+    let rc = unsafe { real::getpeername(fd, (&raw mut storage).cast(), &mut len) };
+    // SAFETY: as in `local_addr`.
+    (rc == 0)
+        .then(|| unsafe { addr::read((&raw const storage).cast(), len) })
+        .flatten()
+}
+
+fn is_tcp(fd: c_int) -> bool {
+    let mut kind: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: `kind` is a c_int-sized out-buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut kind).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && kind == libc::SOCK_STREAM
+}
+
+fn family(addr: &SocketAddr) -> c_int {
+    if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hooks. Each calls the real function first and adds the layer's work only on success.
+
+/// # Safety
+/// As libc's `bind`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the caller's arguments are passed through unchanged.
+    let rc = unsafe { real::bind(fd, addr, len) };
+    if rc == 0 {
+        if let Some(_entered) = enter() {
+            // SAFETY: `addr` points to `len` bytes, per bind's contract (and bind succeeded).
+            if let Some(requested) = unsafe { addr::read(addr, len) } {
+                track(|t| t.bound.insert(fd, requested.port()));
+            }
+        }
+    }
+    rc
+}
+
+/// # Safety
+/// As libc's `listen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    // SAFETY: arguments passed through.
+    let rc = unsafe { real::listen(fd, backlog) };
+    if rc != 0 {
+        return rc;
+    }
+    let Some(_entered) = enter() else { return rc };
+    if !is_tcp(fd) {
+        return rc;
+    }
+    let Some(addr) = local_addr(fd) else {
+        return rc;
+    };
+    let requested = state::with(|t| t.bound.get(&fd).copied()).unwrap_or(addr.port());
+    match ask(&Request::Listen {
+        pid: std::process::id(),
+        addr,
+        requested_port: requested,
+    }) {
+        Ok(Answer::Remote { .. }) => {
+            track(|t| t.listeners.insert(fd, addr));
+            rc
+        }
+        Ok(Answer::Error { message }) => {
+            eprintln!(
+                "tether: cannot receive the target's traffic on port {}: {message}",
+                addr.port()
+            );
+            set_errno(libc::EADDRNOTAVAIL);
+            -1
+        }
+        Ok(_) => rc,
+        Err(errno) => {
+            set_errno(errno);
+            -1
+        }
+    }
+}
+
+/// After a successful accept on `listener`: if the proxy made the connection for a remote
+/// client, remember and report that client.
+fn after_accept(listener: c_int, accepted: c_int, addr: *mut sockaddr, len: *mut socklen_t) {
+    if !TRACKING.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(_entered) = enter() else { return };
+    let Some(listen_addr) = state::with(|t| t.listeners.get(&listener).copied()) else {
+        return;
+    };
+    let (Some(local), Some(peer)) = (local_addr(accepted), peer_addr(accepted)) else {
+        return;
+    };
+    if !peer.ip().is_loopback()
+        && !matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+    {
+        return;
+    }
+    if let Ok(Answer::Peer { addr: Some(remote) }) = ask(&Request::Peer { local, peer }) {
+        track(|t| t.peers.insert(accepted, remote));
+        // SAFETY: `addr`/`len` are the caller's accept buffers (or null), valid per accept's
+        // contract.
+        unsafe { addr::write(remote, family(&listen_addr), addr, len) };
+    }
+}
+
+/// # Safety
+/// As libc's `accept`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: arguments passed through.
+    let accepted = unsafe { real::accept(fd, addr, len) };
+    if accepted >= 0 {
+        after_accept(fd, accepted, addr, len);
+    }
+    accepted
+}
+
+/// # Safety
+/// As libc's `accept4`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    // SAFETY: arguments passed through.
+    let accepted = unsafe { real::accept4(fd, addr, len, flags) };
+    if accepted >= 0 {
+        after_accept(fd, accepted, addr, len);
+    }
+    accepted
+}
+
+/// # Safety
+/// As libc's `getpeername`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if TRACKING.load(Ordering::Relaxed) {
+        if let Some(_entered) = enter() {
+            if let Some(remote) = state::with(|t| t.peers.get(&fd).copied()) {
+                let family = local_addr(fd).map_or(family(&remote), |l| family(&l));
+                // SAFETY: the caller's buffers, valid per getpeername's contract.
+                unsafe { addr::write(remote, family, addr, len) };
+                return 0;
+            }
+        }
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::getpeername(fd, addr, len) }
+}
+
+/// # Safety
+/// As libc's `getsockname`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // The process really listens where it thinks it does: nothing to change.
+    // SAFETY: arguments passed through.
+    unsafe { real::getsockname(fd, addr, len) }
+}
+
+fn forget(fd: c_int) {
+    if !TRACKING.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(_entered) = enter() else { return };
+    if let Some(addr) = state::with(|t| t.forget(fd)) {
+        let _ = ask(&Request::Unlisten {
+            pid: std::process::id(),
+            addr,
+        });
+    }
+}
+
+fn duplicated(old: c_int, new: c_int) {
+    if new < 0 || !TRACKING.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(_entered) = enter() else { return };
+    if let Some(addr) = state::with(|t| t.dup(old, new)) {
+        let _ = ask(&Request::Unlisten {
+            pid: std::process::id(),
+            addr,
+        });
+    }
+}
+
+/// # Safety
+/// As libc's `close`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    forget(fd);
+    // SAFETY: argument passed through.
+    unsafe { real::close(fd) }
+}
+
+/// # Safety
+/// As libc's `dup`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: argument passed through.
+    let new = unsafe { real::dup(fd) };
+    duplicated(fd, new);
+    new
+}
+
+/// # Safety
+/// As libc's `dup2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: arguments passed through.
+    let rc = unsafe { real::dup2(old, new) };
+    if old != new {
+        duplicated(old, rc);
+    }
+    rc
+}
+
+/// # Safety
+/// As libc's `dup3`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: arguments passed through.
+    let rc = unsafe { real::dup3(old, new, flags) };
+    duplicated(old, rc);
+    rc
+}
+
+/// `fcntl` is variadic in C; its optional third argument is an int or a pointer, which the
+/// x86_64 and aarch64 Linux calling conventions pass exactly like a fixed `unsigned long`.
+///
+/// # Safety
+/// As libc's `fcntl`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int {
+    // SAFETY: arguments passed through with the same register layout.
+    let rc = unsafe { real::fcntl(fd, cmd, arg) };
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        duplicated(fd, rc);
+    }
+    rc
+}
+
+/// # Safety
+/// As libc's `execve`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    if let Some(_entered) = enter() {
+        // SAFETY: `envp` is a NULL-terminated array of C strings, per execve's contract.
+        if let Some(fixed) = unsafe { keep_layer_in(envp) } {
+            let mut pointers: Vec<*const c_char> = fixed.iter().map(|s| s.as_ptr()).collect();
+            pointers.push(std::ptr::null());
+            // SAFETY: `pointers` is a NULL-terminated array of valid C strings that outlives the
+            // call (on success the image is replaced; on failure it is dropped after).
+            return unsafe { real::execve(path, argv, pointers.as_ptr()) };
+        }
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::execve(path, argv, envp) }
+}
+
+/// The environment `envp` plus the layer's variables, when a replaced environment dropped them.
+///
+/// # Safety
+/// `envp` must be null or a NULL-terminated array of valid C strings.
+unsafe fn keep_layer_in(envp: *const *const c_char) -> Option<Vec<CString>> {
+    let socket = socket_path()?;
+    let library = std::env::var_os(LIBRARY_ENV)?;
+    let mut vars = Vec::new();
+    let mut i = 0;
+    while !envp.is_null() {
+        // SAFETY: within the NULL-terminated array, per the contract.
+        let entry = unsafe { *envp.add(i) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: each entry is a valid C string.
+        vars.push(unsafe { CStr::from_ptr(entry) }.to_owned());
+        i += 1;
+    }
+    let has = |prefix: &str, needle: &[u8]| {
+        vars.iter().any(|v| {
+            v.to_bytes().starts_with(prefix.as_bytes())
+                && v.to_bytes().windows(needle.len()).any(|w| w == needle)
+        })
+    };
+    use std::os::unix::ffi::OsStrExt as _;
+    let library = library.as_bytes();
+    let socket = socket.as_os_str().as_bytes();
+    if has("LD_PRELOAD=", library) && has(&format!("{SOCKET_ENV}="), socket) {
+        return None;
+    }
+    vars.retain(|v| {
+        !v.to_bytes().starts_with(b"LD_PRELOAD=")
+            && !v
+                .to_bytes()
+                .starts_with(format!("{SOCKET_ENV}=").as_bytes())
+    });
+    let join = |key: &str, value: &[u8]| {
+        let mut bytes = key.as_bytes().to_vec();
+        bytes.push(b'=');
+        bytes.extend_from_slice(value);
+        CString::new(bytes).ok()
+    };
+    vars.push(join("LD_PRELOAD", library)?);
+    vars.push(join(SOCKET_ENV, socket)?);
+    vars.push(join(LIBRARY_ENV, library)?);
+    Some(vars)
+}
