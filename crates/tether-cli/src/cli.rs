@@ -89,9 +89,16 @@ Example:
     /// Run the agent (started by tether itself, or by the agent pod).
     #[command(hide = true)]
     Agent(tether_agent::AgentArgs),
-    /// Run the local proxy (started by `tether exec`).
+    /// A small built-in HTTP service (the demo's apps): answers `NAME PORT METHOD PATH`.
     #[command(hide = true)]
-    Proxy,
+    ServeHttp {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
+    },
 }
 
 #[derive(Debug, Args)]

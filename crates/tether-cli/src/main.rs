@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod proxy;
 mod ui;
 
 use clap::Parser as _;
@@ -25,9 +26,11 @@ fn main() {
         Command::Doctor => commands::doctor::run(ui),
         Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),
-        Command::Exec(_) => not_yet("tether exec", "the exec issue"),
+        Command::Exec(args) => run_async(commands::exec::run(args, cli.global.config.clone(), ui)),
         Command::Demo => not_yet("tether demo", "the exec issue"),
-        Command::Proxy => not_yet("tether proxy", "the exec issue"),
+        Command::ServeHttp { name, port, bind } => {
+            run_async(commands::serve_http::run(name, bind, port))
+        }
     };
     std::process::exit(code);
 }

@@ -63,6 +63,14 @@ impl Ui {
         }
     }
 
+    /// A line of information (not a step), e.g. a port that is now stolen.
+    pub(crate) fn info(self, message: &str) {
+        match self.mode {
+            Mode::Json => emit(json!({ "event": "info", "message": message })),
+            _ => eprintln!("  {message}"),
+        }
+    }
+
     /// A warning the user must see, even without -v.
     pub(crate) fn warn(self, message: &str) {
         match self.mode {

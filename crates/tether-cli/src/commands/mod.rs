@@ -3,3 +3,5 @@
 pub(crate) mod cleanup;
 pub(crate) mod config;
 pub(crate) mod doctor;
+pub(crate) mod exec;
+pub(crate) mod serve_http;

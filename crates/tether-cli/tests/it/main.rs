@@ -2,6 +2,7 @@
 
 mod cleanup;
 mod config;
+mod exec;
 mod usage;
 
 use assert_cmd::Command;

@@ -1,0 +1,338 @@
+//! `tether exec`: agent, session, proxy, then the user's command with the layer preloaded.
+//!
+//! Exit codes: the command's own; 125 when tether itself fails before or around the command;
+//! 126 when the command cannot be run, 127 when it is not found (as `env` and `docker run` do).
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::json;
+use tether_config::{Config, Target};
+use tokio::{
+    io::AsyncBufReadExt as _,
+    net::TcpStream,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    cli::ExecArgs,
+    proxy::{Event, Proxy},
+    ui::Ui,
+};
+
+/// tether's own failure (not the command's).
+const TETHER_FAILED: i32 = 125;
+
+pub(crate) async fn run(
+    args: ExecArgs,
+    config_file: Option<PathBuf>,
+    ui: Ui,
+) -> anyhow::Result<i32> {
+    let config = match load_config(&args, config_file.as_deref()) {
+        Ok(config) => config,
+        Err(problems) => {
+            eprint!("{}", crate::commands::config::render(&problems));
+            return Ok(TETHER_FAILED);
+        }
+    };
+    match exec(&args, &config, ui).await {
+        Ok(code) => Ok(code),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            Ok(TETHER_FAILED)
+        }
+    }
+}
+
+fn load_config(args: &ExecArgs, file: Option<&Path>) -> Result<Config, tether_config::Problems> {
+    let mut loader = crate::commands::config::loader(file);
+    let flags = &args.target;
+    if let Some(target) = &flags.target {
+        loader = loader.flag("--target", "/target", json!(target));
+    }
+    if let Some(namespace) = &flags.namespace {
+        loader = loader.flag("--namespace", "/target/namespace", json!(namespace));
+    }
+    if let Some(context) = &flags.context {
+        loader = loader.flag("--context", "/kube_context", json!(context));
+    }
+    if args.steal {
+        loader = loader.flag("--steal", "/feature/network/incoming/mode", json!("steal"));
+    }
+    loader.load().map(|loaded| loaded.config)
+}
+
+/// The local target's agent argument (`netns/NAME` or `pid/PID`).
+fn local_target(config: &Config) -> anyhow::Result<String> {
+    let Some(path) = &config.target.path else {
+        bail!(
+            "no target: give one with --target netns/NAME or --target pid/PID (or target.path in the config)"
+        );
+    };
+    match path.parse::<Target>()? {
+        target @ (Target::Netns(_) | Target::Pid(_)) => Ok(target.to_string()),
+        Target::Kube(_) | Target::Targetless => bail!(
+            "`{path}` is a Kubernetes target; this build of tether runs against local targets only \
+             (netns/NAME, pid/PID). Kubernetes support is on its way."
+        ),
+    }
+}
+
+/// The preloaded library: `TETHER_LAYER_PATH`, else next to the `tether` executable.
+fn layer_path() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(tether_layer::LIBRARY_ENV) {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().context("cannot find the tether executable")?;
+    let dir = exe
+        .parent()
+        .context("the tether executable has no directory")?;
+    let candidates = [
+        dir.join("libtether_layer.so"),
+        dir.join("deps/libtether_layer.so"),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
+        format!(
+            "the preload library libtether_layer.so is not next to {} (build it with `cargo build --workspace`, or set {})",
+            exe.display(),
+            tether_layer::LIBRARY_ENV
+        )
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
+    let target = local_target(config)?;
+    if !is_root() {
+        bail!(
+            "local targets need root (network namespaces and iptables): run `sudo tether exec …`"
+        );
+    }
+    let layer = layer_path()?.canonicalize()?;
+    let dir = tempfile::Builder::new().prefix("tether-").tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+
+    let step = ui.step(&format!("starting the agent for {target}"));
+    let started = Instant::now();
+    let mut agent = match start_agent(&target, config, dir.path()).await {
+        Ok(agent) => agent,
+        Err(error) => {
+            step.fail(&format!("{error:#}"));
+            return Ok(TETHER_FAILED);
+        }
+    };
+    step.done(&format!("ready in {} ms", started.elapsed().as_millis()));
+
+    let step = ui.step("opening the session");
+    let stream = TcpStream::connect(agent.addr).await?;
+    stream.set_nodelay(true)?;
+    let hello = tether_protocol::Hello {
+        token: agent.token.clone(),
+        client: concat!("tether/", env!("CARGO_PKG_VERSION")).into(),
+        ..Default::default()
+    };
+    let (link, welcome) = tether_agent::link::client_handshake(stream, hello).await?;
+    step.done(&format!("session {}", welcome.session_id));
+
+    let socket = dir.path().join("layer.sock");
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let proxy = Proxy::start(
+        link,
+        config.feature.network.incoming.clone(),
+        &socket,
+        events_tx,
+    )?;
+
+    let mut child = match spawn_command(&args.command, &layer, &socket) {
+        Ok(child) => child,
+        Err((code, message)) => {
+            eprintln!("error: {message}");
+            proxy.shutdown().await;
+            agent.stop().await;
+            return Ok(code);
+        }
+    };
+    let child_pid = child.id();
+    ui.info(&format!(
+        "running {} (pid {})",
+        args.command.join(" "),
+        child_pid.unwrap_or(0)
+    ));
+
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            _ = interrupt.recv() => {
+                // From a terminal, Ctrl-C already reached the command (same foreground process
+                // group); forward only a SIGINT sent to tether alone.
+                if !interrupt_came_from_terminal() {
+                    forward(child_pid, nix::sys::signal::Signal::SIGINT);
+                }
+            }
+            _ = terminate.recv() => forward(child_pid, nix::sys::signal::Signal::SIGTERM),
+            _ = hangup.recv() => forward(child_pid, nix::sys::signal::Signal::SIGHUP),
+            Some(event) = events.recv() => show(event, ui),
+        }
+    };
+    while let Ok(event) = events.try_recv() {
+        show(event, ui);
+    }
+    let step = ui.step("cleaning up");
+    proxy.shutdown().await;
+    agent.stop().await;
+    step.done("rules removed, agent stopped");
+    use std::os::unix::process::ExitStatusExt as _;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+fn show(event: Event, ui: Ui) {
+    match event {
+        Event::Subscribed {
+            local,
+            remote_port,
+            steal,
+        } => {
+            let mode = if steal { "stolen" } else { "mirrored" };
+            ui.info(&format!("target port {remote_port} → {local} ({mode})"));
+        }
+        Event::StaysLocal { local, reason } => tracing::info!(%local, "stays local: {reason}"),
+        Event::Warning(message) => ui.warn(&message),
+        Event::LinkClosed => ui.warn(
+            "the link to the agent closed; the command keeps running without the target's traffic",
+        ),
+    }
+}
+
+fn forward(pid: Option<u32>, signal: nix::sys::signal::Signal) {
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+    }
+}
+
+fn interrupt_came_from_terminal() -> bool {
+    use std::os::fd::AsFd as _;
+    let stdin = std::io::stdin();
+    nix::unistd::tcgetpgrp(stdin.as_fd()).is_ok_and(|group| group == nix::unistd::getpgrp())
+}
+
+fn spawn_command(
+    command: &[String],
+    layer: &Path,
+    socket: &Path,
+) -> Result<tokio::process::Child, (i32, String)> {
+    let (program, rest) = command
+        .split_first()
+        .ok_or((126, "no command given".to_owned()))?;
+    let preload = match std::env::var_os("LD_PRELOAD") {
+        Some(existing) if !existing.is_empty() => {
+            let mut joined = layer.as_os_str().to_owned();
+            joined.push(":");
+            joined.push(existing);
+            joined
+        }
+        _ => layer.as_os_str().to_owned(),
+    };
+    tokio::process::Command::new(program)
+        .args(rest)
+        .env("LD_PRELOAD", preload)
+        .env(tether_layer::channel::SOCKET_ENV, socket)
+        .env(tether_layer::LIBRARY_ENV, layer)
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => (127, format!("command not found: {program}")),
+            _ => (126, format!("cannot run {program}: {e}")),
+        })
+}
+
+/// The agent tether started for this run.
+struct AgentChild {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    token: String,
+}
+
+async fn start_agent(target: &str, config: &Config, dir: &Path) -> anyhow::Result<AgentChild> {
+    let token: String = rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, &token)?;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    let exe = std::env::current_exe()?;
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args([
+            "agent",
+            "--target",
+            target,
+            "--listen",
+            "127.0.0.1:0",
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        // Its own process group: a terminal's Ctrl-C goes to the command, not to the agent, which
+        // tether stops itself once the command has exited.
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(nft) = config.agent.nftables {
+        command.args(["--nftables", if nft { "true" } else { "false" }]);
+    }
+    let mut child = command.spawn().context("cannot start the agent")?;
+    let stdout = child.stdout.take().context("no agent stdout")?;
+    let timeout = config.agent.startup_timeout.get();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(stdout);
+    if tokio::time::timeout(timeout, reader.read_line(&mut line))
+        .await
+        .is_err()
+    {
+        bail!(
+            "the agent did not start within {} (agent.startup_timeout)",
+            config.agent.startup_timeout
+        );
+    }
+    let ready: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|_| anyhow::anyhow!("the agent failed to start (see its message above)"))?;
+    let addr = ready["addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .context("the agent's readiness line has no address")?;
+    Ok(AgentChild { child, addr, token })
+}
+
+impl AgentChild {
+    /// SIGTERM, then wait (bounded) for the guard to remove the rules and exit.
+    async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            forward(Some(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}

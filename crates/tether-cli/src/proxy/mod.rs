@@ -1,0 +1,508 @@
+//! The local proxy: holds the one session to the agent and serves every process of a
+//! `tether exec` run through the layer's channel (a Unix socket).
+//!
+//! - Layer asks `Listen` → [`ports::decide`] → the agent subscribes the target port.
+//! - The agent sends `IncomingConnection` → the proxy connects to the process's real listener and
+//!   pumps bytes both ways (mirror: the process's answers are read and dropped).
+//! - Layer asks `Peer` for an accepted connection → the remote client the proxy connected for.
+//!
+//! Not yet: flow control windows (a slow local app is buffered, not slowed), resume.
+
+pub(crate) mod ports;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tether_config::model::IncomingConfig;
+use tether_layer::channel::{Answer, Request as LayerRequest};
+use tether_protocol::{
+    Body, ErrorInfo, Frame, IncomingConnection, LogLevel, PortSubscribe, PortUnsubscribe, Request,
+    Response, StreamData, StreamEnd, StreamReset, SubscriptionMode, request, response,
+};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpSocket, TcpStream, UnixListener, UnixStream},
+    sync::{mpsc, oneshot},
+    task::JoinSet,
+};
+
+use self::ports::Decision;
+
+/// What the proxy tells the user about.
+#[derive(Debug, Clone)]
+pub(crate) enum Event {
+    /// A listener of the process now gets the target's traffic.
+    Subscribed {
+        local: SocketAddr,
+        remote_port: u16,
+        steal: bool,
+    },
+    /// A listener stays local, and why.
+    StaysLocal { local: SocketAddr, reason: String },
+    /// A warning the user must see (from the agent or the proxy).
+    Warning(String),
+    /// The link to the agent closed.
+    LinkClosed,
+}
+
+#[derive(Debug)]
+enum ToStream {
+    Data(Bytes),
+    End,
+    Reset,
+}
+
+#[derive(Debug, Clone)]
+struct Listener {
+    local: SocketAddr,
+    /// The processes that called `listen` for this port. A forked child that inherited the socket
+    /// and closes its copy is not among them, so it cannot end the subscription.
+    owners: std::collections::BTreeSet<u32>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    incoming: IncomingConfig,
+    out: mpsc::Sender<Body>,
+    next_request: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
+    /// By target port.
+    listeners: Mutex<HashMap<u16, Listener>>,
+    /// The proxy's end of each delivered connection → the remote client it stands for.
+    peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<ToStream>>>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// A running proxy; dropping it ends the session and the layer server.
+#[derive(Debug)]
+pub(crate) struct Proxy {
+    tasks: JoinSet<()>,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Starts serving the layer on `socket` over the already authenticated `link`.
+    pub(crate) fn start(
+        link: tether_agent::link::FramedLink<TcpStream>,
+        incoming: IncomingConfig,
+        socket: &Path,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> std::io::Result<Proxy> {
+        let layer_listener = UnixListener::bind(socket)?;
+        let (mut sink, mut frames) = link.split();
+        let (out, mut out_rx) = mpsc::channel::<Body>(1024);
+        let shared = Arc::new(Shared {
+            incoming,
+            out,
+            next_request: AtomicU64::new(1),
+            pending: Mutex::default(),
+            listeners: Mutex::default(),
+            peers: Mutex::default(),
+            streams: Mutex::default(),
+            events,
+        });
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut seq = 0;
+            while let Some(body) = out_rx.recv().await {
+                let seq = if body.is_link_local() {
+                    0
+                } else {
+                    seq += 1;
+                    seq
+                };
+                if sink
+                    .send(Frame {
+                        seq,
+                        ack: 0,
+                        body: Some(body),
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let reader = Arc::clone(&shared);
+        tasks.spawn(async move {
+            while let Some(Ok(frame)) = frames.next().await {
+                reader.on_frame(frame);
+            }
+            let _ = reader.events.send(Event::LinkClosed);
+        });
+        let server = Arc::clone(&shared);
+        tasks.spawn(async move {
+            while let Ok((stream, _)) = layer_listener.accept().await {
+                tokio::spawn(Arc::clone(&server).serve_layer(stream));
+            }
+        });
+        Ok(Proxy { tasks, shared })
+    }
+
+    /// Tells the agent the session ends on purpose, then stops.
+    pub(crate) async fn shutdown(mut self) {
+        let goodbye = Body::Goodbye(tether_protocol::Goodbye {
+            reason: "the command exited".into(),
+        });
+        let _ = self.shared.out.send(goodbye).await;
+        // Let the writer flush the goodbye (bounded).
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while self.shared.out.capacity() < self.shared.out.max_capacity() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        self.tasks.abort_all();
+    }
+}
+
+impl Shared {
+    fn on_frame(self: &Arc<Self>, frame: Frame) {
+        match frame.body {
+            Some(Body::Response(response)) => {
+                if let Some(waiter) = self
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .remove(&response.id)
+                {
+                    let _ = waiter.send(response);
+                }
+            }
+            Some(Body::IncomingConnection(info)) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                self.streams
+                    .lock()
+                    .expect("streams lock")
+                    .insert(info.stream_id, tx);
+                tokio::spawn(Arc::clone(self).deliver(info, rx));
+            }
+            Some(Body::StreamData(data)) => {
+                self.to_stream(data.stream_id, ToStream::Data(data.data))
+            }
+            Some(Body::StreamEnd(end)) => self.to_stream(end.stream_id, ToStream::End),
+            Some(Body::StreamReset(reset)) => self.to_stream(reset.stream_id, ToStream::Reset),
+            Some(Body::Ping(ping)) => {
+                let _ = self
+                    .out
+                    .try_send(Body::Pong(tether_protocol::Pong { nonce: ping.nonce }));
+            }
+            Some(Body::Log(log)) if log.level() >= LogLevel::Warn => {
+                let _ = self
+                    .events
+                    .send(Event::Warning(format!("agent: {}", log.message)));
+            }
+            Some(Body::Error(error)) => {
+                let _ = self
+                    .events
+                    .send(Event::Warning(format!("agent: {}", error.message)));
+            }
+            _ => {}
+        }
+    }
+
+    fn to_stream(&self, id: u64, item: ToStream) {
+        if let Some(tx) = self.streams.lock().expect("streams lock").get(&id) {
+            let _ = tx.send(item);
+        }
+    }
+
+    async fn request(&self, op: request::Op) -> Result<response::Result, ErrorInfo> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(id, tx);
+        let lost = || ErrorInfo {
+            message: "the link to the agent is closed".into(),
+            ..Default::default()
+        };
+        self.out
+            .send(Body::Request(Request { id, op: Some(op) }))
+            .await
+            .map_err(|_| lost())?;
+        let response = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .map_err(|_| ErrorInfo {
+                message: "the agent did not answer within 30 s".into(),
+                ..Default::default()
+            })?
+            .map_err(|_| lost())?;
+        match response.result {
+            Some(response::Result::Error(error)) => Err(error),
+            Some(result) => Ok(result),
+            None => Err(ErrorInfo {
+                message: "empty response from the agent".into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    async fn serve_layer(self: Arc<Self>, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let answer = match serde_json::from_str::<LayerRequest>(&line) {
+                Ok(request) => self.on_layer(request).await,
+                Err(e) => Answer::Error {
+                    message: format!("bad request from the layer: {e}"),
+                },
+            };
+            let mut text = serde_json::to_string(&answer).expect("answers serialise");
+            text.push('\n');
+            if write.write_all(text.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn on_layer(&self, request: LayerRequest) -> Answer {
+        match request {
+            LayerRequest::Listen {
+                pid,
+                addr,
+                requested_port,
+            } => self.listen(pid, addr, requested_port).await,
+            LayerRequest::Unlisten { pid, addr } => {
+                self.unlisten(pid, addr).await;
+                Answer::Done
+            }
+            LayerRequest::Peer { peer, .. } => Answer::Peer {
+                addr: self.peers.lock().expect("peers lock").get(&peer).copied(),
+            },
+        }
+    }
+
+    async fn listen(&self, pid: u32, local: SocketAddr, requested_port: u16) -> Answer {
+        let (remote_port, steal) = match ports::decide(&self.incoming, local, requested_port) {
+            Decision::Local(reason) => {
+                let _ = self.events.send(Event::StaysLocal {
+                    local,
+                    reason: reason.clone(),
+                });
+                return Answer::Local { reason };
+            }
+            Decision::Remote { remote_port, steal } => (remote_port, steal),
+        };
+        let mode = if steal { "steal" } else { "mirror" };
+        {
+            let mut listeners = self.listeners.lock().expect("listeners lock");
+            if let Some(existing) = listeners.get_mut(&remote_port) {
+                existing.owners.insert(pid);
+                return Answer::Remote {
+                    remote_port,
+                    mode: mode.into(),
+                };
+            }
+        }
+        let subscribe = PortSubscribe {
+            port: u32::from(remote_port),
+            mode: if steal {
+                SubscriptionMode::Steal
+            } else {
+                SubscriptionMode::Mirror
+            } as i32,
+            ..Default::default()
+        };
+        match self.request(request::Op::PortSubscribe(subscribe)).await {
+            Ok(_) => {
+                self.listeners.lock().expect("listeners lock").insert(
+                    remote_port,
+                    Listener {
+                        local,
+                        owners: [pid].into(),
+                    },
+                );
+                let _ = self.events.send(Event::Subscribed {
+                    local,
+                    remote_port,
+                    steal,
+                });
+                Answer::Remote {
+                    remote_port,
+                    mode: mode.into(),
+                }
+            }
+            Err(error) => {
+                let _ = self.events.send(Event::Warning(format!(
+                    "cannot {mode} target port {remote_port}: {}",
+                    error.message
+                )));
+                Answer::Error {
+                    message: error.message,
+                }
+            }
+        }
+    }
+
+    async fn unlisten(&self, pid: u32, local: SocketAddr) {
+        let port = {
+            let mut listeners = self.listeners.lock().expect("listeners lock");
+            let Some((&port, listener)) = listeners.iter_mut().find(|(_, l)| l.local == local)
+            else {
+                return;
+            };
+            if !listener.owners.remove(&pid) || !listener.owners.is_empty() {
+                return;
+            }
+            listeners.remove(&port);
+            port
+        };
+        let _ = self
+            .request(request::Op::PortUnsubscribe(PortUnsubscribe {
+                port: u32::from(port),
+            }))
+            .await;
+    }
+
+    /// Connects to the process's listener for one incoming connection and pumps it.
+    async fn deliver(
+        self: Arc<Self>,
+        info: IncomingConnection,
+        mut from_agent: mpsc::UnboundedReceiver<ToStream>,
+    ) {
+        let id = info.stream_id;
+        let remote = info
+            .remote
+            .as_ref()
+            .and_then(|r| SocketAddr::try_from(r).ok());
+        let port = info
+            .local
+            .as_ref()
+            .and_then(|l| SocketAddr::try_from(l).ok())
+            .map(|a| a.port());
+        let listener = port.and_then(|p| {
+            self.listeners
+                .lock()
+                .expect("listeners lock")
+                .get(&p)
+                .cloned()
+        });
+        let mirror = info.mode() == SubscriptionMode::Mirror;
+        let connected = match (&listener, remote) {
+            (Some(listener), Some(remote)) => self.connect_for(listener.local, remote).await,
+            _ => Err(std::io::Error::other("no local listener for this port")),
+        };
+        let (mut app, our_end) = match connected {
+            Ok(connected) => connected,
+            Err(error) => {
+                if !mirror {
+                    let reset = StreamReset {
+                        stream_id: id,
+                        reason: format!("the local process did not accept: {error}"),
+                        errno: 0,
+                    };
+                    let _ = self.out.send(Body::StreamReset(reset)).await;
+                }
+                self.streams.lock().expect("streams lock").remove(&id);
+                return;
+            }
+        };
+        let (mut app_read, mut app_write) = app.split();
+        let to_app = async {
+            while let Some(item) = from_agent.recv().await {
+                match item {
+                    ToStream::Data(data) => {
+                        if app_write.write_all(&data).await.is_err() {
+                            return;
+                        }
+                    }
+                    ToStream::End => {
+                        let _ = app_write.shutdown().await;
+                        return;
+                    }
+                    ToStream::Reset => return,
+                }
+            }
+        };
+        let from_app = async {
+            let mut buf = vec![0u8; tether_protocol::MAX_DATA_CHUNK];
+            loop {
+                match app_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    // Mirror: the target's app answers the client; the local answer is dropped.
+                    Ok(_) if mirror => {}
+                    Ok(n) => {
+                        let data = Bytes::copy_from_slice(&buf[..n]);
+                        if self
+                            .out
+                            .send(Body::StreamData(StreamData {
+                                stream_id: id,
+                                data,
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !mirror {
+                let _ = self
+                    .out
+                    .send(Body::StreamEnd(StreamEnd {
+                        stream_id: id,
+                        trailers: Vec::new(),
+                    }))
+                    .await;
+            }
+        };
+        tokio::join!(to_app, from_app);
+        self.streams.lock().expect("streams lock").remove(&id);
+        self.peers.lock().expect("peers lock").remove(&our_end);
+    }
+
+    /// Connects to `listener` from a socket whose address is registered as standing for `remote`
+    /// before the connection exists, so the process's `accept` always finds it.
+    async fn connect_for(
+        &self,
+        listener: SocketAddr,
+        remote: SocketAddr,
+    ) -> std::io::Result<(TcpStream, SocketAddr)> {
+        let target = match listener.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listener.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listener.port())
+            }
+            _ => listener,
+        };
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(
+            if target.is_ipv4() {
+                Ipv4Addr::LOCALHOST.into()
+            } else {
+                Ipv6Addr::LOCALHOST.into()
+            },
+            0,
+        ))?;
+        let ours = socket.local_addr()?;
+        self.peers.lock().expect("peers lock").insert(ours, remote);
+        match socket.connect(target).await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                Ok((stream, ours))
+            }
+            Err(error) => {
+                self.peers.lock().expect("peers lock").remove(&ours);
+                Err(error)
+            }
+        }
+    }
+}

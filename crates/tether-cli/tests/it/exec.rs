@@ -1,0 +1,363 @@
+//! `tether exec` end to end: a real pod namespace, a real client, unmodified local apps.
+//!
+//! Every local app listens on a port of its own (tests run in parallel on one machine), mapped
+//! to the pod's port 80 with `port_mapping`.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use tether_testkit::{Network, Pod, require_root};
+
+/// A free TCP port on this machine (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `tether exec`, with its stderr lines.
+struct Exec {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Exec {
+    fn start(pod: &Pod, mode: &str, local_port: u16, command: &[&str]) -> Exec {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
+            .args(command)
+            .env("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode)
+            .env(
+                "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
+                format!("[[{local_port}, 80]]"),
+            )
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Exec {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (at most 20 s) for a stderr line containing `needle`: tether's readiness signals.
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.seen.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "no line with {needle:?} in 20 s; tether said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// SIGINT to tether alone (as a supervisor would send it), then its exit code (bounded).
+    fn interrupt(&mut self) -> Option<i32> {
+        nix_kill(self.child.id(), "-INT");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tether did not exit 20 s after SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+fn pod_url(pod: &Pod) -> String {
+    format!("http://{}:80/hello", pod.ip)
+}
+
+/// Runs `app` (listening on the local port) through `tether exec` in `mode` and checks who answers
+/// requests from the client namespace.
+fn scenario(mode: &str, app: impl Fn(u16) -> Vec<String>, local_answer: &str) {
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let command = app(port);
+    let mut exec = Exec::start(
+        &pod,
+        mode,
+        port,
+        &command.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    let answers = net.http_requests(&pod_url(&pod), 5, false);
+    match mode {
+        "steal" => assert!(
+            answers.iter().all(|a| a.contains(local_answer)),
+            "stolen requests must be answered by the local app: {answers:?}\ntether said:\n{}",
+            exec.seen.join("\n")
+        ),
+        _ => assert!(
+            answers.iter().all(|a| a.starts_with("original 80")),
+            "mirrored requests are answered by the pod: {answers:?}"
+        ),
+    }
+    let code = exec.interrupt();
+    assert!(code.is_some(), "tether must exit with the app's code");
+    assert!(
+        !exec.seen.iter().any(|l| l.contains("error")),
+        "{}",
+        exec.seen.join("\n")
+    );
+    assert_eq!(rules(&net, &pod), "", "no rule left after tether exits");
+}
+
+fn rules(net: &Network, pod: &Pod) -> String {
+    let nft = net.exec_ok(&pod.netns, &["nft", "list", "ruleset"]);
+    nft.lines()
+        .filter(|l| l.contains("tether_"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn python_http_server(port: u16) -> Vec<String> {
+    let dir = std::env::temp_dir().join(format!("tether-exec-test-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hello"), "local python\n").unwrap();
+    [
+        "python3",
+        "-m",
+        "http.server",
+        "--directory",
+        dir.to_str().unwrap(),
+        &port.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn node_app(port: u16) -> Vec<String> {
+    let script = format!(
+        "require('http').createServer((q, s) => s.end('local node ' + q.socket.remoteAddress)).listen({port})"
+    );
+    vec!["node".into(), "-e".into(), script]
+}
+
+fn socat_app(port: u16) -> Vec<String> {
+    // socat's address syntax mangles quotes and spaces: the reply lives in a script it execs. The
+    // script reads the request head first: closing with unread input makes the kernel send a
+    // reset, which would drop the answer (for any client, with or without tether).
+    let script = std::env::temp_dir().join(format!("tether-socat-reply-{port}.sh"));
+    std::fs::write(&script, "#!/bin/sh\nsed -u -n '/^\\r\\?$/q'\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 12\\r\\nConnection: close\\r\\n\\r\\nlocal socat\\n'\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    vec![
+        "socat".into(),
+        format!("TCP-LISTEN:{port},fork,reuseaddr"),
+        format!("EXEC:{}", script.display()),
+    ]
+}
+
+fn tokio_app(port: u16) -> Vec<String> {
+    vec![
+        env!("CARGO_BIN_EXE_tether").into(),
+        "serve-http".into(),
+        "--name".into(),
+        "local-tokio".into(),
+        "--port".into(),
+        port.to_string(),
+    ]
+}
+
+macro_rules! matrix {
+    ($($name:ident: $mode:literal, $app:ident, $answer:literal;)*) => {$(
+        #[test]
+        fn $name() {
+            if require_root(stringify!($name)) {
+                scenario($mode, $app, $answer);
+            }
+        }
+    )*};
+}
+
+matrix! {
+    steal_into_python_http_server: "steal", python_http_server, "local python";
+    mirror_into_python_http_server: "mirror", python_http_server, "local python";
+    steal_into_node: "steal", node_app, "local node";
+    mirror_into_node: "mirror", node_app, "local node";
+    steal_into_socat: "steal", socat_app, "local socat";
+    mirror_into_socat: "mirror", socat_app, "local socat";
+    steal_into_a_tokio_app: "steal", tokio_app, "local-tokio";
+    mirror_into_a_tokio_app: "mirror", tokio_app, "local-tokio";
+}
+
+#[test]
+fn the_local_app_sees_the_remote_client_as_its_peer() {
+    if !require_root("the_local_app_sees_the_remote_client_as_its_peer") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start(
+        &pod,
+        "steal",
+        port,
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for("target port 80");
+    let answers = net.http_requests(&pod_url(&pod), 3, false);
+    let client = net.client_ip().to_string();
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.ends_with(&format!("from {client}"))),
+        "accept/getpeername must return {client}: {answers:?}"
+    );
+}
+
+#[test]
+fn a_forking_server_serves_stolen_traffic_from_its_children() {
+    if !require_root("a_forking_server_serves_stolen_traffic_from_its_children") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let script = format!(
+        "import os, socketserver\n\
+         class H(socketserver.StreamRequestHandler):\n\
+         \x20   def handle(self):\n\
+         \x20       while self.rfile.readline().strip(): pass\n\
+         \x20       body = f'child {{os.getpid()}} parent {{os.getppid()}} peer {{self.client_address[0]}}'.encode()\n\
+         \x20       self.wfile.write(b'HTTP/1.1 200 OK\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n%s' % (len(body), body))\n\
+         socketserver.ForkingTCPServer.allow_reuse_address = True\n\
+         socketserver.ForkingTCPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+    );
+    let mut exec = Exec::start(&pod, "steal", port, &["python3", "-c", &script]);
+    exec.wait_for("target port 80");
+    let answers = net.http_requests(&pod_url(&pod), 10, false);
+    let client = net.client_ip().to_string();
+    let pids: std::collections::BTreeSet<&str> = answers
+        .iter()
+        .filter_map(|a| a.split_whitespace().nth(1))
+        .collect();
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.starts_with("child ") && a.ends_with(&client)),
+        "{answers:?}"
+    );
+    assert!(
+        pids.len() > 1,
+        "each request is served by its own child: {answers:?}"
+    );
+    // The children closing their copy of the listener must not end the steal.
+    let again = net.http_requests(&pod_url(&pod), 3, false);
+    assert!(again.iter().all(|a| a.starts_with("child ")), "{again:?}");
+}
+
+#[test]
+fn the_apps_exit_code_is_tethers_and_nothing_is_left_behind() {
+    if !require_root("the_apps_exit_code_is_tethers_and_nothing_is_left_behind") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    // An app that listens, then exits with 7 on SIGINT.
+    let script = format!(
+        "import signal, socket, sys\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen()\n\
+         signal.signal(signal.SIGINT, lambda *a: sys.exit(7))\n\
+         signal.pause()\n"
+    );
+    let mut exec = Exec::start(&pod, "steal", port, &["python3", "-c", &script]);
+    exec.wait_for("target port 80");
+    assert_eq!(exec.interrupt(), Some(7));
+    assert!(
+        exec.seen
+            .iter()
+            .any(|l| l.contains("rules removed, agent stopped")),
+        "{}",
+        exec.seen.join("\n")
+    );
+    assert_eq!(rules(&net, &pod), "");
+    let leftover = Command::new("pgrep")
+        .args(["-f", &format!("netns/{} ", pod.netns)])
+        .output()
+        .unwrap();
+    assert!(
+        leftover.stdout.is_empty(),
+        "agent processes left: {}",
+        String::from_utf8_lossy(&leftover.stdout)
+    );
+    // And the pod's own app has its port back.
+    assert!(net.http_requests(&pod_url(&pod), 1, false)[0].starts_with("original 80"));
+}
+
+#[test]
+fn a_missing_command_exits_127_and_cleans_up() {
+    if !require_root("a_missing_command_exits_127_and_cleans_up") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "exec",
+            "--target",
+            &format!("netns/{}", pod.netns),
+            "--",
+            "tether-no-such-command",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(127));
+    assert!(
+        String::from_utf8_lossy(&output.stderr)
+            .contains("command not found: tether-no-such-command")
+    );
+}
