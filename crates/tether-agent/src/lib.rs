@@ -49,6 +49,10 @@ pub struct AgentArgs {
     /// target already has legacy rules, nftables otherwise.
     #[arg(long, value_name = "BOOL")]
     pub nftables: Option<bool>,
+    /// Stop (cleanly) when this process exits: set by `tether exec` for the agent it starts, so
+    /// the agent never outlives it, even when tether is killed.
+    #[arg(long, value_name = "PID")]
+    pub parent_pid: Option<u32>,
     /// Internal: run as the worker of the guard with this owner tag.
     #[arg(long, hide = true, value_name = "OWNER")]
     pub worker_of: Option<String>,
@@ -76,6 +80,13 @@ fn resolve(target: Option<&str>) -> anyhow::Result<Netns> {
 
 async fn guard(args: AgentArgs) -> anyhow::Result<i32> {
     use std::os::unix::process::ExitStatusExt as _;
+    if let Some(parent) = args.parent_pid {
+        // SIGTERM when the parent dies: handled below like any stop, rules included.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+        if nix::unistd::getppid().as_raw() as u32 != parent {
+            anyhow::bail!("the process that started the agent ({parent}) is gone");
+        }
+    }
     let netns = resolve(args.target.as_deref())?;
     read_token(&args.token_file)?;
     let owner = Owner::current();

@@ -285,6 +285,7 @@ async fn start_agent(target: &str, config: &Config, dir: &Path) -> anyhow::Resul
             "--token-file",
         ])
         .arg(&token_file)
+        .args(["--parent-pid", &std::process::id().to_string()])
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

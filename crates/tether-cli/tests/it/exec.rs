@@ -309,9 +309,9 @@ fn the_apps_exit_code_is_tethers_and_nothing_is_left_behind() {
     // An app that listens, then exits with 7 on SIGINT.
     let script = format!(
         "import signal, socket, sys\n\
+         signal.signal(signal.SIGINT, lambda *a: sys.exit(7))\n\
          s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
          s.bind(('0.0.0.0', {port})); s.listen()\n\
-         signal.signal(signal.SIGINT, lambda *a: sys.exit(7))\n\
          signal.pause()\n"
     );
     let mut exec = Exec::start(&pod, "steal", port, &["python3", "-c", &script]);
@@ -335,6 +335,33 @@ fn the_apps_exit_code_is_tethers_and_nothing_is_left_behind() {
         String::from_utf8_lossy(&leftover.stdout)
     );
     // And the pod's own app has its port back.
+    assert!(net.http_requests(&pod_url(&pod), 1, false)[0].starts_with("original 80"));
+}
+
+#[test]
+fn a_killed_tether_takes_its_agent_and_rules_with_it() {
+    if !require_root("a_killed_tether_takes_its_agent_and_rules_with_it") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start(&pod, "steal", port, &app.iter().map(String::as_str).collect::<Vec<_>>());
+    exec.wait_for("target port 80");
+    nix_kill(exec.child.id(), "-KILL");
+    let _ = exec.child.wait();
+    let agents = format!("tether agent --target netns/{} ", pod.netns);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let running = !Command::new("pgrep").args(["-f", &agents]).output().unwrap().stdout.is_empty();
+        if !running && rules(&net, &pod).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "5 s after tether was killed: agent running {running}, rules {:?}", rules(&net, &pod));
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(net.http_requests(&pod_url(&pod), 1, false)[0].starts_with("original 80"));
 }
 
