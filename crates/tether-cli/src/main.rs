@@ -27,7 +27,10 @@ fn main() {
         Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),
         Command::Exec(args) => run_async(commands::exec::run(args, cli.global.config.clone(), ui)),
-        Command::Demo => not_yet("tether demo", "the exec issue"),
+        Command::Demo => commands::demo::run(ui).unwrap_or_else(|error| {
+            eprintln!("error: {error:#}");
+            1
+        }),
         Command::ServeHttp { name, port, bind } => {
             run_async(commands::serve_http::run(name, bind, port))
         }
@@ -65,11 +68,4 @@ fn run_async(future: impl Future<Output = anyhow::Result<i32>>) -> i32 {
             1
         }
     }
-}
-
-fn not_yet(what: &str, issue: &str) -> i32 {
-    eprintln!(
-        "{what} is not implemented yet in this build (it arrives with {issue}); `tether config check` and `tether doctor` work today."
-    );
-    2
 }

@@ -2,6 +2,7 @@
 
 pub(crate) mod cleanup;
 pub(crate) mod config;
+pub(crate) mod demo;
 pub(crate) mod doctor;
 pub(crate) mod exec;
 pub(crate) mod serve_http;

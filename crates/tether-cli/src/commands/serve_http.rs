@@ -1,6 +1,6 @@
 //! `tether serve-http`: the tiny HTTP service `tether demo` runs in its pod and locally (and the
-//! tests' tokio app). Answers every request with `NAME PORT METHOD PATH FROM` and keeps
-//! connections alive. Not a general HTTP server: it reads request heads only (no bodies).
+//! tests' tokio app). Answers every request with `NAME PORT METHOD PATH from PEER`; keeps
+//! connections alive unless the client sends `Connection: close`. Not a general HTTP server: it reads request heads only (no bodies).
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -25,11 +25,14 @@ async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, port: u16) -> st
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Some(request_line) = lines.next_line().await? {
-        // Skip the headers up to the blank line.
+        // Skip the headers up to the blank line, noting whether the client wants the connection
+        // closed after the answer.
+        let mut close = false;
         while let Some(header) = lines.next_line().await? {
             if header.trim().is_empty() {
                 break;
             }
+            close |= header.to_ascii_lowercase().replace(' ', "") == "connection:close";
         }
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
@@ -40,6 +43,9 @@ async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, port: u16) -> st
         );
         write.write_all(head.as_bytes()).await?;
         write.write_all(body.as_bytes()).await?;
+        if close {
+            break;
+        }
     }
-    Ok(())
+    write.shutdown().await
 }

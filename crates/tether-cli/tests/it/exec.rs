@@ -93,9 +93,16 @@ impl Exec {
     }
 }
 
+/// Stops tether as a user would (SIGTERM, which it forwards to the app), so the app does not
+/// outlive the test; SIGKILL only if that takes longer than 10 s.
 impl Drop for Exec {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
+            nix_kill(self.child.id(), "-TERM");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -348,21 +355,42 @@ fn a_killed_tether_takes_its_agent_and_rules_with_it() {
     net.start_http_app(&pod, "original", &[80]);
     let port = free_port();
     let app = tokio_app(port);
-    let mut exec = Exec::start(&pod, "steal", port, &app.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut exec = Exec::start(
+        &pod,
+        "steal",
+        port,
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     exec.wait_for("target port 80");
     nix_kill(exec.child.id(), "-KILL");
     let _ = exec.child.wait();
     let agents = format!("tether agent --target netns/{} ", pod.netns);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let running = !Command::new("pgrep").args(["-f", &agents]).output().unwrap().stdout.is_empty();
+        let running = !Command::new("pgrep")
+            .args(["-f", &agents])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty();
         if !running && rules(&net, &pod).is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "5 s after tether was killed: agent running {running}, rules {:?}", rules(&net, &pod));
+        assert!(
+            Instant::now() < deadline,
+            "5 s after tether was killed: agent running {running}, rules {:?}",
+            rules(&net, &pod)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(net.http_requests(&pod_url(&pod), 1, false)[0].starts_with("original 80"));
+    // tether was killed, so nobody forwarded a signal to the app: stop it here.
+    let _ = Command::new("pkill")
+        .args([
+            "-f",
+            &format!("serve-http --name local-tokio --port {port}"),
+        ])
+        .status();
 }
 
 #[test]
@@ -386,5 +414,42 @@ fn a_missing_command_exits_127_and_cleans_up() {
     assert!(
         String::from_utf8_lossy(&output.stderr)
             .contains("command not found: tether-no-such-command")
+    );
+}
+
+#[test]
+fn the_demo_shows_the_steal_and_cleans_up() {
+    if !require_root("the_demo_shows_the_steal_and_cleans_up") {
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.matches("answered by your local process").count(),
+        3,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("before tether  GET /hello      → answered by the pod"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("after tether   GET /hello      → answered by the pod"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("it saw the client as 10.213.250.100"),
+        "the local process sees the real client: {stdout}"
+    );
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(
+        !left.contains("tether-demo-"),
+        "demo namespaces left: {left}"
     );
 }

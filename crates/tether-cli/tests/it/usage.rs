@@ -34,12 +34,22 @@ fn exec_without_a_command_is_a_usage_error() {
 }
 
 #[test]
-fn unbuilt_commands_say_so_plainly() {
+fn exec_explains_what_it_cannot_do_and_exits_125() {
+    let dir = tempfile::tempdir().unwrap();
     tether()
+        .current_dir(dir.path())
         .args(["exec", "--", "true"])
         .assert()
-        .code(2)
-        .stderr(predicate::str::contains("not implemented yet"));
+        .code(125)
+        .stderr(predicate::str::contains(
+            "no target: give one with --target netns/NAME",
+        ));
+    tether()
+        .current_dir(dir.path())
+        .args(["exec", "--target", "deploy/api", "--", "true"])
+        .assert()
+        .code(125)
+        .stderr(predicate::str::contains("is a Kubernetes target"));
 }
 
 #[test]
