@@ -11,6 +11,7 @@
 //! Entry points: [`AgentArgs`] (shared by the `tether-agent` binary and the hidden
 //! `tether agent` subcommand), [`run`], and [`Agent`] + [`serve`] for embedding in tests.
 
+pub mod flow;
 mod flush;
 pub mod link;
 mod mirror;

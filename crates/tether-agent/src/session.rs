@@ -16,7 +16,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tether_protocol::{
     Body, ErrorCode, ErrorInfo, Frame, HandshakeError, IncomingConnection, MAX_DATA_CHUNK, Pong,
     PortSubscribe, Response, StreamData, StreamEnd, StreamReset, Subscribed, SubscriptionMode,
-    Welcome, check_hello, hello_error, request, response,
+    Welcome, WindowUpdate, check_hello, hello_error, request, response,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -26,6 +26,7 @@ use tokio::{
 };
 
 use crate::{
+    flow::{RecvCredit, SendWindow},
     link::{self, LinkError},
     mirror,
     netns::Netns,
@@ -168,7 +169,10 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
                 }
             },
             Some(stolen) = session.stolen_rx.recv() => session.on_stolen(stolen),
-            Some(id) = session.done_rx.recv() => { session.streams.remove(&id); }
+            Some(id) = session.done_rx.recv() => {
+                session.streams.remove(&id);
+                session.windows.remove(&id);
+            }
         }
     };
     session.end().await;
@@ -191,6 +195,8 @@ struct Session {
     out: mpsc::Sender<Body>,
     next_stream: Arc<AtomicU64>,
     streams: HashMap<u64, mpsc::UnboundedSender<StreamInput>>,
+    /// Credit for the bytes this side sends on each stolen stream.
+    windows: HashMap<u64, Arc<SendWindow>>,
     stream_tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<u64>,
     done_rx: mpsc::UnboundedReceiver<u64>,
@@ -217,6 +223,7 @@ impl Session {
             // The agent opens even stream ids.
             next_stream: Arc::new(AtomicU64::new(2)),
             streams: HashMap::new(),
+            windows: HashMap::new(),
             stream_tasks: JoinSet::new(),
             done_tx,
             done_rx,
@@ -236,7 +243,12 @@ impl Session {
         match frame.body {
             Some(Body::Ping(ping)) => self.send(Body::Pong(Pong { nonce: ping.nonce })).await,
             Some(Body::Goodbye(_)) => return false,
-            Some(Body::Pong(_) | Body::Ack(_) | Body::WindowUpdate(_)) => {}
+            Some(Body::WindowUpdate(update)) => {
+                if let Some(window) = self.windows.get(&update.stream_id) {
+                    window.grant(u64::from(update.increment));
+                }
+            }
+            Some(Body::Pong(_) | Body::Ack(_)) => {}
             Some(Body::Request(request)) => {
                 let result = match request.op {
                     Some(request::Op::PortSubscribe(subscribe)) => self.subscribe(subscribe).await,
@@ -457,10 +469,12 @@ impl Session {
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
         let (input_tx, input_rx) = mpsc::unbounded_channel();
         self.streams.insert(id, input_tx);
+        let window = Arc::new(SendWindow::default());
+        self.windows.insert(id, Arc::clone(&window));
         let out = self.out.clone();
         let done = self.done_tx.clone();
         self.stream_tasks.spawn(async move {
-            run_stolen(stolen, id, out, input_rx).await;
+            run_stolen(stolen, id, out, input_rx, window).await;
             let _ = done.send(id);
         });
     }
@@ -501,11 +515,14 @@ async fn refresh_loop(netns: Netns, rules: SessionRules, ports: Arc<Mutex<BTreeS
 }
 
 /// Streams one stolen connection to the client and the client's answer back.
+/// The client's bytes are unbounded in the channel only in principle: the client may not send
+/// more than the window this side grants back as it writes them out.
 async fn run_stolen(
     stolen: Stolen,
     id: u64,
     out: mpsc::Sender<Body>,
     mut input: mpsc::UnboundedReceiver<StreamInput>,
+    window: Arc<SendWindow>,
 ) {
     let Stolen {
         stream,
@@ -525,7 +542,12 @@ async fn run_stolen(
     let upstream = async {
         let mut buf = vec![0u8; MAX_DATA_CHUNK];
         loop {
-            match reader.read(&mut buf).await {
+            let allowed = window.reserve(MAX_DATA_CHUNK).await;
+            let read = reader.read(&mut buf[..allowed]).await;
+            if let Ok(n) = &read {
+                window.grant((allowed - n) as u64);
+            }
+            match read {
                 Ok(0) => {
                     let _ = out
                         .send(Body::StreamEnd(StreamEnd {
@@ -561,11 +583,19 @@ async fn run_stolen(
         }
     };
     let downstream = async {
+        let mut credit = RecvCredit::default();
         while let Some(item) = input.recv().await {
             match item {
                 StreamInput::Data(data) => {
                     if writer.write_all(&data).await.is_err() {
                         return false;
+                    }
+                    if let Some(increment) = credit.consumed(data.len()) {
+                        let update = WindowUpdate {
+                            stream_id: id,
+                            increment,
+                        };
+                        let _ = out.send(Body::WindowUpdate(update)).await;
                     }
                 }
                 StreamInput::End => {

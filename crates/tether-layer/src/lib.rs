@@ -273,12 +273,12 @@ fn family(addr: &SocketAddr) -> c_int {
 pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the caller's arguments are passed through unchanged.
     let rc = unsafe { real::bind(fd, addr, len) };
-    if rc == 0 {
-        if let Some(_entered) = enter() {
-            // SAFETY: `addr` points to `len` bytes, per bind's contract (and bind succeeded).
-            if let Some(requested) = unsafe { addr::read(addr, len) } {
-                track(|t| t.bound.insert(fd, requested.port()));
-            }
+    if rc == 0
+        && let Some(_entered) = enter()
+    {
+        // SAFETY: `addr` points to `len` bytes, per bind's contract (and bind succeeded).
+        if let Some(requested) = unsafe { addr::read(addr, len) } {
+            track(|t| t.bound.insert(fd, requested.port()));
         }
     }
     rc
@@ -385,15 +385,14 @@ pub unsafe extern "C" fn accept4(
 /// As libc's `getpeername`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    if TRACKING.load(Ordering::Relaxed) {
-        if let Some(_entered) = enter() {
-            if let Some(remote) = state::with(|t| t.peers.get(&fd).copied()) {
-                let family = local_addr(fd).map_or(family(&remote), |l| family(&l));
-                // SAFETY: the caller's buffers, valid per getpeername's contract.
-                unsafe { addr::write(remote, family, addr, len) };
-                return 0;
-            }
-        }
+    if TRACKING.load(Ordering::Relaxed)
+        && let Some(_entered) = enter()
+        && let Some(remote) = state::with(|t| t.peers.get(&fd).copied())
+    {
+        let family = local_addr(fd).map_or(family(&remote), |l| family(&l));
+        // SAFETY: the caller's buffers, valid per getpeername's contract.
+        unsafe { addr::write(remote, family, addr, len) };
+        return 0;
     }
     // SAFETY: arguments passed through.
     unsafe { real::getpeername(fd, addr, len) }

@@ -367,7 +367,15 @@ impl SessionClient {
                         logs_reader.lock().unwrap().push(log.message);
                         continue;
                     }
-                    Some(Body::StreamData(d)) => (d.stream_id, StreamEvent::Data(d.data)),
+                    Some(Body::StreamData(d)) => {
+                        // This client consumes at once: grant the bytes back right away.
+                        let update = tether_protocol::WindowUpdate {
+                            stream_id: d.stream_id,
+                            increment: d.data.len() as u32,
+                        };
+                        let _ = out_reader.send(Body::WindowUpdate(update));
+                        (d.stream_id, StreamEvent::Data(d.data))
+                    }
                     Some(Body::StreamEnd(e)) => (e.stream_id, StreamEvent::End),
                     Some(Body::StreamReset(r)) => (r.stream_id, StreamEvent::Reset(r.reason)),
                     _ => continue,

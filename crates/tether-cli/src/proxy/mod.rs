@@ -6,7 +6,11 @@
 //!   pumps bytes both ways (mirror: the process's answers are read and dropped).
 //! - Layer asks `Peer` for an accepted connection → the remote client the proxy connected for.
 //!
-//! Not yet: flow control windows (a slow local app is buffered, not slowed), resume.
+//! Flow control: the proxy reads from the app only within the window the agent granted, and
+//! grants back what it wrote to the app, so a slow app slows the remote client (steal). Mirrored
+//! bytes cannot slow the pod's real traffic: their queue per connection is bounded
+//! ([`MIRROR_QUEUE_LIMIT`]) and a connection the app cannot keep up with is dropped, with a
+//! warning. Not yet: resume after a reconnect.
 
 pub(crate) mod ports;
 
@@ -55,6 +59,17 @@ pub(crate) enum Event {
     LinkClosed,
 }
 
+/// Mirrored bytes queued for one connection before it is dropped as too slow.
+const MIRROR_QUEUE_LIMIT: usize = 16 << 20;
+
+#[derive(Debug)]
+struct StreamEntry {
+    tx: mpsc::UnboundedSender<ToStream>,
+    /// Bytes queued for the app (mirror streams only; steal streams are bounded by the window).
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    mirror: bool,
+}
+
 #[derive(Debug)]
 enum ToStream {
     Data(Bytes),
@@ -80,7 +95,9 @@ struct Shared {
     listeners: Mutex<HashMap<u16, Listener>>,
     /// The proxy's end of each delivered connection → the remote client it stands for.
     peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
-    streams: Mutex<HashMap<u64, mpsc::UnboundedSender<ToStream>>>,
+    streams: Mutex<HashMap<u64, StreamEntry>>,
+    /// Credit for the bytes the proxy sends on each stolen stream.
+    windows: Mutex<HashMap<u64, Arc<tether_agent::flow::SendWindow>>>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -110,6 +127,7 @@ impl Proxy {
             listeners: Mutex::default(),
             peers: Mutex::default(),
             streams: Mutex::default(),
+            windows: Mutex::default(),
             events,
         });
         let mut tasks = JoinSet::new();
@@ -183,11 +201,28 @@ impl Shared {
             }
             Some(Body::IncomingConnection(info)) => {
                 let (tx, rx) = mpsc::unbounded_channel();
+                let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let mirror = info.mode() == SubscriptionMode::Mirror;
+                let entry = StreamEntry {
+                    tx,
+                    queued: Arc::clone(&queued),
+                    mirror,
+                };
                 self.streams
                     .lock()
                     .expect("streams lock")
-                    .insert(info.stream_id, tx);
-                tokio::spawn(Arc::clone(self).deliver(info, rx));
+                    .insert(info.stream_id, entry);
+                tokio::spawn(Arc::clone(self).deliver(info, rx, queued));
+            }
+            Some(Body::WindowUpdate(update)) => {
+                if let Some(window) = self
+                    .windows
+                    .lock()
+                    .expect("windows lock")
+                    .get(&update.stream_id)
+                {
+                    window.grant(u64::from(update.increment));
+                }
             }
             Some(Body::StreamData(data)) => {
                 self.to_stream(data.stream_id, ToStream::Data(data.data))
@@ -214,9 +249,23 @@ impl Shared {
     }
 
     fn to_stream(&self, id: u64, item: ToStream) {
-        if let Some(tx) = self.streams.lock().expect("streams lock").get(&id) {
-            let _ = tx.send(item);
+        let mut streams = self.streams.lock().expect("streams lock");
+        let Some(entry) = streams.get(&id) else {
+            return;
+        };
+        if let (true, ToStream::Data(data)) = (entry.mirror, &item) {
+            let queued = entry.queued.fetch_add(data.len(), Ordering::Relaxed) + data.len();
+            if queued > MIRROR_QUEUE_LIMIT {
+                streams.remove(&id);
+                let message = format!(
+                    "the local process reads a mirrored connection too slowly ({} MiB queued); that copy was dropped, the pod is not affected",
+                    queued >> 20
+                );
+                let _ = self.events.send(Event::Warning(message));
+                return;
+            }
         }
+        let _ = entry.tx.send(item);
     }
 
     async fn request(&self, op: request::Op) -> Result<response::Result, ErrorInfo> {
@@ -370,6 +419,7 @@ impl Shared {
         self: Arc<Self>,
         info: IncomingConnection,
         mut from_agent: mpsc::UnboundedReceiver<ToStream>,
+        queued: Arc<std::sync::atomic::AtomicUsize>,
     ) {
         let id = info.stream_id;
         let remote = info
@@ -408,13 +458,29 @@ impl Shared {
                 return;
             }
         };
+        let window = Arc::new(tether_agent::flow::SendWindow::default());
+        if !mirror {
+            self.windows
+                .lock()
+                .expect("windows lock")
+                .insert(id, Arc::clone(&window));
+        }
         let (mut app_read, mut app_write) = app.split();
         let to_app = async {
+            let mut credit = tether_agent::flow::RecvCredit::default();
             while let Some(item) = from_agent.recv().await {
                 match item {
                     ToStream::Data(data) => {
                         if app_write.write_all(&data).await.is_err() {
                             return;
+                        }
+                        queued.fetch_sub(data.len(), Ordering::Relaxed);
+                        if let Some(increment) = credit.consumed(data.len()) {
+                            let update = tether_protocol::WindowUpdate {
+                                stream_id: id,
+                                increment,
+                            };
+                            let _ = self.out.send(Body::WindowUpdate(update)).await;
                         }
                     }
                     ToStream::End => {
@@ -428,7 +494,17 @@ impl Shared {
         let from_app = async {
             let mut buf = vec![0u8; tether_protocol::MAX_DATA_CHUNK];
             loop {
-                match app_read.read(&mut buf).await {
+                // Mirror answers are dropped, so they need no credit.
+                let allowed = if mirror {
+                    buf.len()
+                } else {
+                    window.reserve(buf.len()).await
+                };
+                let read = app_read.read(&mut buf[..allowed]).await;
+                if let (false, Ok(n)) = (mirror, &read) {
+                    window.grant((allowed - n) as u64);
+                }
+                match read {
                     Ok(0) | Err(_) => break,
                     // Mirror: the target's app answers the client; the local answer is dropped.
                     Ok(_) if mirror => {}
@@ -460,6 +536,7 @@ impl Shared {
         };
         tokio::join!(to_app, from_app);
         self.streams.lock().expect("streams lock").remove(&id);
+        self.windows.lock().expect("windows lock").remove(&id);
         self.peers.lock().expect("peers lock").remove(&our_end);
     }
 

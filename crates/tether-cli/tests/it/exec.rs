@@ -453,3 +453,91 @@ fn the_demo_shows_the_steal_and_cleans_up() {
         "demo namespaces left: {left}"
     );
 }
+
+/// A slow local app slows the remote client: nothing between them buffers the whole upload.
+#[test]
+fn a_slow_local_app_slows_the_stolen_connection() {
+    if !require_root("a_slow_local_app_slows_the_stolen_connection") {
+        return;
+    }
+    const TOTAL_MIB: usize = 96;
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let go = std::env::temp_dir().join(format!("tether-slow-app-go-{port}"));
+    let _ = std::fs::remove_file(&go);
+    // Accepts, then reads nothing until the test creates the `go` file; then reads it all and
+    // answers with the byte count and checksum.
+    let app = format!(
+        "import hashlib, os, socket, time\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen()\n\
+         c, _ = s.accept()\n\
+         while not os.path.exists('{go}'): time.sleep(0.02)\n\
+         h = hashlib.sha256(); n = 0\n\
+         while True:\n\
+         \x20   b = c.recv(1 << 20)\n\
+         \x20   if not b: break\n\
+         \x20   h.update(b); n += len(b)\n\
+         c.sendall(f'{{n}} {{h.hexdigest()}}'.encode()); c.close()\n",
+        go = go.display()
+    );
+    let mut exec = Exec::start(&pod, "steal", port, &["python3", "-c", &app]);
+    exec.wait_for("target port 80");
+    // The uploader prints the bytes sent after each MiB, then the answer and its own checksum.
+    let uploader = format!(
+        "import hashlib, socket, sys\n\
+         s = socket.create_connection(('{ip}', 80), timeout=60)\n\
+         h = hashlib.sha256(); block = bytes(range(256)) * 4096\n\
+         for i in range({TOTAL_MIB}):\n\
+         \x20   chunk = block[i % 256:] + block[:i % 256]\n\
+         \x20   s.sendall(chunk); h.update(chunk); print(i + 1, flush=True)\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         print('answer', s.recv(200).decode(), 'sent', h.hexdigest(), flush=True)\n",
+        ip = pod.ip
+    );
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", net.client(), "python3", "-c", &uploader])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, progress) = mpsc::channel();
+    let stdout = client.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // While the app does not read, the upload must stall well short of the total (kernel
+    // socket buffers on both ends plus one flow-control window: about 20 MiB at most).
+    let mut sent_mib = 0;
+    while let Ok(line) = progress.recv_timeout(Duration::from_secs(2)) {
+        sent_mib = line.parse().unwrap_or(sent_mib);
+        assert!(
+            sent_mib < 40,
+            "{sent_mib} MiB went out while the local app read nothing: nothing slows the client"
+        );
+    }
+    eprintln!(
+        "upload stalled at {sent_mib} MiB of {TOTAL_MIB} while the local app was not reading"
+    );
+    std::fs::write(&go, "").unwrap();
+    let mut last = String::new();
+    while let Ok(line) = progress.recv_timeout(Duration::from_secs(60)) {
+        last = line;
+        if last.starts_with("answer") {
+            break;
+        }
+    }
+    let _ = client.wait();
+    let _ = std::fs::remove_file(&go);
+    let fields: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(fields.len(), 5, "uploader said {last:?}");
+    assert_eq!(
+        fields[1],
+        (TOTAL_MIB << 20).to_string(),
+        "every byte arrived"
+    );
+    assert_eq!(fields[2], fields[4], "checksums match");
+}
