@@ -1,0 +1,162 @@
+//! `tether-bench`: benchmarks with their baselines, run side by side (interleaved A B A B so
+//! machine noise hits both), reported as medians with min/max and a ratio to the baseline.
+//!
+//! Scenarios so far: `layer-overhead` (P4: the preloaded layer on calls it passes through).
+
+use std::{
+    fs::File,
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "tether-bench", about = "tether's benchmarks, each with its baseline in the same run")]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// P4: time of open+close of a local file and of a loopback connect+close, with the layer
+    /// preloaded (active, nothing redirected) vs without it.
+    LayerOverhead {
+        /// Repetitions of each variant (interleaved).
+        #[arg(long, default_value_t = 31)]
+        reps: usize,
+        /// Calls per repetition.
+        #[arg(long, default_value_t = 20_000)]
+        iters: u32,
+    },
+    /// One timed loop of a workload (run by `layer-overhead`, with and without the layer).
+    #[command(hide = true)]
+    Workload {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        iters: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Bench::LayerOverhead { reps, iters } => layer_overhead(reps, iters),
+        Bench::Workload { kind, iters } => {
+            println!("{}", workload(&kind, iters)?);
+            Ok(())
+        }
+    }
+}
+
+/// Nanoseconds per iteration of the workload.
+fn workload(kind: &str, iters: u32) -> anyhow::Result<f64> {
+    let started;
+    match kind {
+        "file" => {
+            let path = std::env::temp_dir().join(format!("tether-bench-{}", std::process::id()));
+            std::fs::write(&path, b"x")?;
+            started = Instant::now();
+            for _ in 0..iters {
+                drop(File::open(&path)?);
+            }
+            let elapsed = started.elapsed();
+            std::fs::remove_file(&path)?;
+            return Ok(elapsed.as_nanos() as f64 / f64::from(iters));
+        }
+        "connect" => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let addr = listener.local_addr()?;
+            started = Instant::now();
+            for _ in 0..iters {
+                let stream = TcpStream::connect(addr)?;
+                drop(listener.accept()?);
+                drop(stream);
+            }
+        }
+        other => bail!("unknown workload {other}"),
+    }
+    Ok(started.elapsed().as_nanos() as f64 / f64::from(iters))
+}
+
+fn layer_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no directory")?;
+    [dir.join("libtether_layer.so"), dir.join("deps/libtether_layer.so")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("libtether_layer.so is not built next to tether-bench (cargo build --release -p tether-bench)")
+}
+
+/// A stand-in for the local proxy that keeps every listener local (as the real one does for
+/// loopback listeners): the layer is active and asks once per `listen`, nothing is redirected.
+fn stand_in_proxy() -> anyhow::Result<PathBuf> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let path = std::env::temp_dir().join(format!("tether-bench-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().expect("clone");
+                for _request in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let _ = writer.write_all(b"{\"answer\":\"local\",\"reason\":\"benchmark\"}\n");
+                }
+            });
+        }
+    });
+    Ok(path)
+}
+
+fn run_once(kind: &str, iters: u32, layer: Option<(&PathBuf, &PathBuf)>) -> anyhow::Result<f64> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(["workload", "--kind", kind, "--iters", &iters.to_string()]);
+    command.env_remove("LD_PRELOAD").env_remove(tether_layer::channel::SOCKET_ENV);
+    if let Some((layer, socket)) = layer {
+        command.env("LD_PRELOAD", layer).env(tether_layer::channel::SOCKET_ENV, socket);
+    }
+    let output = command.output()?;
+    if !output.status.success() {
+        bail!("workload failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?.trim().parse()?)
+}
+
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(mut values: Vec<f64>) -> Stats {
+    values.sort_by(f64::total_cmp);
+    Stats { median: values[values.len() / 2], min: values[0], max: values[values.len() - 1] }
+}
+
+fn layer_overhead(reps: usize, iters: u32) -> anyhow::Result<()> {
+    let layer = layer_path()?;
+    let socket = stand_in_proxy()?;
+    let with_layer = Some((&layer, &socket));
+    println!("| workload | without layer (ns/op, median [min–max]) | with layer (ns/op, median [min–max]) | ratio (goal ≤ 1.05) |");
+    println!("|---|---|---|---|");
+    for (kind, label) in [("file", "open + close of a local file"), ("connect", "loopback connect + accept + close")] {
+        let (mut base, mut with) = (Vec::new(), Vec::new());
+        // Warm-up, then interleave: A B A B …
+        run_once(kind, iters, None)?;
+        run_once(kind, iters, with_layer)?;
+        for _ in 0..reps {
+            base.push(run_once(kind, iters, None)?);
+            with.push(run_once(kind, iters, with_layer)?);
+        }
+        let (b, w) = (stats(base), stats(with));
+        println!(
+            "| {label} | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.3} |",
+            b.median, b.min, b.max, w.median, w.min, w.max, w.median / b.median
+        );
+    }
+    Ok(())
+}
