@@ -15,7 +15,10 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "tether-bench", about = "tether's benchmarks, each with its baseline in the same run")]
+#[command(
+    name = "tether-bench",
+    about = "tether's benchmarks, each with its baseline in the same run"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Bench,
@@ -115,13 +118,20 @@ fn stand_in_proxy() -> anyhow::Result<PathBuf> {
 fn run_once(kind: &str, iters: u32, layer: Option<(&PathBuf, &PathBuf)>) -> anyhow::Result<f64> {
     let mut command = Command::new(std::env::current_exe()?);
     command.args(["workload", "--kind", kind, "--iters", &iters.to_string()]);
-    command.env_remove("LD_PRELOAD").env_remove(tether_layer::channel::SOCKET_ENV);
+    command
+        .env_remove("LD_PRELOAD")
+        .env_remove(tether_layer::channel::SOCKET_ENV);
     if let Some((layer, socket)) = layer {
-        command.env("LD_PRELOAD", layer).env(tether_layer::channel::SOCKET_ENV, socket);
+        command
+            .env("LD_PRELOAD", layer)
+            .env(tether_layer::channel::SOCKET_ENV, socket);
     }
     let output = command.output()?;
     if !output.status.success() {
-        bail!("workload failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "workload failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8(output.stdout)?.trim().parse()?)
 }
@@ -134,16 +144,25 @@ struct Stats {
 
 fn stats(mut values: Vec<f64>) -> Stats {
     values.sort_by(f64::total_cmp);
-    Stats { median: values[values.len() / 2], min: values[0], max: values[values.len() - 1] }
+    Stats {
+        median: values[values.len() / 2],
+        min: values[0],
+        max: values[values.len() - 1],
+    }
 }
 
 fn layer_overhead(reps: usize, iters: u32) -> anyhow::Result<()> {
     let layer = layer_path()?;
     let socket = stand_in_proxy()?;
     let with_layer = Some((&layer, &socket));
-    println!("| workload | without layer (ns/op, median [min–max]) | with layer (ns/op, median [min–max]) | ratio (goal ≤ 1.05) |");
+    println!(
+        "| workload | without layer (ns/op, median [min–max]) | with layer (ns/op, median [min–max]) | ratio (goal ≤ 1.05) |"
+    );
     println!("|---|---|---|---|");
-    for (kind, label) in [("file", "open + close of a local file"), ("connect", "loopback connect + accept + close")] {
+    for (kind, label) in [
+        ("file", "open + close of a local file"),
+        ("connect", "loopback connect + accept + close"),
+    ] {
         let (mut base, mut with) = (Vec::new(), Vec::new());
         // Warm-up, then interleave: A B A B …
         run_once(kind, iters, None)?;
@@ -155,7 +174,13 @@ fn layer_overhead(reps: usize, iters: u32) -> anyhow::Result<()> {
         let (b, w) = (stats(base), stats(with));
         println!(
             "| {label} | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.3} |",
-            b.median, b.min, b.max, w.median, w.min, w.max, w.median / b.median
+            b.median,
+            b.min,
+            b.max,
+            w.median,
+            w.min,
+            w.max,
+            w.median / b.median
         );
     }
     Ok(())

@@ -541,3 +541,69 @@ fn a_slow_local_app_slows_the_stolen_connection() {
     );
     assert_eq!(fields[2], fields[4], "checksums match");
 }
+
+/// The preload library next to the tether binary under test.
+fn layer_library() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_tether"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    [
+        dir.join("libtether_layer.so"),
+        dir.join("deps/libtether_layer.so"),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
+    .expect("libtether_layer.so is built with the tether binary")
+}
+
+#[test]
+fn an_unreachable_proxy_fails_listen_loudly_instead_of_staying_local() {
+    let output = Command::new("python3")
+        .args(["-c", "import socket\ns = socket.socket(); s.bind(('0.0.0.0', 0))\ntry:\n    s.listen(); print('listening')\nexcept OSError as e:\n    print('errno', e.errno)\n"])
+        .env("LD_PRELOAD", layer_library())
+        .env("TETHER_LAYER_SOCKET", "/nonexistent/tether-proxy.sock")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stdout.trim(),
+        "errno 5",
+        "listen must fail with EIO, not succeed locally"
+    );
+    assert_eq!(
+        stderr
+            .matches("tether: cannot reach the local proxy")
+            .count(),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_process_that_execs_with_an_empty_environment_keeps_the_layer() {
+    if !require_root("a_process_that_execs_with_an_empty_environment_keeps_the_layer") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    // Replaces itself with a server, handing it an empty environment.
+    let server = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen()\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); c.recv(65536)\n\
+         \x20   c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 11\\r\\nConnection: close\\r\\n\\r\\nafter exec\\n'); c.close()\n"
+    );
+    let launcher = format!(
+        "import os, sys\nos.execve(sys.executable, [sys.executable, '-c', {server:?}], {{}})\n"
+    );
+    let mut exec = Exec::start(&pod, "steal", port, &["python3", "-c", &launcher]);
+    exec.wait_for("target port 80");
+    let answers = net.http_requests(&pod_url(&pod), 2, false);
+    assert_eq!(answers, ["after exec"; 2], "{}", exec.seen.join("\n"));
+}
