@@ -169,6 +169,15 @@ pub async fn sweep(netns: &Netns, doomed: impl Fn(&Owner) -> bool) -> usize {
                 tracing::info!(name = %leftover.name, backend = %leftover.backend, "removed rules left by agent {}", leftover.owner);
                 removed += 1;
             }
+            // Gone already (a session's own teardown raced this sweep): nothing left to do.
+            Err(_)
+                if !leftovers(netns)
+                    .await
+                    .iter()
+                    .any(|l| l.name == leftover.name) =>
+            {
+                removed += 1
+            }
             Err(error) => {
                 tracing::warn!(name = %leftover.name, %error, "cannot remove leftover rules")
             }

@@ -607,3 +607,80 @@ fn a_process_that_execs_with_an_empty_environment_keeps_the_layer() {
     let answers = net.http_requests(&pod_url(&pod), 2, false);
     assert_eq!(answers, ["after exec"; 2], "{}", exec.seen.join("\n"));
 }
+
+/// Ctrl-C typed in a real terminal (tmux): it reaches the command through the terminal's
+/// foreground process group; tether does not send it a second time, waits for the command,
+/// cleans up, and exits with the command's code.
+#[test]
+fn ctrl_c_in_a_terminal_stops_the_app_once_and_cleans_up() {
+    if !require_root("ctrl_c_in_a_terminal_stops_the_app_once_and_cleans_up") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("interrupts");
+    // Counts the SIGINTs it gets (one expected), exits 3 on the first.
+    let app = format!(
+        "import signal, socket, sys\n\
+         def stop(*_):\n\
+         \x20   open('{log}', 'a').write('SIGINT\\n'); sys.exit(3)\n\
+         signal.signal(signal.SIGINT, stop)\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen()\n\
+         signal.pause()\n",
+        log = log.display()
+    );
+    let script = dir.path().join("app.py");
+    std::fs::write(&script, app).unwrap();
+    let done = dir.path().join("exit-code");
+    let session = format!("tether-test-{}", std::process::id());
+    let command = format!(
+        "TETHER_FEATURE__NETWORK__INCOMING__MODE=steal TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING='[[{port}, 80]]' {tether} exec --target netns/{ns} -- python3 {script}; echo $? > {done}",
+        tether = env!("CARGO_BIN_EXE_tether"),
+        ns = pod.netns,
+        script = script.display(),
+        done = done.display(),
+    );
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .status()
+            .unwrap()
+    };
+    assert!(tmux(&["new-session", "-d", "-x", "200", "-y", "50", &command]).success());
+    // Ready when the port is stolen (the pod's port answers nobody until the app is reached).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rules(&net, &pod).contains("tether_") {
+        assert!(
+            Instant::now() < deadline,
+            "tether did not take the port within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    net.wait_listening(&pod.netns, 80);
+    tmux(&["send-keys", "C-c"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "tether did not exit 20 s after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = tmux(&["kill-server"]);
+    assert_eq!(
+        std::fs::read_to_string(&done).unwrap().trim(),
+        "3",
+        "tether exits with the app's code"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "SIGINT\n",
+        "the app got Ctrl-C exactly once"
+    );
+    assert_eq!(rules(&net, &pod), "", "no rule left");
+}
