@@ -13,6 +13,7 @@
 
 pub mod flow;
 mod flush;
+pub mod http;
 pub mod link;
 mod mirror;
 pub mod netns;

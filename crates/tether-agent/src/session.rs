@@ -27,6 +27,12 @@ use tokio::{
 
 use crate::{
     flow::{RecvCredit, SendWindow},
+    http::{
+        HttpContext,
+        filter::Route,
+        serve_http1,
+        sniff::{self, Sniff},
+    },
     link::{self, LinkError},
     mirror,
     netns::Netns,
@@ -168,11 +174,7 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
                     }
                 }
             },
-            Some(stolen) = session.stolen_rx.recv() => session.on_stolen(stolen),
-            Some(id) = session.done_rx.recv() => {
-                session.streams.remove(&id);
-                session.windows.remove(&id);
-            }
+                        Some(stolen) = session.stolen_rx.recv() => session.on_stolen(stolen),
         }
     };
     session.end().await;
@@ -183,10 +185,54 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
 
 /// What the client sends into one stream.
 #[derive(Debug)]
-enum StreamInput {
+pub(crate) enum StreamInput {
     Data(Bytes),
-    End,
-    Reset,
+    /// End of the client's direction, with HTTP trailers if any.
+    End(Vec<tether_protocol::Header>),
+    Reset(String),
+    /// The answer's head, for a stolen HTTP request.
+    ResponseHead(tether_protocol::HttpResponseHead),
+}
+
+/// The session's open streams: where the client's frames for each go, and the credit for what
+/// this side sends on each. Shared with the tasks that serve the streams (they register and
+/// remove their own entries).
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    inputs: Mutex<HashMap<u64, mpsc::UnboundedSender<StreamInput>>>,
+    windows: Mutex<HashMap<u64, Arc<SendWindow>>>,
+}
+
+impl Streams {
+    pub(crate) fn insert(
+        &self,
+        id: u64,
+        input: mpsc::UnboundedSender<StreamInput>,
+        window: Arc<SendWindow>,
+    ) {
+        self.inputs.lock().expect("streams lock").insert(id, input);
+        self.windows
+            .lock()
+            .expect("windows lock")
+            .insert(id, window);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.inputs.lock().expect("streams lock").remove(&id);
+        self.windows.lock().expect("windows lock").remove(&id);
+    }
+
+    fn forward(&self, id: u64, input: StreamInput) {
+        if let Some(tx) = self.inputs.lock().expect("streams lock").get(&id) {
+            let _ = tx.send(input);
+        }
+    }
+
+    fn grant(&self, id: u64, bytes: u64) {
+        if let Some(window) = self.windows.lock().expect("windows lock").get(&id) {
+            window.grant(bytes);
+        }
+    }
 }
 
 struct Session {
@@ -194,12 +240,10 @@ struct Session {
     id: String,
     out: mpsc::Sender<Body>,
     next_stream: Arc<AtomicU64>,
-    streams: HashMap<u64, mpsc::UnboundedSender<StreamInput>>,
-    /// Credit for the bytes this side sends on each stolen stream.
-    windows: HashMap<u64, Arc<SendWindow>>,
+    streams: Arc<Streams>,
+    /// How each stolen port's HTTP requests are routed.
+    routes: HashMap<u16, Arc<Route>>,
     stream_tasks: JoinSet<()>,
-    done_tx: mpsc::UnboundedSender<u64>,
-    done_rx: mpsc::UnboundedReceiver<u64>,
     stolen_tx: mpsc::Sender<Stolen>,
     stolen_rx: mpsc::Receiver<Stolen>,
     rules: Option<ActiveRules>,
@@ -214,7 +258,6 @@ struct ActiveRules {
 
 impl Session {
     fn new(agent: Arc<Agent>, id: String, out: mpsc::Sender<Body>) -> Session {
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
         let (stolen_tx, stolen_rx) = mpsc::channel(256);
         Session {
             agent,
@@ -222,11 +265,9 @@ impl Session {
             out,
             // The agent opens even stream ids.
             next_stream: Arc::new(AtomicU64::new(2)),
-            streams: HashMap::new(),
-            windows: HashMap::new(),
+            streams: Arc::default(),
+            routes: HashMap::new(),
             stream_tasks: JoinSet::new(),
-            done_tx,
-            done_rx,
             stolen_tx,
             stolen_rx,
             rules: None,
@@ -244,9 +285,8 @@ impl Session {
             Some(Body::Ping(ping)) => self.send(Body::Pong(Pong { nonce: ping.nonce })).await,
             Some(Body::Goodbye(_)) => return false,
             Some(Body::WindowUpdate(update)) => {
-                if let Some(window) = self.windows.get(&update.stream_id) {
-                    window.grant(u64::from(update.increment));
-                }
+                self.streams
+                    .grant(update.stream_id, u64::from(update.increment));
             }
             Some(Body::Pong(_) | Body::Ack(_)) => {}
             Some(Body::Request(request)) => {
@@ -270,9 +310,14 @@ impl Session {
             Some(Body::StreamData(data)) => {
                 self.forward_to_stream(data.stream_id, StreamInput::Data(data.data))
             }
-            Some(Body::StreamEnd(end)) => self.forward_to_stream(end.stream_id, StreamInput::End),
+            Some(Body::StreamEnd(end)) => {
+                self.forward_to_stream(end.stream_id, StreamInput::End(end.trailers))
+            }
+            Some(Body::HttpResponseHead(head)) => {
+                self.forward_to_stream(head.stream_id, StreamInput::ResponseHead(head))
+            }
             Some(Body::StreamReset(reset)) => {
-                self.forward_to_stream(reset.stream_id, StreamInput::Reset)
+                self.forward_to_stream(reset.stream_id, StreamInput::Reset(reset.reason))
             }
             Some(other) => {
                 self.send(Body::Error(unsupported(other.kind(), frame.seq)))
@@ -287,9 +332,7 @@ impl Session {
     }
 
     fn forward_to_stream(&mut self, id: u64, input: StreamInput) {
-        if let Some(tx) = self.streams.get(&id) {
-            let _ = tx.send(input);
-        }
+        self.streams.forward(id, input);
     }
 
     async fn subscribe(&mut self, subscribe: PortSubscribe) -> Result<response::Result, ErrorInfo> {
@@ -309,7 +352,12 @@ impl Session {
             ));
         }
         match subscribe.mode() {
-            SubscriptionMode::Steal => self.steal(port, subscribe.flush_connections).await?,
+            SubscriptionMode::Steal => {
+                let route = Route::new(subscribe.http_filter.as_ref(), subscribe.steal_probes)
+                    .map_err(|e| error(ErrorCode::BadRequest, e))?;
+                self.steal(port, subscribe.flush_connections).await?;
+                self.routes.insert(port, Arc::new(route));
+            }
             SubscriptionMode::Mirror => self.mirror(port).await?,
             SubscriptionMode::Unspecified => {
                 return Err(error(
@@ -456,6 +504,7 @@ impl Session {
                 tracing::warn!(port, error = %e, "cannot remove the redirect");
             }
         }
+        self.routes.remove(&port);
         // Connections already stolen keep going; only new ones reach the original app again.
         self.agent
             .ports
@@ -466,17 +515,18 @@ impl Session {
     }
 
     fn on_stolen(&mut self, stolen: Stolen) {
-        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let (input_tx, input_rx) = mpsc::unbounded_channel();
-        self.streams.insert(id, input_tx);
-        let window = Arc::new(SendWindow::default());
-        self.windows.insert(id, Arc::clone(&window));
-        let out = self.out.clone();
-        let done = self.done_tx.clone();
-        self.stream_tasks.spawn(async move {
-            run_stolen(stolen, id, out, input_rx, window).await;
-            let _ = done.send(id);
-        });
+        let route = self
+            .routes
+            .get(&stolen.original.port())
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Route::new(None, false).expect("no filter compiles")));
+        let ctx = HttpContext {
+            out: self.out.clone(),
+            next_stream: Arc::clone(&self.next_stream),
+            streams: Arc::clone(&self.streams),
+            netns: self.agent.netns.clone(),
+        };
+        self.stream_tasks.spawn(route_stolen(stolen, route, ctx));
     }
 
     /// Removes everything the session set up.
@@ -497,6 +547,55 @@ impl Session {
         }
         // The client is gone: its stolen connections cannot be answered any more.
         self.stream_tasks.abort_all();
+    }
+}
+
+/// How long a stolen connection may take to show its first bytes before it is taken for a
+/// protocol that is not HTTP (one where the server speaks first, say).
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Decides what a stolen connection is and serves it: HTTP/1 request by request; anything else
+/// whole on a whole-port steal, or passed through to the original app on a filtered one.
+async fn route_stolen(stolen: Stolen, route: Arc<Route>, ctx: HttpContext) {
+    let kind = sniff_stream(&stolen.stream).await;
+    match kind {
+        Sniff::Http1 => serve_http1(stolen.stream, stolen.original, stolen.peer, route, ctx).await,
+        // Not yet routed per HTTP/2 stream: a filtered steal leaves h2c to the original app.
+        _ if route.is_filtered() => crate::steal::passthrough(stolen, ctx.netns).await,
+        _ => {
+            let id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
+            let (input_tx, input_rx) = mpsc::unbounded_channel();
+            let window = Arc::new(SendWindow::default());
+            ctx.streams.insert(id, input_tx, Arc::clone(&window));
+            run_stolen(stolen, id, ctx.out.clone(), input_rx, window).await;
+            ctx.streams.remove(id);
+        }
+    }
+}
+
+/// Peeks (without consuming) until the first bytes tell the protocol, within [`SNIFF_TIMEOUT`].
+async fn sniff_stream(stream: &TcpStream) -> Sniff {
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    let mut buf = [0u8; sniff::DECIDING_BYTES];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Sniff::Other,
+        };
+        match sniff::sniff(&buf[..n]) {
+            Sniff::NeedMore => {
+                // `peek` returns at once while any byte is queued: wait a little for the rest of
+                // a split first segment (rare), bounded by the deadline.
+                if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(2)))
+                    .await
+                    .is_err()
+                {
+                    return Sniff::Other;
+                }
+            }
+            decided => return decided,
+        }
     }
 }
 
@@ -598,11 +697,12 @@ async fn run_stolen(
                         let _ = out.send(Body::WindowUpdate(update)).await;
                     }
                 }
-                StreamInput::End => {
+                StreamInput::End(_) => {
                     let _ = writer.shutdown().await;
                     return true;
                 }
-                StreamInput::Reset => return false,
+                StreamInput::Reset(_) => return false,
+                StreamInput::ResponseHead(_) => {}
             }
         }
         false

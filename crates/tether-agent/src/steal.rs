@@ -99,7 +99,7 @@ fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddrV4> {
 }
 
 /// Sends a connection no session wants to where it was going.
-async fn passthrough(mut stolen: Stolen, netns: Netns) {
+pub(crate) async fn passthrough(mut stolen: Stolen, netns: Netns) {
     match connect_marked(&netns, SocketAddr::V4(stolen.original)).await {
         Ok(mut upstream) => {
             let _ = tokio::io::copy_bidirectional(&mut stolen.stream, &mut upstream).await;

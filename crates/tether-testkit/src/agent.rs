@@ -200,6 +200,9 @@ pub enum StreamEvent {
 #[derive(Debug)]
 pub struct IncomingStream {
     pub info: IncomingConnection,
+    /// For a stolen HTTP request (the agent routes HTTP request by request): its head. The
+    /// stream's data is then the request body, and [`answer`](Self::answer) replies.
+    pub http: Option<tether_protocol::HttpRequestHead>,
     events: mpsc::UnboundedReceiver<StreamEvent>,
     out: mpsc::UnboundedSender<Body>,
     buffered: Vec<u8>,
@@ -244,6 +247,42 @@ impl IncomingStream {
                 _ => return None,
             }
         }
+    }
+
+    /// Answers one request with 200 and `body`: over HTTP framing for a stolen HTTP request, as
+    /// raw HTTP/1.1 bytes (closing the connection) for a stolen TCP connection.
+    pub async fn answer(&mut self, body: &str) {
+        match &self.http {
+            Some(head) => {
+                let response = tether_protocol::HttpResponseHead {
+                    stream_id: head.stream_id,
+                    status: 200,
+                    version: head.version,
+                    headers: vec![tether_protocol::Header {
+                        name: "content-length".into(),
+                        value: body.len().to_string().into(),
+                    }],
+                };
+                let _ = self.out.send(Body::HttpResponseHead(response));
+                self.send(body.to_owned());
+                self.end();
+            }
+            None => {
+                self.read_until(b"\r\n\r\n").await;
+                self.send(format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                ));
+                self.end();
+            }
+        }
+    }
+
+    /// The request line of a stolen HTTP request (`GET /path`), `None` for a raw stream.
+    pub fn request_line(&self) -> Option<String> {
+        self.http
+            .as_ref()
+            .map(|h| format!("{} {}", h.method, h.uri))
     }
 
     /// Reads everything until the peer ends the stream.
@@ -352,6 +391,26 @@ impl SessionClient {
                         streams.insert(info.stream_id, tx);
                         let stream = IncomingStream {
                             info,
+                            http: None,
+                            events: rx,
+                            out: out_reader.clone(),
+                            buffered: Vec::new(),
+                        };
+                        let _ = incoming_tx.send(stream);
+                        continue;
+                    }
+                    Some(Body::HttpRequestHead(head)) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        streams.insert(head.stream_id, tx);
+                        let info = IncomingConnection {
+                            stream_id: head.stream_id,
+                            mode: SubscriptionMode::Steal as i32,
+                            local: head.local.clone(),
+                            remote: head.remote.clone(),
+                        };
+                        let stream = IncomingStream {
+                            info,
+                            http: Some(head),
                             events: rx,
                             out: out_reader.clone(),
                             buffered: Vec::new(),
@@ -465,13 +524,8 @@ impl SessionClient {
             while let Some(mut stream) = incoming.recv().await {
                 let answer = Arc::clone(&answer);
                 tokio::spawn(async move {
-                    stream.read_until(b"\r\n\r\n").await;
                     let body = answer(stream.port());
-                    stream.send(format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    ));
-                    stream.end();
+                    stream.answer(&body).await;
                 });
             }
         })

@@ -148,6 +148,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     let proxy = Proxy::start(
         link,
         config.feature.network.incoming.clone(),
+        config.probes.steal,
         &socket,
         events_tx,
     )?;

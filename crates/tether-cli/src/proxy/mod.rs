@@ -73,8 +73,8 @@ struct StreamEntry {
 #[derive(Debug)]
 enum ToStream {
     Data(Bytes),
-    End,
-    Reset,
+    End(Vec<tether_protocol::Header>),
+    Reset(String),
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +88,8 @@ struct Listener {
 #[derive(Debug)]
 struct Shared {
     incoming: IncomingConfig,
+    /// Also steal kubelet probes (`probes.steal`).
+    steal_probes: bool,
     out: mpsc::Sender<Body>,
     next_request: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
@@ -113,6 +115,7 @@ impl Proxy {
     pub(crate) fn start(
         link: tether_agent::link::FramedLink<TcpStream>,
         incoming: IncomingConfig,
+        steal_probes: bool,
         socket: &Path,
         events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Proxy> {
@@ -121,6 +124,7 @@ impl Proxy {
         let (out, mut out_rx) = mpsc::channel::<Body>(1024);
         let shared = Arc::new(Shared {
             incoming,
+            steal_probes,
             out,
             next_request: AtomicU64::new(1),
             pending: Mutex::default(),
@@ -227,8 +231,26 @@ impl Shared {
             Some(Body::StreamData(data)) => {
                 self.to_stream(data.stream_id, ToStream::Data(data.data))
             }
-            Some(Body::StreamEnd(end)) => self.to_stream(end.stream_id, ToStream::End),
-            Some(Body::StreamReset(reset)) => self.to_stream(reset.stream_id, ToStream::Reset),
+            Some(Body::StreamEnd(end)) => {
+                self.to_stream(end.stream_id, ToStream::End(end.trailers))
+            }
+            Some(Body::StreamReset(reset)) => {
+                self.to_stream(reset.stream_id, ToStream::Reset(reset.reason))
+            }
+            Some(Body::HttpRequestHead(head)) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let entry = StreamEntry {
+                    tx,
+                    queued,
+                    mirror: false,
+                };
+                self.streams
+                    .lock()
+                    .expect("streams lock")
+                    .insert(head.stream_id, entry);
+                tokio::spawn(Arc::clone(self).deliver_http(head, rx));
+            }
             Some(Body::Ping(ping)) => {
                 let _ = self
                     .out
@@ -361,6 +383,12 @@ impl Shared {
             } else {
                 SubscriptionMode::Mirror
             } as i32,
+            http_filter: if steal {
+                ports::wire_filter(&self.incoming.http_filter, remote_port)
+            } else {
+                None
+            },
+            steal_probes: self.steal_probes,
             ..Default::default()
         };
         match self.request(request::Op::PortSubscribe(subscribe)).await {
@@ -483,11 +511,11 @@ impl Shared {
                             let _ = self.out.send(Body::WindowUpdate(update)).await;
                         }
                     }
-                    ToStream::End => {
+                    ToStream::End(_) => {
                         let _ = app_write.shutdown().await;
                         return;
                     }
-                    ToStream::Reset => return,
+                    ToStream::Reset(_) => return,
                 }
             }
         };
@@ -540,6 +568,138 @@ impl Shared {
         self.peers.lock().expect("peers lock").remove(&our_end);
     }
 
+    /// One stolen HTTP request: sent to the app, its answer streamed back. A failure becomes a
+    /// stream reset, which the agent answers with a 502 and the reason.
+    async fn deliver_http(
+        self: Arc<Self>,
+        head: tether_protocol::HttpRequestHead,
+        from_agent: mpsc::UnboundedReceiver<ToStream>,
+    ) {
+        let id = head.stream_id;
+        if let Err(reason) = self.http_exchange(&head, from_agent).await {
+            let reset = StreamReset {
+                stream_id: id,
+                reason,
+                errno: 0,
+            };
+            let _ = self.out.send(Body::StreamReset(reset)).await;
+        }
+        self.streams.lock().expect("streams lock").remove(&id);
+        self.windows.lock().expect("windows lock").remove(&id);
+    }
+
+    async fn http_exchange(
+        &self,
+        head: &tether_protocol::HttpRequestHead,
+        from_agent: mpsc::UnboundedReceiver<ToStream>,
+    ) -> Result<(), String> {
+        use http_body_util::BodyExt as _;
+        let id = head.stream_id;
+        let port = head
+            .local
+            .as_ref()
+            .and_then(|l| SocketAddr::try_from(l).ok())
+            .map(|a| a.port());
+        let remote = head
+            .remote
+            .as_ref()
+            .and_then(|r| SocketAddr::try_from(r).ok())
+            .ok_or("no remote address")?;
+        let listener = port
+            .and_then(|p| {
+                self.listeners
+                    .lock()
+                    .expect("listeners lock")
+                    .get(&p)
+                    .cloned()
+            })
+            .ok_or("the local process no longer listens on this port")?;
+        let (app, our_end) = self
+            .connect_for(listener.local, remote)
+            .await
+            .map_err(|e| format!("the local process did not accept: {e}"))?;
+        let result = async {
+            let (mut send, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(app))
+                    .await
+                    .map_err(|e| format!("HTTP handshake with the local process failed: {e}"))?;
+            tokio::spawn(connection);
+            let uri: http::Uri = head
+                .uri
+                .parse()
+                .map_err(|e| format!("bad request target {:?}: {e}", head.uri))?;
+            let path = uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_owned();
+            let body = request_body(from_agent, id, self.out.clone());
+            let mut request = http::Request::builder()
+                .method(head.method.as_str())
+                .uri(path)
+                .body(body)
+                .map_err(|e| format!("cannot rebuild the request: {e}"))?;
+            *request.headers_mut() = tether_agent::http::from_wire(&head.headers);
+            let response = send
+                .send_request(request)
+                .await
+                .map_err(|e| format!("the local process failed to answer: {e}"))?;
+            let (parts, mut body) = response.into_parts();
+            let response_head = tether_protocol::HttpResponseHead {
+                stream_id: id,
+                status: u32::from(parts.status.as_u16()),
+                version: tether_agent::http::wire_version(parts.version) as i32,
+                headers: tether_agent::http::to_wire(&parts.headers),
+            };
+            let window = Arc::new(tether_agent::flow::SendWindow::default());
+            self.windows
+                .lock()
+                .expect("windows lock")
+                .insert(id, Arc::clone(&window));
+            self.out
+                .send(Body::HttpResponseHead(response_head))
+                .await
+                .map_err(|_| "the session closed")?;
+            let mut trailers = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame =
+                    frame.map_err(|e| format!("the local process's answer broke off: {e}"))?;
+                match frame.into_data() {
+                    Ok(mut data) => {
+                        while !data.is_empty() {
+                            let allowed = window
+                                .reserve(data.len().min(tether_protocol::MAX_DATA_CHUNK))
+                                .await;
+                            let chunk = data.split_to(allowed);
+                            self.out
+                                .send(Body::StreamData(StreamData {
+                                    stream_id: id,
+                                    data: chunk,
+                                }))
+                                .await
+                                .map_err(|_| "the session closed")?;
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(map) = frame.into_trailers() {
+                            trailers = tether_agent::http::to_wire(&map);
+                        }
+                    }
+                }
+            }
+            self.out
+                .send(Body::StreamEnd(StreamEnd {
+                    stream_id: id,
+                    trailers,
+                }))
+                .await
+                .map_err(|_| "the session closed")?;
+            Ok(())
+        }
+        .await;
+        self.peers.lock().expect("peers lock").remove(&our_end);
+        result
+    }
+
     /// Connects to `listener` from a socket whose address is registered as standing for `remote`
     /// before the connection exists, so the process's `accept` always finds it.
     async fn connect_for(
@@ -582,4 +742,65 @@ impl Shared {
             }
         }
     }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body as it arrives over the session, granting the window back as hyper takes it.
+fn request_body(
+    from_agent: mpsc::UnboundedReceiver<ToStream>,
+    id: u64,
+    out: mpsc::Sender<Body>,
+) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> {
+    use http_body_util::BodyExt as _;
+    use hyper::body::Frame;
+    struct State {
+        from_agent: mpsc::UnboundedReceiver<ToStream>,
+        credit: tether_agent::flow::RecvCredit,
+        out: mpsc::Sender<Body>,
+        done: bool,
+    }
+    let state = State {
+        from_agent,
+        credit: Default::default(),
+        out,
+        done: false,
+    };
+    let frames = futures_util::stream::unfold(state, move |mut state| async move {
+        if state.done {
+            return None;
+        }
+        match state.from_agent.recv().await {
+            Some(ToStream::Data(data)) => {
+                if let Some(increment) = state.credit.consumed(data.len()) {
+                    let update = tether_protocol::WindowUpdate {
+                        stream_id: id,
+                        increment,
+                    };
+                    let _ = state.out.send(Body::WindowUpdate(update)).await;
+                }
+                Some((Ok(Frame::data(data)), state))
+            }
+            Some(ToStream::End(trailers)) => {
+                state.done = true;
+                (!trailers.is_empty()).then(|| {
+                    (
+                        Ok(Frame::trailers(tether_agent::http::from_wire(&trailers))),
+                        state,
+                    )
+                })
+            }
+            Some(ToStream::Reset(reason)) => {
+                state.done = true;
+                Some((
+                    Err(BoxError::from(format!(
+                        "the client's request broke off: {reason}"
+                    ))),
+                    state,
+                ))
+            }
+            None => None,
+        }
+    });
+    http_body_util::StreamBody::new(futures_util::StreamExt::boxed(frames)).boxed_unsync()
 }

@@ -122,3 +122,82 @@ mod tests {
         ));
     }
 }
+
+/// The configured HTTP filter as the protocol carries it, for `remote_port` (`http_filter.ports`
+/// limits filtering to some ports; the others are stolen whole).
+pub(crate) fn wire_filter(
+    config: &tether_config::model::HttpFilterConfig,
+    remote_port: u16,
+) -> Option<tether_protocol::HttpFilter> {
+    use tether_config::model::InnerFilter;
+    use tether_protocol::{HttpFilter, HttpFilterList, http_filter::Rule};
+    if !config.is_set()
+        || config
+            .ports
+            .as_ref()
+            .is_some_and(|ports| !ports.contains(&remote_port))
+    {
+        return None;
+    }
+    let inner = |filters: &[InnerFilter]| HttpFilterList {
+        filters: filters
+            .iter()
+            .map(|f| HttpFilter {
+                rule: Some(match f {
+                    InnerFilter::Header(p) => Rule::Header(p.clone()),
+                    InnerFilter::Path(p) => Rule::Path(p.clone()),
+                    InnerFilter::Method(p) => Rule::Method(p.clone()),
+                }),
+            })
+            .collect(),
+    };
+    let rule = if let Some(p) = &config.header_filter {
+        Rule::Header(p.clone())
+    } else if let Some(p) = &config.path_filter {
+        Rule::Path(p.clone())
+    } else if let Some(p) = &config.method_filter {
+        Rule::Method(p.clone())
+    } else if let Some(list) = &config.all_of {
+        Rule::AllOf(inner(list))
+    } else {
+        Rule::AnyOf(inner(config.any_of.as_deref().unwrap_or_default()))
+    };
+    Some(HttpFilter { rule: Some(rule) })
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use tether_config::model::{HttpFilterConfig, InnerFilter};
+    use tether_protocol::http_filter::Rule;
+
+    use super::wire_filter;
+
+    #[test]
+    fn the_configured_filter_reaches_the_wire_for_its_ports_only() {
+        assert!(wire_filter(&HttpFilterConfig::default(), 80).is_none());
+        let header = HttpFilterConfig {
+            header_filter: Some("^x-dev: a$".into()),
+            ports: Some(vec![80]),
+            ..Default::default()
+        };
+        assert_eq!(
+            wire_filter(&header, 80).unwrap().rule,
+            Some(Rule::Header("^x-dev: a$".into()))
+        );
+        assert!(
+            wire_filter(&header, 81).is_none(),
+            "port 81 is not filtered: stolen whole"
+        );
+        let all = HttpFilterConfig {
+            all_of: Some(vec![
+                InnerFilter::Path("^/api".into()),
+                InnerFilter::Method("GET".into()),
+            ]),
+            ..Default::default()
+        };
+        let Some(Rule::AllOf(list)) = wire_filter(&all, 80).unwrap().rule else {
+            panic!()
+        };
+        assert_eq!(list.filters.len(), 2);
+    }
+}

@@ -13,7 +13,7 @@ use std::{
 use tether_testkit::{Network, Pod, require_root};
 
 /// A free TCP port on this machine (bound and released).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("0.0.0.0:0")
         .unwrap()
         .local_addr()
@@ -22,7 +22,7 @@ fn free_port() -> u16 {
 }
 
 /// A running `tether exec`, with its stderr lines.
-struct Exec {
+pub(crate) struct Exec {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -30,6 +30,17 @@ struct Exec {
 
 impl Exec {
     fn start(pod: &Pod, mode: &str, local_port: u16, command: &[&str]) -> Exec {
+        Exec::start_with(pod, mode, local_port, &[], command)
+    }
+
+    /// With extra `TETHER_*` settings.
+    pub(crate) fn start_with(
+        pod: &Pod,
+        mode: &str,
+        local_port: u16,
+        env: &[(&str, &str)],
+        command: &[&str],
+    ) -> Exec {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
             .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
             .args(command)
@@ -39,6 +50,7 @@ impl Exec {
                 format!("[[{local_port}, 80]]"),
             )
             .env_remove("TETHER_CONFIG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -59,7 +71,7 @@ impl Exec {
     }
 
     /// Waits (at most 20 s) for a stderr line containing `needle`: tether's readiness signals.
-    fn wait_for(&mut self, needle: &str) {
+    pub(crate) fn wait_for(&mut self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.seen.iter().any(|l| l.contains(needle)) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -116,7 +128,7 @@ fn nix_kill(pid: u32, signal: &str) {
         .unwrap();
 }
 
-fn pod_url(pod: &Pod) -> String {
+pub(crate) fn pod_url(pod: &Pod) -> String {
     format!("http://{}:80/hello", pod.ip)
 }
 
@@ -157,7 +169,7 @@ fn scenario(mode: &str, app: impl Fn(u16) -> Vec<String>, local_answer: &str) {
     assert_eq!(rules(&net, &pod), "", "no rule left after tether exits");
 }
 
-fn rules(net: &Network, pod: &Pod) -> String {
+pub(crate) fn rules(net: &Network, pod: &Pod) -> String {
     let nft = net.exec_ok(&pod.netns, &["nft", "list", "ruleset"]);
     nft.lines()
         .filter(|l| l.contains("tether_"))
@@ -202,7 +214,7 @@ fn socat_app(port: u16) -> Vec<String> {
     ]
 }
 
-fn tokio_app(port: u16) -> Vec<String> {
+pub(crate) fn tokio_app(port: u16) -> Vec<String> {
     vec![
         env!("CARGO_BIN_EXE_tether").into(),
         "serve-http".into(),

@@ -3,6 +3,7 @@
 mod cleanup;
 mod config;
 mod exec;
+mod http_filter;
 mod usage;
 
 use assert_cmd::Command;

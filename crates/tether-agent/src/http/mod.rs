@@ -1,0 +1,345 @@
+//! Stolen HTTP, request by request: hyper serves the stolen connection, each request goes to the
+//! local process (over the session) when the port's [`filter::Route`] takes it, and to the
+//! original app (through a hyper client connection from the agent, marked so the redirect leaves
+//! it alone) otherwise. One keep-alive connection may carry both kinds.
+//!
+//! Bodies stream in both directions within the session's flow-control windows, never held whole.
+//! If the local process does not answer (it reset the stream, or the session ended), the client
+//! gets a 502 with a one-line reason.
+//!
+//! Not yet: HTTP/2 (h2c) per-stream routing and upgrades (WebSocket) to the local process.
+
+pub(crate) mod filter;
+pub(crate) mod sniff;
+
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, StreamBody, combinators::UnsyncBoxBody};
+use hyper::{
+    body::{Frame, Incoming},
+    client::conn::http1::SendRequest,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use tether_protocol::{
+    Body, Header, HttpRequestHead, HttpVersion, MAX_DATA_CHUNK, StreamData, StreamEnd, StreamReset,
+    WindowUpdate,
+};
+use tokio::{net::TcpStream, sync::mpsc};
+
+use crate::{
+    flow::{RecvCredit, SendWindow},
+    netns::Netns,
+    session::{StreamInput, Streams},
+    steal::connect_marked,
+};
+
+use self::filter::Route;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type AnyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// What request handlers need from their session.
+#[derive(Debug, Clone)]
+pub(crate) struct HttpContext {
+    pub(crate) out: mpsc::Sender<Body>,
+    pub(crate) next_stream: Arc<AtomicU64>,
+    pub(crate) streams: Arc<Streams>,
+    pub(crate) netns: Netns,
+}
+
+/// Serves one stolen HTTP/1 connection until either side closes it.
+pub(crate) async fn serve_http1(
+    stream: TcpStream,
+    original: SocketAddrV4,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    ctx: HttpContext,
+) {
+    let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
+    let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<AnyBody>>>> = Arc::default();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (route, ctx, upstream) = (Arc::clone(&route), ctx.clone(), Arc::clone(&upstream));
+        async move {
+            let response = if route.takes(request.method(), request.uri(), request.headers()) {
+                to_local(request, original, peer, connection_id, &ctx).await
+            } else {
+                to_original(request, original, &ctx, &upstream).await
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(error) = served {
+        tracing::debug!(%peer, %error, "stolen HTTP connection ended");
+    }
+}
+
+fn bad_gateway(reason: &str) -> Response<AnyBody> {
+    let body = format!("tether: {reason}\n");
+    let mut response = Response::new(
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = StatusCode::BAD_GATEWAY;
+    response
+}
+
+/// The original app's answer, over a connection of the agent's (one per stolen connection).
+async fn to_original(
+    request: Request<Incoming>,
+    original: SocketAddrV4,
+    ctx: &HttpContext,
+    upstream: &tokio::sync::Mutex<Option<SendRequest<AnyBody>>>,
+) -> Response<AnyBody> {
+    let mut sender = upstream.lock().await;
+    if sender.as_ref().is_none_or(SendRequest::is_closed) {
+        let connected = match connect_marked(&ctx.netns, SocketAddr::V4(original)).await {
+            Ok(tcp) => hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match connected {
+            Ok((send, connection)) => {
+                tokio::spawn(connection);
+                *sender = Some(send);
+            }
+            Err(error) => {
+                return bad_gateway(&format!(
+                    "cannot reach the original app at {original}: {error}"
+                ));
+            }
+        }
+    }
+    let send = sender.as_mut().expect("connected above");
+    if send.ready().await.is_err() {
+        *sender = None;
+        return bad_gateway("the original app closed the connection");
+    }
+    let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
+    match send.send_request(request).await {
+        Ok(response) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
+        Err(error) => bad_gateway(&format!("the original app failed: {error}")),
+    }
+}
+
+/// Removes a request's stream from the session's table when its handling ends.
+struct Registration {
+    id: u64,
+    streams: Arc<Streams>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.streams.remove(self.id);
+    }
+}
+
+/// The local process's answer, over the session.
+async fn to_local(
+    request: Request<Incoming>,
+    original: SocketAddrV4,
+    peer: SocketAddr,
+    connection_id: u64,
+    ctx: &HttpContext,
+) -> Response<AnyBody> {
+    let id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
+    let (input_tx, mut input) = mpsc::unbounded_channel();
+    let window = Arc::new(SendWindow::default());
+    ctx.streams.insert(id, input_tx, Arc::clone(&window));
+    let registration = Registration {
+        id,
+        streams: Arc::clone(&ctx.streams),
+    };
+    let (parts, body) = request.into_parts();
+    let head = HttpRequestHead {
+        stream_id: id,
+        connection_id,
+        local: Some(SocketAddr::V4(original).into()),
+        remote: Some(peer.into()),
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        version: wire_version(parts.version) as i32,
+        headers: to_wire(&parts.headers),
+    };
+    if ctx.out.send(Body::HttpRequestHead(head)).await.is_err() {
+        return bad_gateway("the session with the local process is closed");
+    }
+    tokio::spawn(send_request_body(body, id, ctx.out.clone(), window));
+    let head = loop {
+        match input.recv().await {
+            Some(StreamInput::ResponseHead(head)) => break head,
+            Some(StreamInput::Reset(reason)) => {
+                return bad_gateway(&format!("the local process did not answer: {reason}"));
+            }
+            None => return bad_gateway("the local process did not answer: the session ended"),
+            Some(_) => continue,
+        }
+    };
+    let mut response = Response::new(response_body(input, id, ctx.out.clone(), registration));
+    *response.status_mut() =
+        StatusCode::from_u16(head.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
+    *response.headers_mut() = from_wire(&head.headers);
+    response
+}
+
+/// Request body → session, within the stream's window.
+async fn send_request_body(
+    mut body: Incoming,
+    id: u64,
+    out: mpsc::Sender<Body>,
+    window: Arc<SendWindow>,
+) {
+    let mut trailers = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(error) => {
+                let reset = StreamReset {
+                    stream_id: id,
+                    reason: format!("the client's request body failed: {error}"),
+                    errno: 0,
+                };
+                let _ = out.send(Body::StreamReset(reset)).await;
+                return;
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    let allowed = window.reserve(data.len().min(MAX_DATA_CHUNK)).await;
+                    let chunk = data.split_to(allowed);
+                    if out
+                        .send(Body::StreamData(StreamData {
+                            stream_id: id,
+                            data: chunk,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(map) = frame.into_trailers() {
+                    trailers = to_wire(&map);
+                }
+            }
+        }
+    }
+    let _ = out
+        .send(Body::StreamEnd(StreamEnd {
+            stream_id: id,
+            trailers,
+        }))
+        .await;
+}
+
+/// Session → response body, granting the window back as hyper takes the bytes.
+fn response_body(
+    input: mpsc::UnboundedReceiver<StreamInput>,
+    id: u64,
+    out: mpsc::Sender<Body>,
+    registration: Registration,
+) -> AnyBody {
+    struct State {
+        input: mpsc::UnboundedReceiver<StreamInput>,
+        credit: RecvCredit,
+        out: mpsc::Sender<Body>,
+        done: bool,
+        _registration: Registration,
+    }
+    let state = State {
+        input,
+        credit: RecvCredit::default(),
+        out,
+        done: false,
+        _registration: registration,
+    };
+    let frames = futures_util::stream::unfold(state, move |mut state| async move {
+        if state.done {
+            return None;
+        }
+        loop {
+            match state.input.recv().await {
+                Some(StreamInput::Data(data)) => {
+                    if let Some(increment) = state.credit.consumed(data.len()) {
+                        let _ = state
+                            .out
+                            .send(Body::WindowUpdate(WindowUpdate {
+                                stream_id: id,
+                                increment,
+                            }))
+                            .await;
+                    }
+                    return Some((Ok(Frame::data(data)), state));
+                }
+                Some(StreamInput::End(trailers)) => {
+                    state.done = true;
+                    if trailers.is_empty() {
+                        return None;
+                    }
+                    return Some((Ok(Frame::trailers(from_wire(&trailers))), state));
+                }
+                Some(StreamInput::Reset(reason)) => {
+                    state.done = true;
+                    return Some((
+                        Err(BoxError::from(format!(
+                            "the local process aborted its answer: {reason}"
+                        ))),
+                        state,
+                    ));
+                }
+                Some(StreamInput::ResponseHead(_)) => continue,
+                None => return None,
+            }
+        }
+    });
+    StreamBody::new(frames.boxed()).boxed_unsync()
+}
+
+pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
+    headers
+        .iter()
+        .map(|(name, value)| Header {
+            name: name.as_str().to_owned(),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        })
+        .collect()
+}
+
+pub fn from_wire(headers: &[Header]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for header in headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(header.name.as_bytes()),
+            HeaderValue::from_bytes(&header.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+pub fn wire_version(version: http::Version) -> HttpVersion {
+    match version {
+        http::Version::HTTP_10 => HttpVersion::Http10,
+        http::Version::HTTP_2 => HttpVersion::Http2,
+        _ => HttpVersion::Http11,
+    }
+}
