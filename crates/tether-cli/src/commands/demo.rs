@@ -121,10 +121,12 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
     step.done(&format!("pod {POD_IP}:{POD_PORT}, client {CLIENT_IP}"));
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let get = |path: &str| runtime.block_on(request(&client, path));
-    show(ui, "before tether", &get("/hello")?);
+    let get = |path: &str, dev: bool| runtime.block_on(request(&client, path, dev));
+    show(ui, "before tether", &get("/hello", true)?);
 
-    let step = ui.step("tether exec --steal: a local process takes the pod's port 80");
+    let step = ui.step(
+        "tether exec --steal, filtered: a local process takes the requests marked `X-Dev: you`",
+    );
     let local_port = free_port()?;
     let mut exec = Command::new(&exe)
         .args(["exec", "--target", &format!("netns/{pod}"), "--steal", "--"])
@@ -140,6 +142,10 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
             "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
             format!("[[{local_port}, {POD_PORT}]]"),
         )
+        .env(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^X-Dev: you$",
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -148,13 +154,22 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
     demo.children.push(exec);
     wait_for_line(stderr, &format!("target port {POD_PORT}"))?;
     step.done(&format!(
-        "local port {local_port} now gets the pod's port {POD_PORT}"
+        "local port {local_port} now gets the pod's port {POD_PORT} requests marked X-Dev: you"
     ));
-    for path in ["/hello", "/orders/42", "/health"] {
+    for (path, dev) in [
+        ("/hello", true),
+        ("/hello", false),
+        ("/orders/42", true),
+        ("/health", false),
+    ] {
         if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
             bail!("interrupted");
         }
-        show(ui, "with tether", &get(path)?);
+        show(
+            ui,
+            if dev { "X-Dev: you" } else { "no header" },
+            &get(path, dev)?,
+        );
     }
 
     let step = ui.step("stopping tether exec");
@@ -167,7 +182,7 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
     }
     demo.children.pop();
     step.done("its rules are gone");
-    show(ui, "after tether", &get("/hello")?);
+    show(ui, "after tether", &get("/hello", true)?);
 
     let step = ui.step("removing the demo namespaces");
     drop(demo);
@@ -227,7 +242,7 @@ fn wait_answering(client: &Netns) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let last = match runtime.block_on(request(client, "/ready")) {
+        let last = match runtime.block_on(request(client, "/ready", false)) {
             Ok(_) => return Ok(()),
             Err(error) => error,
         };
@@ -263,8 +278,9 @@ fn wait_for_line(stderr: std::process::ChildStderr, needle: &str) -> anyhow::Res
 }
 
 /// One HTTP GET to the pod, from inside the client namespace.
-async fn request(client: &Netns, path: &str) -> anyhow::Result<String> {
+async fn request(client: &Netns, path: &str, dev: bool) -> anyhow::Result<String> {
     let path = path.to_owned();
+    let mark = if dev { "X-Dev: you\r\n" } else { "" };
     let answer = client
         .run_in(move || {
             let addr: SocketAddr = format!("{POD_IP}:{POD_PORT}")
@@ -274,7 +290,7 @@ async fn request(client: &Netns, path: &str) -> anyhow::Result<String> {
             stream.set_read_timeout(Some(Duration::from_secs(3)))?;
             write!(
                 stream,
-                "GET {path} HTTP/1.1\r\nHost: {POD_IP}\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: {POD_IP}\r\n{mark}Connection: close\r\n\r\n"
             )?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;

@@ -441,9 +441,18 @@ fn the_demo_shows_the_steal_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
+    // Marked requests go to the local process, the others stay with the pod.
     assert_eq!(
         stdout.matches("answered by your local process").count(),
-        3,
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("X-Dev: you     GET /orders/42  → answered by your local process"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("no header      GET /health     → answered by the pod"),
         "{stdout}"
     );
     assert!(
