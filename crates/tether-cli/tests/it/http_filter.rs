@@ -136,3 +136,209 @@ fn non_http_bytes_on_a_filtered_port_reach_the_pod_unchanged() {
         "the filter still works afterwards"
     );
 }
+
+/// Peak resident memory (VmHWM, KiB) of the running agent worker for `pod`.
+fn agent_worker_peak_kib(pod: &Pod) -> u64 {
+    let pattern = format!("tether agent --target netns/{} .*--worker-of", pod.netns);
+    let pids = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .next()
+        .expect("the agent worker runs")
+        .to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_1_gib_upload_streams_through_a_filtered_steal_in_bounded_memory() {
+    if !require_root("a_1_gib_upload_streams_through_a_filtered_steal_in_bounded_memory") {
+        return;
+    }
+    const SIZE: u64 = 1 << 30;
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    // The local app reads the body in chunks and answers with its size and SHA-256.
+    let app = format!(
+        "import hashlib, http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   protocol_version = 'HTTP/1.1'\n\
+         \x20   def do_POST(self):\n\
+         \x20       left = int(self.headers['Content-Length']); h = hashlib.sha256(); n = 0\n\
+         \x20       while left:\n\
+         \x20           b = self.rfile.read(min(left, 1 << 20)); h.update(b); n += len(b); left -= len(b)\n\
+         \x20       body = f'{{n}} {{h.hexdigest()}}'.encode()\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', str(len(body))); self.end_headers(); self.wfile.write(body)\n\
+         \x20   def log_message(self, *a): pass\n\
+         http.server.HTTPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+    );
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &["python3", "-c", &app],
+    );
+    exec.wait_for("target port 80");
+    let baseline = agent_worker_peak_kib(&pod);
+    // The client streams 1 GiB (a generator: never held whole) and checks the answer.
+    let client = format!(
+        "import hashlib, http.client\n\
+         block = bytes(range(256)) * 4096; h = hashlib.sha256()\n\
+         def body():\n\
+         \x20   for i in range({SIZE} // len(block)):\n\
+         \x20       h.update(block); yield block\n\
+         c = http.client.HTTPConnection('{ip}', 80, timeout=120)\n\
+         c.request('POST', '/upload', body=body(), headers={{'Content-Length': str({SIZE}), 'X-Dev': 'alice'}})\n\
+         print(c.getresponse().read().decode(), h.hexdigest())\n",
+        ip = pod.ip
+    );
+    let started = std::time::Instant::now();
+    let output = net.exec_ok(net.client(), &["python3", "-c", &client]);
+    let took = started.elapsed();
+    let fields: Vec<&str> = output.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "{output}");
+    assert_eq!(
+        fields[0],
+        SIZE.to_string(),
+        "every byte reached the local app"
+    );
+    assert_eq!(fields[1], fields[2], "checksums match");
+    let peak = agent_worker_peak_kib(&pod);
+    eprintln!(
+        "1 GiB through a filtered steal in {took:?}; agent worker peak RSS {} MiB (before: {} MiB)",
+        peak / 1024,
+        baseline / 1024
+    );
+    assert!(
+        peak < 64 * 1024,
+        "the agent's peak RSS must stay under 64 MiB, was {} MiB",
+        peak / 1024
+    );
+}
+
+#[test]
+fn a_local_app_that_does_not_answer_gets_the_client_a_502_not_a_hang() {
+    if !require_root("a_local_app_that_does_not_answer_gets_the_client_a_502_not_a_hang") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    // Accepts and hangs up at once, without a word.
+    let app = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', {port})); s.listen()\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); c.close()\n"
+    );
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &["python3", "-c", &app],
+    );
+    exec.wait_for("target port 80");
+    let url = pod_url(&pod);
+    let status = net.exec_ok(
+        net.client(),
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "X-Dev: alice",
+            &url,
+        ],
+    );
+    assert_eq!(status, "502");
+    let body = curl(&net, &url, &["X-Dev: alice"]);
+    assert!(
+        body.starts_with("tether: the local process did not answer") && body.lines().count() == 1,
+        "{body}"
+    );
+    assert!(
+        curl(&net, &url, &[]).starts_with("original 80"),
+        "the pod keeps serving everything else"
+    );
+}
+
+#[test]
+fn path_method_all_of_and_any_of_filters_route_per_request() {
+    if !require_root("path_method_all_of_and_any_of_filters_route_per_request") {
+        return;
+    }
+    let base = |pod: &Pod, path: &str| format!("http://{}:80{path}", pod.ip);
+    let cases: &[(&str, &[(&str, &str, &[&str])])] = &[
+        (
+            r#"{"path_filter": "^/api/"}"#,
+            &[("GET", "/api/x", &[]), ("GET", "/web", &[])],
+        ),
+        (
+            r#"{"method_filter": "^POST$"}"#,
+            &[("POST", "/x", &[]), ("GET", "/x", &[])],
+        ),
+        (
+            r#"{"all_of": [{"header": "^x-dev: a$"}, {"path": "^/api"}]}"#,
+            &[("GET", "/api", &["X-Dev: a"]), ("GET", "/api", &[])],
+        ),
+        (
+            r#"{"any_of": [{"header": "^x-dev: a$"}, {"path": "^/api"}]}"#,
+            &[("GET", "/web", &["X-Dev: a"]), ("GET", "/web", &[])],
+        ),
+    ];
+    for (filter, [(m1, p1, h1), (m2, p2, h2)]) in cases.iter().map(|(f, r)| (f, [r[0], r[1]])) {
+        let net = Network::new(1);
+        let pod = net.pod(0).clone();
+        net.start_http_app(&pod, "original", &[80]);
+        let port = free_port();
+        let app = tokio_app(port);
+        let mut exec = Exec::start_with(
+            &pod,
+            "steal",
+            port,
+            &[("TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER", filter)],
+            &app.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        exec.wait_for("target port 80");
+        let request = |method: &str, path: &str, headers: &[&str]| {
+            let mut args = vec!["curl", "-s", "-m", "5", "-X", method];
+            for header in headers {
+                args.extend(["-H", header]);
+            }
+            let url = base(&pod, path);
+            args.push(&url);
+            net.exec_ok(net.client(), &args)
+        };
+        let taken = request(m1, p1, h1);
+        let left = request(m2, p2, h2);
+        assert!(
+            taken.starts_with("local-tokio"),
+            "{filter}: {m1} {p1} {h1:?} → {taken}"
+        );
+        assert!(
+            left.starts_with("original 80"),
+            "{filter}: {m2} {p2} {h2:?} → {left}"
+        );
+    }
+}
