@@ -289,7 +289,9 @@ fn path_method_all_of_and_any_of_filters_route_per_request() {
         return;
     }
     let base = |pod: &Pod, path: &str| format!("http://{}:80{path}", pod.ip);
-    let cases: &[(&str, &[(&str, &str, &[&str])])] = &[
+    // (filter, [a request it takes, a request it leaves]), each request (method, path, headers).
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str, &'a [&'a str])]);
+    let cases: &[Case<'_>] = &[
         (
             r#"{"path_filter": "^/api/"}"#,
             &[("GET", "/api/x", &[]), ("GET", "/web", &[])],
