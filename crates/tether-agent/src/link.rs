@@ -94,3 +94,39 @@ where
         None => Err(LinkError::Unexpected("unknown")),
     }
 }
+
+/// Writes the frames `out` yields to `sink`: numbers the session's frames (`seq`, from 1; link-
+/// local kinds carry 0) and acknowledges, in every frame, the peer's highest `seq` seen so far
+/// (`received`, kept by the reader). Ends when `out` closes or the link fails.
+pub fn spawn_writer<S>(
+    mut sink: S,
+    mut out: tokio::sync::mpsc::Receiver<Body>,
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> tokio::task::JoinHandle<()>
+where
+    S: futures_util::Sink<Frame> + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut sent = 0u64;
+        while let Some(body) = out.recv().await {
+            let seq = if body.is_link_local() {
+                0
+            } else {
+                sent += 1;
+                sent
+            };
+            let ack = received.load(std::sync::atomic::Ordering::Relaxed);
+            if sink
+                .send(Frame {
+                    seq,
+                    ack,
+                    body: Some(body),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    })
+}

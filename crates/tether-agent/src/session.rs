@@ -131,33 +131,10 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
     })
     .await?;
 
-    let (mut sink, mut frames) = link.split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Body>(1024);
+    let (sink, mut frames) = link.split();
+    let (out_tx, out_rx) = mpsc::channel::<Body>(1024);
     let received = Arc::new(AtomicU64::new(0));
-    let writer_received = Arc::clone(&received);
-    let writer = tokio::spawn(async move {
-        let mut sent = 0u64;
-        while let Some(body) = out_rx.recv().await {
-            let seq = if body.is_link_local() {
-                0
-            } else {
-                sent += 1;
-                sent
-            };
-            let ack = writer_received.load(Ordering::Relaxed);
-            if sink
-                .send(Frame {
-                    seq,
-                    ack,
-                    body: Some(body),
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let writer = link::spawn_writer(sink, out_rx, Arc::clone(&received));
 
     let mut session = Session::new(agent, session_id.clone(), out_tx);
     let result = loop {

@@ -26,7 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use tether_config::model::IncomingConfig;
 use tether_layer::channel::{Answer, Request as LayerRequest};
 use tether_protocol::{
@@ -107,6 +107,7 @@ struct Shared {
 #[derive(Debug)]
 pub(crate) struct Proxy {
     tasks: JoinSet<()>,
+    writer: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
 }
 
@@ -120,8 +121,8 @@ impl Proxy {
         events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Proxy> {
         let layer_listener = UnixListener::bind(socket)?;
-        let (mut sink, mut frames) = link.split();
-        let (out, mut out_rx) = mpsc::channel::<Body>(1024);
+        let (sink, mut frames) = link.split();
+        let (out, out_rx) = mpsc::channel::<Body>(1024);
         let shared = Arc::new(Shared {
             incoming,
             steal_probes,
@@ -135,28 +136,8 @@ impl Proxy {
             events,
         });
         let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut seq = 0;
-            while let Some(body) = out_rx.recv().await {
-                let seq = if body.is_link_local() {
-                    0
-                } else {
-                    seq += 1;
-                    seq
-                };
-                if sink
-                    .send(Frame {
-                        seq,
-                        ack: 0,
-                        body: Some(body),
-                    })
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
+        // The proxy does not track the agent's sequence numbers yet (resume comes later): ack 0.
+        let writer = tether_agent::link::spawn_writer(sink, out_rx, Arc::default());
         let reader = Arc::clone(&shared);
         tasks.spawn(async move {
             while let Some(Ok(frame)) = frames.next().await {
@@ -170,7 +151,11 @@ impl Proxy {
                 tokio::spawn(Arc::clone(&server).serve_layer(stream));
             }
         });
-        Ok(Proxy { tasks, shared })
+        Ok(Proxy {
+            tasks,
+            writer,
+            shared,
+        })
     }
 
     /// Tells the agent the session ends on purpose, then stops.
@@ -187,6 +172,7 @@ impl Proxy {
         })
         .await;
         self.tasks.abort_all();
+        self.writer.abort();
     }
 }
 

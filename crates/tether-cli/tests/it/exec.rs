@@ -121,6 +121,42 @@ impl Drop for Exec {
     }
 }
 
+/// A pod with its original app on port 80, and `tether exec` running `app` (given its free local
+/// port, mapped to the pod's port 80) until port 80 is taken. Fields drop in order: tether stops
+/// before the namespaces go.
+pub(crate) struct Scenario {
+    pub(crate) exec: Exec,
+    pub(crate) port: u16,
+    pub(crate) pod: Pod,
+    pub(crate) net: Network,
+}
+
+pub(crate) fn scenario_with(
+    mode: &str,
+    env: &[(&str, &str)],
+    app: impl FnOnce(u16) -> Vec<String>,
+) -> Scenario {
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let command = app(port);
+    let mut exec = Exec::start_with(
+        &pod,
+        mode,
+        port,
+        env,
+        &command.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    Scenario {
+        exec,
+        port,
+        pod,
+        net,
+    }
+}
+
 fn nix_kill(pid: u32, signal: &str) {
     Command::new("kill")
         .args([signal, &pid.to_string()])
@@ -252,18 +288,13 @@ fn the_local_app_sees_the_remote_client_as_its_peer() {
     if !require_root("the_local_app_sees_the_remote_client_as_its_peer") {
         return;
     }
-    let net = Network::new(1);
-    let pod = net.pod(0).clone();
-    net.start_http_app(&pod, "original", &[80]);
-    let port = free_port();
-    let app = tokio_app(port);
-    let mut exec = Exec::start(
-        &pod,
-        "steal",
-        port,
-        &app.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    exec.wait_for("target port 80");
+    // `exec` bound last: bindings drop in reverse, so tether stops before the namespaces go.
+    let Scenario {
+        net,
+        pod,
+        exec: _exec,
+        ..
+    } = scenario_with("steal", &[], tokio_app);
     let answers = net.http_requests(&pod_url(&pod), 3, false);
     let client = net.client_ip().to_string();
     assert!(
@@ -362,18 +393,12 @@ fn a_killed_tether_takes_its_agent_and_rules_with_it() {
     if !require_root("a_killed_tether_takes_its_agent_and_rules_with_it") {
         return;
     }
-    let net = Network::new(1);
-    let pod = net.pod(0).clone();
-    net.start_http_app(&pod, "original", &[80]);
-    let port = free_port();
-    let app = tokio_app(port);
-    let mut exec = Exec::start(
-        &pod,
-        "steal",
+    let Scenario {
+        net,
+        pod,
         port,
-        &app.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    exec.wait_for("target port 80");
+        mut exec,
+    } = scenario_with("steal", &[], tokio_app);
     nix_kill(exec.child.id(), "-KILL");
     let _ = exec.child.wait();
     let agents = format!("tether agent --target netns/{} ", pod.netns);

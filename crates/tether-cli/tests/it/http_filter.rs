@@ -4,7 +4,7 @@ use std::process::Command;
 
 use tether_testkit::{Network, Pod, require_root};
 
-use crate::exec::{Exec, free_port, pod_url, tokio_app};
+use crate::exec::{Exec, Scenario, free_port, pod_url, scenario_with, tokio_app};
 
 /// One request with curl from the client namespace; the answer's body.
 fn curl(net: &Network, url: &str, headers: &[&str]) -> String {
@@ -16,10 +16,6 @@ fn curl(net: &Network, url: &str, headers: &[&str]) -> String {
 }
 
 fn setup(filter: Option<&str>, probes: bool) -> (Network, Pod, Exec) {
-    let net = Network::new(1);
-    let pod = net.pod(0).clone();
-    net.start_http_app(&pod, "original", &[80]);
-    let port = free_port();
     let mut env = Vec::new();
     if let Some(filter) = filter {
         env.push((
@@ -30,15 +26,7 @@ fn setup(filter: Option<&str>, probes: bool) -> (Network, Pod, Exec) {
     if probes {
         env.push(("TETHER_PROBES__STEAL", "true"));
     }
-    let app = tokio_app(port);
-    let mut exec = Exec::start_with(
-        &pod,
-        "steal",
-        port,
-        &env,
-        &app.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    exec.wait_for("target port 80");
+    let Scenario { exec, pod, net, .. } = scenario_with("steal", &env, tokio_app);
     (net, pod, exec)
 }
 
