@@ -615,6 +615,82 @@ async fn run_stolen(
         return;
     }
     let (mut reader, mut writer) = stream.into_split();
+    let clean = pump(&mut reader, &mut writer, id, &out, &mut input, &window).await;
+    if !clean {
+        // Abort the connection: the peer sees a reset, not a clean close.
+        if let Ok(stream) = reader.reunite(writer) {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
+    ErrorInfo {
+        code: code as i32,
+        message: message.into(),
+        in_reply_to_seq: 0,
+        errno: 0,
+    }
+}
+
+fn unsupported(kind: &str, seq: u64) -> ErrorInfo {
+    ErrorInfo {
+        in_reply_to_seq: seq,
+        ..error(
+            ErrorCode::Unsupported,
+            format!("this agent does not support {kind} frames"),
+        )
+    }
+}
+
+fn unsupported_op(op: Option<&request::Op>) -> ErrorInfo {
+    let what = match op {
+        Some(request::Op::PortSubscribe(_)) => "port subscriptions",
+        Some(request::Op::PortUnsubscribe(_)) => "port unsubscriptions",
+        Some(request::Op::OutgoingConnect(_)) => "outgoing connections",
+        Some(request::Op::DnsLookup(_)) => "DNS lookups",
+        Some(request::Op::EnvGet(_)) => "environment requests",
+        Some(request::Op::Fs(_)) => "file operations",
+        None => "this request (unknown to this agent version)",
+    };
+    error(
+        ErrorCode::Unsupported,
+        format!("this agent does not support {what} yet"),
+    )
+}
+
+fn new_session_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Pumps one byte stream both ways: its bytes to the client within the stream's window, the
+/// client's bytes into it with credit granted back as they are written. Returns true when the
+/// client ended its direction cleanly (false: reset, or the session went away). Shared by stolen
+/// TCP connections and upgraded HTTP connections.
+pub(crate) async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    id: u64,
+    out: &mpsc::Sender<Body>,
+    input: &mut mpsc::UnboundedReceiver<StreamInput>,
+    window: &SendWindow,
+) -> bool
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let upstream = async {
         let mut buf = vec![0u8; MAX_DATA_CHUNK];
         loop {
@@ -685,61 +761,5 @@ async fn run_stolen(
         false
     };
     let (_, clean) = tokio::join!(upstream, downstream);
-    if !clean {
-        // Abort the connection: the peer sees a reset, not a clean close.
-        if let Ok(stream) = reader.reunite(writer) {
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-        }
-    }
-}
-
-fn error(code: ErrorCode, message: impl Into<String>) -> ErrorInfo {
-    ErrorInfo {
-        code: code as i32,
-        message: message.into(),
-        in_reply_to_seq: 0,
-        errno: 0,
-    }
-}
-
-fn unsupported(kind: &str, seq: u64) -> ErrorInfo {
-    ErrorInfo {
-        in_reply_to_seq: seq,
-        ..error(
-            ErrorCode::Unsupported,
-            format!("this agent does not support {kind} frames"),
-        )
-    }
-}
-
-fn unsupported_op(op: Option<&request::Op>) -> ErrorInfo {
-    let what = match op {
-        Some(request::Op::PortSubscribe(_)) => "port subscriptions",
-        Some(request::Op::PortUnsubscribe(_)) => "port unsubscriptions",
-        Some(request::Op::OutgoingConnect(_)) => "outgoing connections",
-        Some(request::Op::DnsLookup(_)) => "DNS lookups",
-        Some(request::Op::EnvGet(_)) => "environment requests",
-        Some(request::Op::Fs(_)) => "file operations",
-        None => "this request (unknown to this agent version)",
-    };
-    error(
-        ErrorCode::Unsupported,
-        format!("this agent does not support {what} yet"),
-    )
-}
-
-fn new_session_id() -> String {
-    let bytes: [u8; 8] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    clean
 }

@@ -73,6 +73,8 @@ pub(crate) async fn serve_http1(
         async move {
             let response = if route.takes(request.method(), request.uri(), request.headers()) {
                 to_local(request, original, peer, connection_id, &ctx).await
+            } else if is_upgrade(request.headers()) {
+                upgrade_to_original(request, original, &ctx).await
             } else {
                 to_original(request, original, &ctx, &upstream).await
             };
@@ -81,6 +83,7 @@ pub(crate) async fn serve_http1(
     });
     let served = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await;
     if let Err(error) = served {
         tracing::debug!(%peer, %error, "stolen HTTP connection ended");
@@ -137,6 +140,62 @@ async fn to_original(
     }
 }
 
+/// `Connection: upgrade` with an `Upgrade` header (a WebSocket handshake, say).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    let connection_says_upgrade = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+        });
+    connection_says_upgrade && headers.contains_key(http::header::UPGRADE)
+}
+
+/// An upgrade the route leaves to the original app: on its own connection (an upgraded connection
+/// cannot serve further requests), and after the app's 101 both upgraded sides are spliced.
+async fn upgrade_to_original(
+    mut request: Request<Incoming>,
+    original: SocketAddrV4,
+    ctx: &HttpContext,
+) -> Response<AnyBody> {
+    let client_side = hyper::upgrade::on(&mut request);
+    let connected = match connect_marked(&ctx.netns, SocketAddr::V4(original)).await {
+        Ok(tcp) => hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let (mut send, connection) = match connected {
+        Ok(pair) => pair,
+        Err(error) => {
+            return bad_gateway(&format!(
+                "cannot reach the original app at {original}: {error}"
+            ));
+        }
+    };
+    tokio::spawn(connection.with_upgrades());
+    let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
+    let mut response = match send.send_request(request).await {
+        Ok(response) => response,
+        Err(error) => return bad_gateway(&format!("the original app failed: {error}")),
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let app_side = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(client), Ok(app)) = (client_side.await, app_side.await) {
+                let _ = tokio::io::copy_bidirectional(
+                    &mut TokioIo::new(client),
+                    &mut TokioIo::new(app),
+                )
+                .await;
+            }
+        });
+    }
+    response.map(|body| body.map_err(BoxError::from).boxed_unsync())
+}
+
 /// Removes a request's stream from the session's table when its handling ends.
 struct Registration {
     id: u64,
@@ -151,7 +210,7 @@ impl Drop for Registration {
 
 /// The local process's answer, over the session.
 async fn to_local(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     original: SocketAddrV4,
     peer: SocketAddr,
     connection_id: u64,
@@ -165,6 +224,7 @@ async fn to_local(
         id,
         streams: Arc::clone(&ctx.streams),
     };
+    let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let head = HttpRequestHead {
         stream_id: id,
@@ -179,7 +239,15 @@ async fn to_local(
     if ctx.out.send(Body::HttpRequestHead(head)).await.is_err() {
         return bad_gateway("the session with the local process is closed");
     }
-    tokio::spawn(send_request_body(body, id, ctx.out.clone(), window));
+    // An upgrade request has no body, and its stream must stay open for the upgraded bytes.
+    if upgrade.is_none() {
+        tokio::spawn(send_request_body(
+            body,
+            id,
+            ctx.out.clone(),
+            Arc::clone(&window),
+        ));
+    }
     let head = loop {
         match input.recv().await {
             Some(StreamInput::ResponseHead(head)) => break head,
@@ -190,6 +258,37 @@ async fn to_local(
             Some(_) => continue,
         }
     };
+    if let (Some(upgrade), 101) = (upgrade, head.status) {
+        // The local process switched protocols: the connection is its from here on.
+        let out = ctx.out.clone();
+        tokio::spawn(async move {
+            let _registration = registration;
+            let mut input = input;
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+                    crate::session::pump(&mut reader, &mut writer, id, &out, &mut input, &window)
+                        .await;
+                }
+                Err(error) => {
+                    let reset = StreamReset {
+                        stream_id: id,
+                        reason: format!("the client's upgrade failed: {error}"),
+                        errno: 0,
+                    };
+                    let _ = out.send(Body::StreamReset(reset)).await;
+                }
+            }
+        });
+        let mut response = Response::new(
+            http_body_util::Empty::new()
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *response.headers_mut() = from_wire(&head.headers);
+        return response;
+    }
     let mut response = Response::new(response_body(input, id, ctx.out.clone(), registration));
     *response.status_mut() =
         StatusCode::from_u16(head.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -480,6 +480,38 @@ impl Shared {
                 .insert(id, Arc::clone(&window));
         }
         let (mut app_read, mut app_write) = app.split();
+        self.pump(
+            &mut app_read,
+            &mut app_write,
+            id,
+            &mut from_agent,
+            mirror,
+            &window,
+            &queued,
+        )
+        .await;
+        self.streams.lock().expect("streams lock").remove(&id);
+        self.windows.lock().expect("windows lock").remove(&id);
+        self.peers.lock().expect("peers lock").remove(&our_end);
+    }
+
+    /// Pumps one connection to the app both ways: the agent's bytes into it (granting credit back
+    /// as they are written), its bytes to the agent within the window — or, for a mirror, read and
+    /// dropped. Shared by delivered TCP connections and upgraded HTTP connections.
+    #[allow(clippy::too_many_arguments)]
+    async fn pump<R, W>(
+        &self,
+        app_read: &mut R,
+        app_write: &mut W,
+        id: u64,
+        from_agent: &mut mpsc::UnboundedReceiver<ToStream>,
+        mirror: bool,
+        window: &tether_agent::flow::SendWindow,
+        queued: &std::sync::atomic::AtomicUsize,
+    ) where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
         let to_app = async {
             let mut credit = tether_agent::flow::RecvCredit::default();
             while let Some(item) = from_agent.recv().await {
@@ -549,9 +581,6 @@ impl Shared {
             }
         };
         tokio::join!(to_app, from_app);
-        self.streams.lock().expect("streams lock").remove(&id);
-        self.windows.lock().expect("windows lock").remove(&id);
-        self.peers.lock().expect("peers lock").remove(&our_end);
     }
 
     /// One stolen HTTP request: sent to the app, its answer streamed back. A failure becomes a
@@ -609,7 +638,7 @@ impl Shared {
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(app))
                     .await
                     .map_err(|e| format!("HTTP handshake with the local process failed: {e}"))?;
-            tokio::spawn(connection);
+            tokio::spawn(connection.with_upgrades());
             let uri: http::Uri = head
                 .uri
                 .parse()
@@ -618,17 +647,59 @@ impl Shared {
                 .path_and_query()
                 .map_or("/", |pq| pq.as_str())
                 .to_owned();
-            let body = request_body(from_agent, id, self.out.clone());
+            let headers = tether_agent::http::from_wire(&head.headers);
+            let upgrade = tether_agent::http::is_upgrade(&headers);
+            // An upgrade request has no body; its stream stays open for the upgraded bytes.
+            let (body, mut from_agent) = if upgrade {
+                let empty = http_body_util::Empty::new()
+                    .map_err(|e: std::convert::Infallible| match e {})
+                    .boxed_unsync();
+                (empty, Some(from_agent))
+            } else {
+                (request_body(from_agent, id, self.out.clone()), None)
+            };
             let mut request = http::Request::builder()
                 .method(head.method.as_str())
                 .uri(path)
                 .body(body)
                 .map_err(|e| format!("cannot rebuild the request: {e}"))?;
-            *request.headers_mut() = tether_agent::http::from_wire(&head.headers);
-            let response = send
+            *request.headers_mut() = headers;
+            let mut response = send
                 .send_request(request)
                 .await
                 .map_err(|e| format!("the local process failed to answer: {e}"))?;
+            if let (true, Some(from_agent)) = (
+                response.status() == http::StatusCode::SWITCHING_PROTOCOLS,
+                from_agent.as_mut(),
+            ) {
+                let upgraded = hyper::upgrade::on(&mut response);
+                let response_head = tether_protocol::HttpResponseHead {
+                    stream_id: id,
+                    status: 101,
+                    version: tether_agent::http::wire_version(response.version()) as i32,
+                    headers: tether_agent::http::to_wire(response.headers()),
+                };
+                self.out
+                    .send(Body::HttpResponseHead(response_head))
+                    .await
+                    .map_err(|_| "the session closed")?;
+                let upgraded = upgraded
+                    .await
+                    .map_err(|e| format!("the local process's upgrade failed: {e}"))?;
+                let window = Arc::new(tether_agent::flow::SendWindow::default());
+                self.windows
+                    .lock()
+                    .expect("windows lock")
+                    .insert(id, Arc::clone(&window));
+                let (mut read, mut write) =
+                    tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                let queued = std::sync::atomic::AtomicUsize::new(0);
+                self.pump(
+                    &mut read, &mut write, id, from_agent, false, &window, &queued,
+                )
+                .await;
+                return Ok(());
+            }
             let (parts, mut body) = response.into_parts();
             let response_head = tether_protocol::HttpResponseHead {
                 stream_id: id,

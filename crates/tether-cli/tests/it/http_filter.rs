@@ -332,3 +332,56 @@ fn path_method_all_of_and_any_of_filters_route_per_request() {
         );
     }
 }
+
+#[test]
+fn a_websocket_upgrade_goes_where_its_request_is_routed() {
+    if !require_root("a_websocket_upgrade_goes_where_its_request_is_routed") {
+        return;
+    }
+    let apps = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tether-testkit/src/apps/ws_echo.py");
+    let apps = apps.to_str().unwrap().to_owned();
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.spawn(&pod.netns, &["python3", &apps, "pod", "80"]);
+    net.wait_listening(&pod.netns, 80);
+    let port = free_port();
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &["python3", &apps, "local", &port.to_string()],
+    );
+    exec.wait_for("target port 80");
+    // Handshake, check the accept key, then two messages over the upgraded connection.
+    let client = |marked: bool| {
+        let script = format!(
+            "import base64, hashlib, socket\n\
+             s = socket.create_connection(('{ip}', 80), timeout=5)\n\
+             key = base64.b64encode(b'0123456789abcdef').decode()\n\
+             s.sendall(('GET /ws HTTP/1.1\\r\\nHost: pod\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n'\n\
+             \x20          'Sec-WebSocket-Key: ' + key + '\\r\\nSec-WebSocket-Version: 13\\r\\n{mark}\\r\\n').encode())\n\
+             head = b''\n\
+             while b'\\r\\n\\r\\n' not in head: head += s.recv(1)\n\
+             expected = base64.b64encode(hashlib.sha1((key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').encode()).digest()).decode()\n\
+             assert head.startswith(b'HTTP/1.1 101') and expected.encode() in head, head\n\
+             for word in (b'one', b'two'):\n\
+             \x20   s.sendall(word); print(s.recv(100).decode())\n",
+            ip = pod.ip,
+            mark = if marked { "X-Dev: alice\\r\\n" } else { "" }
+        );
+        net.exec_ok(net.client(), &["python3", "-c", &script])
+    };
+    assert_eq!(
+        client(true).lines().collect::<Vec<_>>(),
+        ["local: one", "local: two"]
+    );
+    assert_eq!(
+        client(false).lines().collect::<Vec<_>>(),
+        ["pod: one", "pod: two"]
+    );
+}
