@@ -537,7 +537,9 @@ async fn route_stolen(stolen: Stolen, route: Arc<Route>, ctx: HttpContext) {
     let kind = sniff_stream(&stolen.stream).await;
     match kind {
         Sniff::Http1 => serve_http1(stolen.stream, stolen.original, stolen.peer, route, ctx).await,
-        // Not yet routed per HTTP/2 stream: a filtered steal leaves h2c to the original app.
+        Sniff::Http2 => {
+            crate::http::serve_http2(stolen.stream, stolen.original, stolen.peer, route, ctx).await
+        }
         _ if route.is_filtered() => crate::steal::passthrough(stolen, ctx.netns).await,
         _ => {
             let id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);

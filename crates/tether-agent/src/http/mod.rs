@@ -7,7 +7,9 @@
 //! If the local process does not answer (it reset the stream, or the session ended), the client
 //! gets a 502 with a one-line reason.
 //!
-//! Not yet: HTTP/2 (h2c) per-stream routing and upgrades (WebSocket) to the local process.
+//! HTTP/2 with prior knowledge (h2c) is served the same way, stream by stream, over one
+//! multiplexed connection to the original app. Upgrades (WebSocket) hand the connection to
+//! whichever side the upgrade request was routed to.
 
 pub(crate) mod filter;
 pub(crate) mod sniff;
@@ -58,6 +60,44 @@ pub(crate) struct HttpContext {
     pub(crate) netns: Netns,
 }
 
+/// The agent's connection to the original app for one stolen connection's left requests.
+enum Upstream {
+    /// HTTP/1: one request at a time.
+    Http1(tokio::sync::Mutex<Option<SendRequest<AnyBody>>>),
+    /// HTTP/2: one multiplexed connection.
+    Http2(tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<AnyBody>>>),
+}
+
+/// Serves one stolen HTTP/2 (h2c, prior knowledge) connection: every stream is routed on its own,
+/// so one connection may carry both kinds concurrently.
+pub(crate) async fn serve_http2(
+    stream: TcpStream,
+    original: SocketAddrV4,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    ctx: HttpContext,
+) {
+    let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
+    let upstream = Arc::new(Upstream::Http2(tokio::sync::Mutex::new(None)));
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (route, ctx, upstream) = (Arc::clone(&route), ctx.clone(), Arc::clone(&upstream));
+        async move {
+            let response = if route.takes(request.method(), request.uri(), request.headers()) {
+                to_local(request, original, peer, connection_id, &ctx).await
+            } else {
+                to_original(request, original, &ctx, &upstream).await
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+    if let Err(error) = served {
+        tracing::debug!(%peer, %error, "stolen HTTP/2 connection ended");
+    }
+}
+
 /// Serves one stolen HTTP/1 connection until either side closes it.
 pub(crate) async fn serve_http1(
     stream: TcpStream,
@@ -67,7 +107,7 @@ pub(crate) async fn serve_http1(
     ctx: HttpContext,
 ) {
     let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
-    let upstream: Arc<tokio::sync::Mutex<Option<SendRequest<AnyBody>>>> = Arc::default();
+    let upstream = Arc::new(Upstream::Http1(tokio::sync::Mutex::new(None)));
     let service = service_fn(move |request: Request<Incoming>| {
         let (route, ctx, upstream) = (Arc::clone(&route), ctx.clone(), Arc::clone(&upstream));
         async move {
@@ -101,40 +141,73 @@ fn bad_gateway(reason: &str) -> Response<AnyBody> {
     response
 }
 
-/// The original app's answer, over a connection of the agent's (one per stolen connection).
+/// The original app's answer, over a connection of the agent's (one per stolen connection), in
+/// the client's HTTP version.
 async fn to_original(
     request: Request<Incoming>,
     original: SocketAddrV4,
     ctx: &HttpContext,
-    upstream: &tokio::sync::Mutex<Option<SendRequest<AnyBody>>>,
+    upstream: &Upstream,
 ) -> Response<AnyBody> {
-    let mut sender = upstream.lock().await;
-    if sender.as_ref().is_none_or(SendRequest::is_closed) {
-        let connected = match connect_marked(&ctx.netns, SocketAddr::V4(original)).await {
-            Ok(tcp) => hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match connected {
-            Ok((send, connection)) => {
-                tokio::spawn(connection);
-                *sender = Some(send);
-            }
-            Err(error) => {
-                return bad_gateway(&format!(
-                    "cannot reach the original app at {original}: {error}"
-                ));
-            }
-        }
-    }
-    let send = sender.as_mut().expect("connected above");
-    if send.ready().await.is_err() {
-        *sender = None;
-        return bad_gateway("the original app closed the connection");
-    }
     let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
-    match send.send_request(request).await {
+    let unreachable = |error: String| {
+        bad_gateway(&format!(
+            "cannot reach the original app at {original}: {error}"
+        ))
+    };
+    let answered = match upstream {
+        Upstream::Http1(sender) => {
+            let mut sender = sender.lock().await;
+            if sender.as_ref().is_none_or(SendRequest::is_closed) {
+                let tcp = match connect_marked(&ctx.netns, SocketAddr::V4(original)).await {
+                    Ok(tcp) => tcp,
+                    Err(error) => return unreachable(error.to_string()),
+                };
+                match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                    Ok((send, connection)) => {
+                        tokio::spawn(connection);
+                        *sender = Some(send);
+                    }
+                    Err(error) => return unreachable(error.to_string()),
+                }
+            }
+            let send = sender.as_mut().expect("connected above");
+            if send.ready().await.is_err() {
+                *sender = None;
+                return bad_gateway("the original app closed the connection");
+            }
+            send.send_request(request).await
+        }
+        Upstream::Http2(sender) => {
+            let mut send = {
+                let mut sender = sender.lock().await;
+                if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                    let tcp = match connect_marked(&ctx.netns, SocketAddr::V4(original)).await {
+                        Ok(tcp) => tcp,
+                        Err(error) => return unreachable(error.to_string()),
+                    };
+                    match hyper::client::conn::http2::handshake(
+                        hyper_util::rt::TokioExecutor::new(),
+                        TokioIo::new(tcp),
+                    )
+                    .await
+                    {
+                        Ok((send, connection)) => {
+                            tokio::spawn(connection);
+                            *sender = Some(send);
+                        }
+                        Err(error) => return unreachable(error.to_string()),
+                    }
+                }
+                sender.clone().expect("connected above")
+            };
+            if send.ready().await.is_err() {
+                return bad_gateway("the original app closed the connection");
+            }
+            send.send_request(request).await
+        }
+    };
+    match answered {
         Ok(response) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
         Err(error) => bad_gateway(&format!("the original app failed: {error}")),
     }

@@ -634,11 +634,6 @@ impl Shared {
             .await
             .map_err(|e| format!("the local process did not accept: {e}"))?;
         let result = async {
-            let (mut send, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(app))
-                    .await
-                    .map_err(|e| format!("HTTP handshake with the local process failed: {e}"))?;
-            tokio::spawn(connection.with_upgrades());
             let uri: http::Uri = head
                 .uri
                 .parse()
@@ -664,10 +659,33 @@ impl Shared {
                 .body(body)
                 .map_err(|e| format!("cannot rebuild the request: {e}"))?;
             *request.headers_mut() = headers;
-            let mut response = send
-                .send_request(request)
-                .await
-                .map_err(|e| format!("the local process failed to answer: {e}"))?;
+            // The local app is spoken to in the client's HTTP version (h2c for h2, as a gRPC
+            // server expects).
+            let io = hyper_util::rt::TokioIo::new(app);
+            let answered = if head.version() == tether_protocol::HttpVersion::Http2 {
+                let (mut send, connection) =
+                    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                        .await
+                        .map_err(|e| {
+                            format!("HTTP/2 handshake with the local process failed: {e}")
+                        })?;
+                tokio::spawn(connection);
+                if request.uri().scheme().is_none() {
+                    let absolute = format!("http://localhost{}", request.uri());
+                    *request.uri_mut() = absolute
+                        .parse()
+                        .map_err(|e| format!("bad request target: {e}"))?;
+                }
+                send.send_request(request).await
+            } else {
+                let (mut send, connection) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(|e| format!("HTTP handshake with the local process failed: {e}"))?;
+                tokio::spawn(connection.with_upgrades());
+                send.send_request(request).await
+            };
+            let mut response =
+                answered.map_err(|e| format!("the local process failed to answer: {e}"))?;
             if let (true, Some(from_agent)) = (
                 response.status() == http::StatusCode::SWITCHING_PROTOCOLS,
                 from_agent.as_mut(),

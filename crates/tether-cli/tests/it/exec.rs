@@ -85,6 +85,14 @@ impl Exec {
         }
     }
 
+    /// What tether said so far (for failure messages).
+    pub(crate) fn seen_lines(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
     /// SIGINT to tether alone (as a supervisor would send it), then its exit code (bounded).
     fn interrupt(&mut self) -> Option<i32> {
         nix_kill(self.child.id(), "-INT");

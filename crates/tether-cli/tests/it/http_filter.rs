@@ -385,3 +385,49 @@ fn a_websocket_upgrade_goes_where_its_request_is_routed() {
         ["pod: one", "pod: two"]
     );
 }
+
+#[test]
+fn concurrent_h2c_streams_on_one_connection_split_between_local_and_pod() {
+    if !require_root("concurrent_h2c_streams_on_one_connection_split_between_local_and_pod") {
+        return;
+    }
+    let apps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tether-testkit/src/apps");
+    let (server, client) = (apps.join("h2_app.js"), apps.join("h2_client.js"));
+    let (server, client) = (
+        server.to_str().unwrap().to_owned(),
+        client.to_str().unwrap().to_owned(),
+    );
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.spawn(&pod.netns, &["node", &server, "pod", "80"]);
+    net.wait_listening(&pod.netns, 80);
+    let port = free_port();
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &["node", &server, "local", &port.to_string()],
+    );
+    exec.wait_for("target port 80");
+    let output = net.exec_ok(
+        net.client(),
+        &["node", &client, &format!("http://{}:80", pod.ip)],
+    );
+    assert_eq!(
+        output.lines().collect::<Vec<_>>(),
+        [
+            "local /r0 alice",
+            "pod /r1 -",
+            "local /r2 alice",
+            "pod /r3 -",
+            "local /r4 alice",
+            "pod /r5 -"
+        ],
+        "{}",
+        exec.seen_lines()
+    );
+}
