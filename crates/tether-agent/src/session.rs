@@ -335,7 +335,15 @@ impl Session {
                 self.steal(port, subscribe.flush_connections).await?;
                 self.routes.insert(port, Arc::new(route));
             }
-            SubscriptionMode::Mirror => self.mirror(port).await?,
+            SubscriptionMode::Mirror => {
+                let route = subscribe
+                    .http_filter
+                    .as_ref()
+                    .map(|filter| Route::new(Some(filter), subscribe.steal_probes).map(Arc::new))
+                    .transpose()
+                    .map_err(|e| error(ErrorCode::BadRequest, e))?;
+                self.mirror(port, route).await?
+            }
             SubscriptionMode::Unspecified => {
                 return Err(error(
                     ErrorCode::BadRequest,
@@ -431,7 +439,7 @@ impl Session {
         Ok(())
     }
 
-    async fn mirror(&mut self, port: u16) -> Result<(), ErrorInfo> {
+    async fn mirror(&mut self, port: u16, route: Option<Arc<Route>>) -> Result<(), ErrorInfo> {
         if self.mirrors.contains_key(&port) {
             return Err(error(
                 ErrorCode::PortInUse,
@@ -443,6 +451,7 @@ impl Session {
             port,
             self.out.clone(),
             Arc::clone(&self.next_stream),
+            route,
         )
         .await
         .map_err(|e| {

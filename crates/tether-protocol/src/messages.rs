@@ -526,6 +526,10 @@ pub struct HttpRequestHead {
     pub version: i32,
     #[prost(message, repeated, tag = "8")]
     pub headers: Vec<Header>,
+    /// `Mirror` for a copy of a request the target's app answers (the client's answer is
+    /// dropped); `Steal` (or unset, from older agents) for a request the client answers.
+    #[prost(enumeration = "SubscriptionMode", tag = "9")]
+    pub mode: i32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -308,6 +308,7 @@ async fn to_local(
         uri: parts.uri.to_string(),
         version: wire_version(parts.version) as i32,
         headers: to_wire(&parts.headers),
+        mode: tether_protocol::SubscriptionMode::Steal as i32,
     };
     if ctx.out.send(Body::HttpRequestHead(head)).await.is_err() {
         return bad_gateway("the session with the local process is closed");
@@ -514,4 +515,101 @@ pub fn wire_version(version: http::Version) -> HttpVersion {
         http::Version::HTTP_2 => HttpVersion::Http2,
         _ => HttpVersion::Http11,
     }
+}
+
+/// A filtered mirror of one connection: its reassembled client → server bytes are parsed as
+/// HTTP/1 by hyper (fed through an in-memory pipe; hyper's answers are read and dropped), and
+/// only the requests the route takes are copied to the client, marked as mirrored. Mirrored
+/// bodies are not flow-controlled: the pod's traffic must never wait for the local process (the
+/// proxy bounds what it queues instead).
+pub(crate) async fn mirror_http_flow(
+    mut bytes: mpsc::UnboundedReceiver<Bytes>,
+    server: SocketAddrV4,
+    client: SocketAddrV4,
+    route: Arc<Route>,
+    out: mpsc::Sender<Body>,
+    next_stream: Arc<AtomicU64>,
+) {
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (mut answers, mut feed) = tokio::io::split(theirs);
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        while let Some(chunk) = bytes.recv().await {
+            if feed.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = feed.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut answers, &mut tokio::io::sink()).await;
+    });
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (route, out, next_stream) = (Arc::clone(&route), out.clone(), Arc::clone(&next_stream));
+        async move {
+            if route.takes(request.method(), request.uri(), request.headers()) {
+                copy_request(request, server, client, &out, &next_stream).await;
+            }
+            Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(ours), service)
+        .await;
+}
+
+async fn copy_request(
+    request: Request<Incoming>,
+    server: SocketAddrV4,
+    client: SocketAddrV4,
+    out: &mpsc::Sender<Body>,
+    next_stream: &AtomicU64,
+) {
+    let id = next_stream.fetch_add(2, Ordering::Relaxed);
+    let (parts, mut body) = request.into_parts();
+    let head = HttpRequestHead {
+        stream_id: id,
+        connection_id: 0,
+        local: Some(SocketAddr::V4(server).into()),
+        remote: Some(SocketAddr::V4(client).into()),
+        method: parts.method.to_string(),
+        uri: parts.uri.to_string(),
+        version: wire_version(parts.version) as i32,
+        headers: to_wire(&parts.headers),
+        mode: tether_protocol::SubscriptionMode::Mirror as i32,
+    };
+    if out.send(Body::HttpRequestHead(head)).await.is_err() {
+        return;
+    }
+    let mut trailers = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        match frame.into_data() {
+            Ok(data) => {
+                for chunk in data.chunks(MAX_DATA_CHUNK) {
+                    let data = Bytes::copy_from_slice(chunk);
+                    if out
+                        .send(Body::StreamData(StreamData {
+                            stream_id: id,
+                            data,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(map) = frame.into_trailers() {
+                    trailers = to_wire(&map);
+                }
+            }
+        }
+    }
+    let _ = out
+        .send(Body::StreamEnd(StreamEnd {
+            stream_id: id,
+            trailers,
+        }))
+        .await;
 }

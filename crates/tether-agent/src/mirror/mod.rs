@@ -25,7 +25,10 @@ use tether_protocol::{
 };
 use tokio::sync::mpsc;
 
-use crate::netns::Netns;
+use crate::{
+    http::{filter::Route, mirror_http_flow},
+    netns::Netns,
+};
 
 use self::reassembly::{Event, FlowKey, Reassembler, Segment};
 
@@ -54,6 +57,7 @@ pub(crate) async fn start(
     port: u16,
     out: mpsc::Sender<Body>,
     next_stream: Arc<AtomicU64>,
+    route: Option<Arc<Route>>,
 ) -> std::io::Result<Capture> {
     let socket = netns
         .run_in(move || {
@@ -68,18 +72,23 @@ pub(crate) async fn start(
         .await?;
     let stop = Arc::new(AtomicBool::new(false));
     let thread_stop = Arc::clone(&stop);
+    let filtered = route.map(|route| (route, tokio::runtime::Handle::current()));
     std::thread::Builder::new()
         .name(format!("mirror-{port}"))
-        .spawn(move || capture(socket, &out, &next_stream, &thread_stop))?;
+        .spawn(move || capture(socket, &out, &next_stream, &thread_stop, filtered))?;
     Ok(Capture { stop })
 }
 
+/// With a route, every flow goes through [`mirror_http_flow`] (on the runtime) and only the
+/// requests the route takes are copied; without one, whole connections are copied.
 fn capture(
     mut socket: Socket,
     out: &mpsc::Sender<Body>,
-    next_stream: &AtomicU64,
+    next_stream: &Arc<AtomicU64>,
     stop: &AtomicBool,
+    filtered: Option<(Arc<Route>, tokio::runtime::Handle)>,
 ) {
+    let mut flows = std::collections::HashMap::<FlowKey, mpsc::UnboundedSender<Bytes>>::new();
     let mut reassembler = Reassembler::new(MAX_PENDING_PER_FLOW, MAX_FLOWS);
     let mut ids = std::collections::HashMap::<FlowKey, u64>::new();
     let mut buf = vec![0u8; 65_536];
@@ -106,6 +115,35 @@ fn capture(
             continue;
         };
         reassembler.on_segment(segment, &mut events);
+        if let Some((route, runtime)) = &filtered {
+            for event in events.drain(..) {
+                match event {
+                    Event::Open(key) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        flows.insert(key, tx);
+                        let flow = mirror_http_flow(
+                            rx,
+                            key.server,
+                            key.client,
+                            Arc::clone(route),
+                            out.clone(),
+                            Arc::clone(next_stream),
+                        );
+                        runtime.spawn(flow);
+                    }
+                    Event::Data(key, data) => {
+                        if let Some(tx) = flows.get(&key) {
+                            let _ = tx.send(data);
+                        }
+                    }
+                    Event::Close(key) => {
+                        flows.remove(&key);
+                    }
+                    Event::Gap(..) => {}
+                }
+            }
+            continue;
+        }
         for event in events.drain(..) {
             let body = match event {
                 Event::Open(key) => {

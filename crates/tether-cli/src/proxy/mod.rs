@@ -226,16 +226,18 @@ impl Shared {
             Some(Body::HttpRequestHead(head)) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                // A mirrored request's body cannot be slowed: its queue is bounded instead.
+                let mirror = head.mode() == SubscriptionMode::Mirror;
                 let entry = StreamEntry {
                     tx,
-                    queued,
-                    mirror: false,
+                    queued: Arc::clone(&queued),
+                    mirror,
                 };
                 self.streams
                     .lock()
                     .expect("streams lock")
                     .insert(head.stream_id, entry);
-                tokio::spawn(Arc::clone(self).deliver_http(head, rx));
+                tokio::spawn(Arc::clone(self).deliver_http(head, rx, mirror.then_some(queued)));
             }
             Some(Body::Ping(ping)) => {
                 let _ = self
@@ -369,11 +371,7 @@ impl Shared {
             } else {
                 SubscriptionMode::Mirror
             } as i32,
-            http_filter: if steal {
-                ports::wire_filter(&self.incoming.http_filter, remote_port)
-            } else {
-                None
-            },
+            http_filter: ports::wire_filter(&self.incoming.http_filter, remote_port),
             steal_probes: self.steal_probes,
             ..Default::default()
         };
@@ -589,9 +587,10 @@ impl Shared {
         self: Arc<Self>,
         head: tether_protocol::HttpRequestHead,
         from_agent: mpsc::UnboundedReceiver<ToStream>,
+        mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
     ) {
         let id = head.stream_id;
-        if let Err(reason) = self.http_exchange(&head, from_agent).await {
+        if let Err(reason) = self.http_exchange(&head, from_agent, mirror_queue).await {
             let reset = StreamReset {
                 stream_id: id,
                 reason,
@@ -607,7 +606,9 @@ impl Shared {
         &self,
         head: &tether_protocol::HttpRequestHead,
         from_agent: mpsc::UnboundedReceiver<ToStream>,
+        mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
     ) -> Result<(), String> {
+        let mirror = mirror_queue.is_some();
         use http_body_util::BodyExt as _;
         let id = head.stream_id;
         let port = head
@@ -651,7 +652,10 @@ impl Shared {
                     .boxed_unsync();
                 (empty, Some(from_agent))
             } else {
-                (request_body(from_agent, id, self.out.clone()), None)
+                (
+                    request_body(from_agent, id, self.out.clone(), mirror_queue),
+                    None,
+                )
             };
             let mut request = http::Request::builder()
                 .method(head.method.as_str())
@@ -716,6 +720,11 @@ impl Shared {
                     &mut read, &mut write, id, from_agent, false, &window, &queued,
                 )
                 .await;
+                return Ok(());
+            }
+            if mirror {
+                // The pod's app answered the real client; the local answer is read and dropped.
+                let _ = response.into_body().collect().await;
                 return Ok(());
             }
             let (parts, mut body) = response.into_parts();
@@ -826,6 +835,7 @@ fn request_body(
     from_agent: mpsc::UnboundedReceiver<ToStream>,
     id: u64,
     out: mpsc::Sender<Body>,
+    mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> {
     use http_body_util::BodyExt as _;
     use hyper::body::Frame;
@@ -834,9 +844,11 @@ fn request_body(
         credit: tether_agent::flow::RecvCredit,
         out: mpsc::Sender<Body>,
         done: bool,
+        mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
     }
     let state = State {
         from_agent,
+        mirror_queue,
         credit: Default::default(),
         out,
         done: false,
@@ -847,6 +859,9 @@ fn request_body(
         }
         match state.from_agent.recv().await {
             Some(ToStream::Data(data)) => {
+                if let Some(queued) = &state.mirror_queue {
+                    queued.fetch_sub(data.len(), Ordering::Relaxed);
+                }
                 if let Some(increment) = state.credit.consumed(data.len()) {
                     let update = tether_protocol::WindowUpdate {
                         stream_id: id,

@@ -431,3 +431,66 @@ fn concurrent_h2c_streams_on_one_connection_split_between_local_and_pod() {
         exec.seen_lines()
     );
 }
+
+#[test]
+fn a_filtered_mirror_copies_only_matching_requests() {
+    if !require_root("a_filtered_mirror_copies_only_matching_requests") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    // Writes every path it gets to `seen`, one per line.
+    let app = format!(
+        "import http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   protocol_version = 'HTTP/1.1'\n\
+         \x20   def do_GET(self):\n\
+         \x20       open('{seen}', 'a').write(self.path + '\\n')\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', '5'); self.end_headers(); self.wfile.write(b'local')\n\
+         \x20   def log_message(self, *a): pass\n\
+         http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n",
+        seen = seen.display()
+    );
+    let mut exec = Exec::start_with(
+        &pod,
+        "mirror",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &["python3", "-c", &app],
+    );
+    exec.wait_for("target port 80");
+    let base = format!("http://{}:80", pod.ip);
+    for (path, marked) in [("/u1", false), ("/m1", true), ("/u2", false), ("/m2", true)] {
+        let headers: &[&str] = if marked { &["X-Dev: alice"] } else { &[] };
+        let answer = curl(&net, &format!("{base}{path}"), headers);
+        assert_eq!(
+            answer,
+            format!("original 80 GET {path}"),
+            "the pod answers every request"
+        );
+    }
+    // Copies arrive asynchronously: wait (bounded) for both marked ones.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let copies = loop {
+        let copies = std::fs::read_to_string(&seen).unwrap_or_default();
+        if copies.contains("/m1") && copies.contains("/m2") {
+            break copies;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "marked copies missing after 10 s: {copies:?}\n{}",
+            exec.seen_lines()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut lines: Vec<&str> = copies.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["/m1", "/m2"], "only the marked requests are copied");
+}
