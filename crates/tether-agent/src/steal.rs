@@ -58,6 +58,8 @@ pub(crate) async fn accept_loop(listener: TcpListener, ports: PortTable, netns: 
                 continue;
             }
         };
+        // Stolen traffic is request/response: never let Nagle wait for the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let original = match original_destination(&stream) {
             Ok(original) => original,
             Err(error) => {
@@ -120,7 +122,9 @@ pub(crate) async fn connect_marked(netns: &Netns, addr: SocketAddr) -> std::io::
             Ok(socket)
         })
         .await?;
-    TcpSocket::from_std_stream(socket.into())
+    let stream = TcpSocket::from_std_stream(socket.into())
         .connect(addr)
-        .await
+        .await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }

@@ -12,6 +12,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+mod http_steal;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -36,6 +38,20 @@ enum Bench {
         #[arg(long, default_value_t = 20_000)]
         iters: u32,
     },
+    /// Issue 5: HTTP request latency (p50/p99) and throughput through (a) the pod's app directly,
+    /// (b) a two-relay socat chain in the pod, (c) a tether whole-port steal, (d) a tether
+    /// header-filtered steal, with wrk in a client namespace. Needs root.
+    HttpSteal {
+        /// Interleaved rounds (a b c d, a b c d, …).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 4)]
+        seconds: u32,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
     /// One timed loop of a workload (run by `layer-overhead`, with and without the layer).
     #[command(hide = true)]
     Workload {
@@ -49,6 +65,11 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Bench::LayerOverhead { reps, iters } => layer_overhead(reps, iters),
+        Bench::HttpSteal {
+            rounds,
+            seconds,
+            connections,
+        } => http_steal::run(rounds, seconds, connections),
         Bench::Workload { kind, iters } => {
             println!("{}", workload(&kind, iters)?);
             Ok(())

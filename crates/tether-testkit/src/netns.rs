@@ -344,3 +344,20 @@ pub fn sweep_leftovers() {
             && !Path::new(&format!("/proc/{pid}")).exists()
     });
 }
+
+/// A free TCP port for a local app, outside the kernel's ephemeral range (32768–60999), so an
+/// outgoing connection (the proxy makes many) cannot take it between this check and the app's
+/// `bind`. Checked by binding it.
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher as _, RandomState};
+    let mut seed = RandomState::new().hash_one(std::process::id());
+    loop {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let port = 20_000 + (seed >> 33) as u16 % 10_000;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+}

@@ -321,10 +321,14 @@ fn show(ui: Ui, when: &str, body: &str) {
     }
 }
 
+/// A free port for the local service, outside the ephemeral range (32768–60999) so no outgoing
+/// connection takes it between this check and the service's `bind`.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("0.0.0.0:0")?
-        .local_addr()?
-        .port())
+    (20_000..30_000)
+        .map(|offset| 20_000 + (offset * 7919 + std::process::id() as usize) % 10_000)
+        .find(|&port| std::net::TcpListener::bind(("0.0.0.0", port as u16)).is_ok())
+        .map(|port| port as u16)
+        .context("no free port between 20000 and 30000")
 }
 
 /// Sets `flag` when `signal` arrives (no handler code runs in signal context).

@@ -59,6 +59,13 @@ pub(crate) enum Event {
     LinkClosed,
 }
 
+type AppSender = hyper::client::conn::http1::SendRequest<
+    http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>,
+>;
+
+/// Idle connections to the app kept at most.
+const MAX_POOLED: usize = 1024;
+
 /// Mirrored bytes queued for one connection before it is dropped as too slow.
 const MIRROR_QUEUE_LIMIT: usize = 16 << 20;
 
@@ -100,6 +107,8 @@ struct Shared {
     streams: Mutex<HashMap<u64, StreamEntry>>,
     /// Credit for the bytes the proxy sends on each stolen stream.
     windows: Mutex<HashMap<u64, Arc<tether_agent::flow::SendWindow>>>,
+    /// Idle HTTP/1 connections to the app, by stolen client connection and listener.
+    app_pool: Mutex<HashMap<(u64, SocketAddr), AppSender>>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -133,6 +142,7 @@ impl Proxy {
             peers: Mutex::default(),
             streams: Mutex::default(),
             windows: Mutex::default(),
+            app_pool: Mutex::default(),
             events,
         });
         let mut tasks = JoinSet::new();
@@ -630,10 +640,11 @@ impl Shared {
                     .cloned()
             })
             .ok_or("the local process no longer listens on this port")?;
-        let (app, our_end) = self
-            .connect_for(listener.local, remote)
-            .await
-            .map_err(|e| format!("the local process did not accept: {e}"))?;
+        // HTTP/1 connections to the app are kept per stolen client connection, so a keep-alive
+        // client's requests reuse one (and the app still sees that client as the peer).
+        let pool_key = (head.connection_id, listener.local);
+        let mut our_end = None;
+        let mut reusable = None;
         let result = async {
             let uri: http::Uri = head
                 .uri
@@ -651,6 +662,14 @@ impl Shared {
                     .map_err(|e: std::convert::Infallible| match e {})
                     .boxed_unsync();
                 (empty, Some(from_agent))
+            } else if !headers.contains_key(http::header::CONTENT_LENGTH)
+                && !headers.contains_key(http::header::TRANSFER_ENCODING)
+            {
+                // No body (a GET, say): send none, rather than an empty chunked one.
+                let empty = http_body_util::Empty::new()
+                    .map_err(|e: std::convert::Infallible| match e {})
+                    .boxed_unsync();
+                (empty, None)
             } else {
                 (
                     request_body(from_agent, id, self.out.clone(), mirror_queue),
@@ -665,8 +684,13 @@ impl Shared {
             *request.headers_mut() = headers;
             // The local app is spoken to in the client's HTTP version (h2c for h2, as a gRPC
             // server expects).
-            let io = hyper_util::rt::TokioIo::new(app);
             let answered = if head.version() == tether_protocol::HttpVersion::Http2 {
+                let (app, end) = self
+                    .connect_for(listener.local, remote)
+                    .await
+                    .map_err(|e| format!("the local process did not accept: {e}"))?;
+                our_end = Some(end);
+                let io = hyper_util::rt::TokioIo::new(app);
                 let (mut send, connection) =
                     hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
                         .await
@@ -682,11 +706,39 @@ impl Shared {
                 }
                 send.send_request(request).await
             } else {
-                let (mut send, connection) = hyper::client::conn::http1::handshake(io)
-                    .await
-                    .map_err(|e| format!("HTTP handshake with the local process failed: {e}"))?;
-                tokio::spawn(connection.with_upgrades());
-                send.send_request(request).await
+                let pooled = if upgrade {
+                    None
+                } else {
+                    self.app_pool.lock().expect("pool lock").remove(&pool_key)
+                };
+                let ready = match pooled {
+                    Some(mut send) => send.ready().await.is_ok().then_some(send),
+                    None => None,
+                };
+                let mut send = match ready {
+                    Some(send) => send,
+                    None => {
+                        let (app, end) = self
+                            .connect_for(listener.local, remote)
+                            .await
+                            .map_err(|e| format!("the local process did not accept: {e}"))?;
+                        our_end = Some(end);
+                        let (send, connection) = hyper::client::conn::http1::handshake(
+                            hyper_util::rt::TokioIo::new(app),
+                        )
+                        .await
+                        .map_err(|e| {
+                            format!("HTTP handshake with the local process failed: {e}")
+                        })?;
+                        tokio::spawn(connection.with_upgrades());
+                        send
+                    }
+                };
+                let answered = send.send_request(request).await;
+                if !upgrade {
+                    reusable = Some(send);
+                }
+                answered
             };
             let mut response =
                 answered.map_err(|e| format!("the local process failed to answer: {e}"))?;
@@ -780,7 +832,16 @@ impl Shared {
             Ok(())
         }
         .await;
-        self.peers.lock().expect("peers lock").remove(&our_end);
+        if let Some(end) = our_end {
+            self.peers.lock().expect("peers lock").remove(&end);
+        }
+        if let (Ok(()), Some(send)) = (&result, reusable) {
+            let mut pool = self.app_pool.lock().expect("pool lock");
+            // Bounded: a client that opened many connections must not grow this without limit.
+            if !send.is_closed() && pool.len() < MAX_POOLED {
+                pool.insert(pool_key, send);
+            }
+        }
         result
     }
 

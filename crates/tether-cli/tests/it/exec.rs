@@ -12,14 +12,7 @@ use std::{
 
 use tether_testkit::{Network, Pod, require_root};
 
-/// A free TCP port on this machine (bound and released).
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub(crate) use tether_testkit::netns::free_port;
 
 /// A running `tether exec`, with its stderr lines.
 pub(crate) struct Exec {

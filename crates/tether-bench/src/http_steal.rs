@@ -1,0 +1,248 @@
+//! Issue 5's benchmark: HTTP through tether's steal against the pod's app directly and against a
+//! relay chain with as many hops, in one run, interleaved.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tether_testkit::{Network, Pod};
+
+/// One wrk run's figures.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    p50_ms: f64,
+    p99_ms: f64,
+    requests_per_s: f64,
+}
+
+/// Milliseconds from wrk's `1.23ms` / `456.78us` / `1.02s`.
+fn millis(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+fn parse_wrk(output: &str) -> Option<Figures> {
+    let field = |prefix: &str| {
+        output
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+    };
+    Some(Figures {
+        p50_ms: millis(&field("50%")?)?,
+        p99_ms: millis(&field("99%")?)?,
+        requests_per_s: field("Requests/sec:")?.parse().ok()?,
+    })
+}
+
+fn wrk(
+    net: &Network,
+    url: &str,
+    seconds: u32,
+    connections: u32,
+    header: Option<&str>,
+) -> anyhow::Result<Figures> {
+    let (duration, conns) = (format!("{seconds}s"), connections.to_string());
+    let mut args = vec!["wrk", "-t", "1", "-c", &conns, "-d", &duration, "--latency"];
+    if let Some(header) = header {
+        args.extend(["-H", header]);
+    }
+    args.push(url);
+    let output = net.exec(net.client(), &args);
+    let text = String::from_utf8_lossy(&output.stdout);
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        bail!("wrk saw errors against {url}:\n{text}");
+    }
+    parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+}
+
+/// `tether exec` stealing the pod's port 80 into a local `serve-http`; stopped on drop.
+struct Steal(Child);
+
+impl Steal {
+    fn start(tether: &std::path::Path, pod: &Pod, filter: Option<&str>) -> anyhow::Result<Steal> {
+        let port = tether_testkit::netns::free_port();
+        let mut command = Command::new(tether);
+        command
+            .args([
+                "exec",
+                "--target",
+                &format!("netns/{}", pod.netns),
+                "--steal",
+                "--",
+            ])
+            .arg(tether)
+            .args(["serve-http", "--name", "local", "--port", &port.to_string()])
+            .env(
+                "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
+                format!("[[{port}, 80]]"),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(filter) = filter {
+            command.env(
+                "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+                filter,
+            );
+        }
+        let mut child = command.spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut said = Vec::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains("target port 80") => break,
+                Some(Ok(line)) => said.push(line),
+                _ => bail!(
+                    "tether exec stopped before taking the port; it said:\n{}",
+                    said.join("\n")
+                ),
+            }
+        }
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Steal(child))
+    }
+}
+
+impl Drop for Steal {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1],
+    )
+}
+
+pub(crate) fn run(rounds: usize, seconds: u32, connections: u32) -> anyhow::Result<()> {
+    if !tether_testkit::require_root("tether-bench http-steal") {
+        bail!("run it as root: it builds network namespaces");
+    }
+    let exe = std::env::current_exe()?;
+    let tether = exe.parent().context("no directory")?.join("tether");
+    if !tether.is_file() {
+        bail!(
+            "{} is missing: cargo build --release -p tether -p tether-bench",
+            tether.display()
+        );
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    let port80 = ["serve-http", "--name", "pod", "--port", "80"];
+    net.spawn(
+        &pod.netns,
+        &[
+            tether.to_str().context("path")?,
+            port80[0],
+            port80[1],
+            port80[2],
+            port80[3],
+            port80[4],
+        ],
+    );
+    net.spawn(
+        &pod.netns,
+        &[
+            "socat",
+            "TCP-LISTEN:82,fork,reuseaddr,backlog=1024",
+            "TCP:127.0.0.1:80",
+        ],
+    );
+    net.spawn(
+        &pod.netns,
+        &[
+            "socat",
+            "TCP-LISTEN:81,fork,reuseaddr,backlog=1024",
+            "TCP:127.0.0.1:82",
+        ],
+    );
+    for port in [80, 81, 82] {
+        net.wait_listening(&pod.netns, port);
+    }
+    let url = |port: u16| format!("http://{}:{port}/", pod.ip);
+    let names = [
+        "(a) direct to the pod's app",
+        "(b) socat relay chain, 2 hops",
+        "(c) tether whole-port steal",
+        "(d) tether filtered steal",
+    ];
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); 4];
+    for round in 0..rounds {
+        eprintln!("round {} of {rounds}", round + 1);
+        results[0].push(wrk(&net, &url(80), seconds, connections, None)?);
+        results[1].push(wrk(&net, &url(81), seconds, connections, None)?);
+        {
+            let _steal = Steal::start(&tether, &pod, None)?;
+            results[2].push(wrk(&net, &url(80), seconds, connections, None)?);
+        }
+        {
+            let _steal = Steal::start(&tether, &pod, Some("^x-dev: bench$"))?;
+            results[3].push(wrk(
+                &net,
+                &url(80),
+                seconds,
+                connections,
+                Some("X-Dev: bench"),
+            )?);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let summary: Vec<_> = results
+        .iter()
+        .map(|runs| {
+            (
+                median(runs.iter().map(|f| f.p50_ms).collect()),
+                median(runs.iter().map(|f| f.p99_ms).collect()),
+                median(runs.iter().map(|f| f.requests_per_s).collect()),
+            )
+        })
+        .collect();
+    let base = summary[0];
+    println!(
+        "wrk -t1 -c{connections} -d{seconds}s, keep-alive, {rounds} interleaved rounds; medians [min–max]\n"
+    );
+    println!(
+        "| path | p50 ms | p99 ms | requests/s | p50 ratio (goal ≤ 1.5) | p99 ratio (goal ≤ 2) | throughput ratio (goal ≥ 0.7) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, (p50, p99, rps)) in names.iter().zip(&summary) {
+        println!(
+            "| {name} | {:.2} [{:.2}–{:.2}] | {:.2} [{:.2}–{:.2}] | {:.0} [{:.0}–{:.0}] | {:.2} | {:.2} | {:.2} |",
+            p50.0,
+            p50.1,
+            p50.2,
+            p99.0,
+            p99.1,
+            p99.2,
+            rps.0,
+            rps.1,
+            rps.2,
+            p50.0 / base.0.0,
+            p99.0 / base.1.0,
+            rps.0 / base.2.0
+        );
+    }
+    Ok(())
+}
