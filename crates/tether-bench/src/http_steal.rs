@@ -53,16 +53,22 @@ fn wrk(
     seconds: u32,
     connections: u32,
     header: Option<&str>,
+    close: bool,
 ) -> anyhow::Result<Figures> {
     let (duration, conns) = (format!("{seconds}s"), connections.to_string());
     let mut args = vec!["wrk", "-t", "1", "-c", &conns, "-d", &duration, "--latency"];
     if let Some(header) = header {
         args.extend(["-H", header]);
     }
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
     args.push(url);
     let output = net.exec(net.client(), &args);
     let text = String::from_utf8_lossy(&output.stdout);
-    if text.contains("Non-2xx") || text.contains("Socket errors") {
+    // (With `Connection: close`, wrk counts the server's closes as read errors: only wrong
+    // answers fail the run.)
+    if text.contains("Non-2xx") {
         bail!("wrk saw errors against {url}:\n{text}");
     }
     parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
@@ -72,7 +78,12 @@ fn wrk(
 struct Steal(Child);
 
 impl Steal {
-    fn start(tether: &std::path::Path, pod: &Pod, filter: Option<&str>) -> anyhow::Result<Steal> {
+    fn start(
+        tether: &std::path::Path,
+        pod: &Pod,
+        filter: Option<&str>,
+        python: bool,
+    ) -> anyhow::Result<Steal> {
         let port = tether_testkit::netns::free_port();
         let mut command = Command::new(tether);
         command
@@ -83,8 +94,7 @@ impl Steal {
                 "--steal",
                 "--",
             ])
-            .arg(tether)
-            .args(["serve-http", "--name", "local", "--port", &port.to_string()])
+            .args(app_command(tether, "local", port, python))
             .env(
                 "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
                 format!("[[{port}, 80]]"),
@@ -127,6 +137,26 @@ impl Drop for Steal {
     }
 }
 
+/// The command of the app that answers on `port`.
+fn app_command(tether: &std::path::Path, name: &str, port: u16, python: bool) -> Vec<String> {
+    if python {
+        // Quiet: it logs every request to stderr.
+        let quiet = format!("exec python3 -m http.server --bind 0.0.0.0 {port} 2>/dev/null");
+        ["sh", "-c", &quiet].map(String::from).to_vec()
+    } else {
+        [
+            tether.to_str().unwrap_or("tether"),
+            "serve-http",
+            "--name",
+            name,
+            "--port",
+            &port.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
 fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     (
@@ -136,7 +166,13 @@ fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
-pub(crate) fn run(rounds: usize, seconds: u32, connections: u32) -> anyhow::Result<()> {
+pub(crate) fn run(
+    rounds: usize,
+    seconds: u32,
+    connections: u32,
+    python: bool,
+    close: bool,
+) -> anyhow::Result<()> {
     if !tether_testkit::require_root("tether-bench http-steal") {
         bail!("run it as root: it builds network namespaces");
     }
@@ -150,17 +186,10 @@ pub(crate) fn run(rounds: usize, seconds: u32, connections: u32) -> anyhow::Resu
     }
     let net = Network::new(1);
     let pod = net.pod(0).clone();
-    let port80 = ["serve-http", "--name", "pod", "--port", "80"];
+    let pod_app = app_command(&tether, "pod", 80, python);
     net.spawn(
         &pod.netns,
-        &[
-            tether.to_str().context("path")?,
-            port80[0],
-            port80[1],
-            port80[2],
-            port80[3],
-            port80[4],
-        ],
+        &pod_app.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     net.spawn(
         &pod.netns,
@@ -191,20 +220,21 @@ pub(crate) fn run(rounds: usize, seconds: u32, connections: u32) -> anyhow::Resu
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); 4];
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        results[0].push(wrk(&net, &url(80), seconds, connections, None)?);
-        results[1].push(wrk(&net, &url(81), seconds, connections, None)?);
+        results[0].push(wrk(&net, &url(80), seconds, connections, None, close)?);
+        results[1].push(wrk(&net, &url(81), seconds, connections, None, close)?);
         {
-            let _steal = Steal::start(&tether, &pod, None)?;
-            results[2].push(wrk(&net, &url(80), seconds, connections, None)?);
+            let _steal = Steal::start(&tether, &pod, None, python)?;
+            results[2].push(wrk(&net, &url(80), seconds, connections, None, close)?);
         }
         {
-            let _steal = Steal::start(&tether, &pod, Some("^x-dev: bench$"))?;
+            let _steal = Steal::start(&tether, &pod, Some("^x-dev: bench$"), python)?;
             results[3].push(wrk(
                 &net,
                 &url(80),
                 seconds,
                 connections,
                 Some("X-Dev: bench"),
+                close,
             )?);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -220,8 +250,18 @@ pub(crate) fn run(rounds: usize, seconds: u32, connections: u32) -> anyhow::Resu
         })
         .collect();
     let base = summary[0];
+    let app = if python {
+        "python3 -m http.server"
+    } else {
+        "tether serve-http (tokio)"
+    };
+    let connection = if close {
+        "a new connection per request"
+    } else {
+        "keep-alive"
+    };
     println!(
-        "wrk -t1 -c{connections} -d{seconds}s, keep-alive, {rounds} interleaved rounds; medians [min–max]\n"
+        "apps: {app}; wrk -t1 -c{connections} -d{seconds}s, {connection}, {rounds} interleaved rounds; medians [min–max]\n"
     );
     println!(
         "| path | p50 ms | p99 ms | requests/s | p50 ratio (goal ≤ 1.5) | p99 ratio (goal ≤ 2) | throughput ratio (goal ≥ 0.7) |"

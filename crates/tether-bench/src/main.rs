@@ -48,9 +48,16 @@ enum Bench {
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 4)]
         seconds: u32,
-        /// Concurrent keep-alive connections.
+        /// Concurrent connections.
         #[arg(long, default_value_t = 16)]
         connections: u32,
+        /// The app on both sides: tether's built-in tokio service, or `python3 -m http.server`
+        /// (the setup the reference figures used).
+        #[arg(long, default_value = "tokio", value_parser = ["tokio", "python"])]
+        app: String,
+        /// A new connection per request (`Connection: close`) instead of keep-alive.
+        #[arg(long)]
+        close: bool,
     },
     /// One timed loop of a workload (run by `layer-overhead`, with and without the layer).
     #[command(hide = true)]
@@ -69,7 +76,9 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             connections,
-        } => http_steal::run(rounds, seconds, connections),
+            app,
+            close,
+        } => http_steal::run(rounds, seconds, connections, app == "python", close),
         Bench::Workload { kind, iters } => {
             println!("{}", workload(&kind, iters)?);
             Ok(())
