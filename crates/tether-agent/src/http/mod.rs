@@ -319,7 +319,7 @@ async fn to_local(
             body,
             id,
             ctx.out.clone(),
-            Arc::clone(&window),
+            Some(Arc::clone(&window)),
         ));
     }
     let head = loop {
@@ -370,12 +370,13 @@ async fn to_local(
     response
 }
 
-/// Request body → session, within the stream's window.
+/// Request body → session: within the stream's window, or (mirrored copies, which must never hold
+/// up the pod's traffic) without one.
 async fn send_request_body(
     mut body: Incoming,
     id: u64,
     out: mpsc::Sender<Body>,
-    window: Arc<SendWindow>,
+    window: Option<Arc<SendWindow>>,
 ) {
     let mut trailers = Vec::new();
     while let Some(frame) = body.frame().await {
@@ -394,7 +395,11 @@ async fn send_request_body(
         match frame.into_data() {
             Ok(mut data) => {
                 while !data.is_empty() {
-                    let allowed = window.reserve(data.len().min(MAX_DATA_CHUNK)).await;
+                    let most = data.len().min(MAX_DATA_CHUNK);
+                    let allowed = match &window {
+                        Some(window) => window.reserve(most).await,
+                        None => most,
+                    };
                     let chunk = data.split_to(allowed);
                     if out
                         .send(Body::StreamData(StreamData {
@@ -566,7 +571,7 @@ async fn copy_request(
     next_stream: &AtomicU64,
 ) {
     let id = next_stream.fetch_add(2, Ordering::Relaxed);
-    let (parts, mut body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let head = HttpRequestHead {
         stream_id: id,
         connection_id: 0,
@@ -581,35 +586,5 @@ async fn copy_request(
     if out.send(Body::HttpRequestHead(head)).await.is_err() {
         return;
     }
-    let mut trailers = Vec::new();
-    while let Some(Ok(frame)) = body.frame().await {
-        match frame.into_data() {
-            Ok(data) => {
-                for chunk in data.chunks(MAX_DATA_CHUNK) {
-                    let data = Bytes::copy_from_slice(chunk);
-                    if out
-                        .send(Body::StreamData(StreamData {
-                            stream_id: id,
-                            data,
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-            Err(frame) => {
-                if let Ok(map) = frame.into_trailers() {
-                    trailers = to_wire(&map);
-                }
-            }
-        }
-    }
-    let _ = out
-        .send(Body::StreamEnd(StreamEnd {
-            stream_id: id,
-            trailers,
-        }))
-        .await;
+    send_request_body(body, id, out.clone(), None).await;
 }

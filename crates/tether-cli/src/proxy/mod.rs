@@ -200,18 +200,8 @@ impl Shared {
                 }
             }
             Some(Body::IncomingConnection(info)) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                let mirror = info.mode() == SubscriptionMode::Mirror;
-                let entry = StreamEntry {
-                    tx,
-                    queued: Arc::clone(&queued),
-                    mirror,
-                };
-                self.streams
-                    .lock()
-                    .expect("streams lock")
-                    .insert(info.stream_id, entry);
+                let (rx, queued) =
+                    self.open_stream(info.stream_id, info.mode() == SubscriptionMode::Mirror);
                 tokio::spawn(Arc::clone(self).deliver(info, rx, queued));
             }
             Some(Body::WindowUpdate(update)) => {
@@ -234,19 +224,9 @@ impl Shared {
                 self.to_stream(reset.stream_id, ToStream::Reset(reset.reason))
             }
             Some(Body::HttpRequestHead(head)) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
                 // A mirrored request's body cannot be slowed: its queue is bounded instead.
                 let mirror = head.mode() == SubscriptionMode::Mirror;
-                let entry = StreamEntry {
-                    tx,
-                    queued: Arc::clone(&queued),
-                    mirror,
-                };
-                self.streams
-                    .lock()
-                    .expect("streams lock")
-                    .insert(head.stream_id, entry);
+                let (rx, queued) = self.open_stream(head.stream_id, mirror);
                 tokio::spawn(Arc::clone(self).deliver_http(head, rx, mirror.then_some(queued)));
             }
             Some(Body::Ping(ping)) => {
@@ -266,6 +246,26 @@ impl Shared {
             }
             _ => {}
         }
+    }
+
+    /// Registers a stream the agent opened; its frames reach the returned receiver.
+    fn open_stream(
+        &self,
+        id: u64,
+        mirror: bool,
+    ) -> (
+        mpsc::UnboundedReceiver<ToStream>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let entry = StreamEntry {
+            tx,
+            queued: Arc::clone(&queued),
+            mirror,
+        };
+        self.streams.lock().expect("streams lock").insert(id, entry);
+        (rx, queued)
     }
 
     fn to_stream(&self, id: u64, item: ToStream) {
