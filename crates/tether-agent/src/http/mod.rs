@@ -121,7 +121,9 @@ pub(crate) async fn serve_http1(
             Ok::<_, Infallible>(response)
         }
     });
+    // Half-close: a client may shut its side after sending a request and still want the answer.
     let served = hyper::server::conn::http1::Builder::new()
+        .half_close(true)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await;
@@ -558,7 +560,10 @@ pub(crate) async fn mirror_http_flow(
             Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
         }
     });
+    // A mirrored flow ends with the client's FIN right after its request: with half-close off,
+    // hyper would drop a request still being copied when it reads that end.
     let _ = hyper::server::conn::http1::Builder::new()
+        .half_close(true)
         .serve_connection(TokioIo::new(ours), service)
         .await;
 }
