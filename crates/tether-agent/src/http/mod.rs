@@ -68,6 +68,57 @@ enum Upstream {
     Http2(tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<AnyBody>>>),
 }
 
+/// Routes each request of one stolen connection: to the local process when the route takes it,
+/// to the original app otherwise. Shared by the HTTP/1 and HTTP/2 servers.
+struct Router {
+    original: SocketAddrV4,
+    peer: SocketAddr,
+    connection_id: u64,
+    route: Arc<Route>,
+    ctx: HttpContext,
+    upstream: Upstream,
+}
+
+impl Router {
+    fn new(
+        original: SocketAddrV4,
+        peer: SocketAddr,
+        route: Arc<Route>,
+        ctx: HttpContext,
+        upstream: Upstream,
+    ) -> Arc<Router> {
+        let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
+        Arc::new(Router {
+            original,
+            peer,
+            connection_id,
+            route,
+            ctx,
+            upstream,
+        })
+    }
+
+    async fn route(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+    ) -> Result<Response<AnyBody>, Infallible> {
+        let (original, ctx) = (self.original, &self.ctx);
+        Ok(
+            if self
+                .route
+                .takes(request.method(), request.uri(), request.headers())
+            {
+                to_local(request, original, self.peer, self.connection_id, ctx).await
+            } else if is_upgrade(request.headers()) {
+                // Only HTTP/1 has upgrades (HTTP/2 forbids `Connection` headers).
+                upgrade_to_original(request, original, ctx).await
+            } else {
+                to_original(request, original, ctx, &self.upstream).await
+            },
+        )
+    }
+}
+
 /// Serves one stolen HTTP/2 (h2c, prior knowledge) connection: every stream is routed on its own,
 /// so one connection may carry both kinds concurrently.
 pub(crate) async fn serve_http2(
@@ -77,19 +128,14 @@ pub(crate) async fn serve_http2(
     route: Arc<Route>,
     ctx: HttpContext,
 ) {
-    let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
-    let upstream = Arc::new(Upstream::Http2(tokio::sync::Mutex::new(None)));
-    let service = service_fn(move |request: Request<Incoming>| {
-        let (route, ctx, upstream) = (Arc::clone(&route), ctx.clone(), Arc::clone(&upstream));
-        async move {
-            let response = if route.takes(request.method(), request.uri(), request.headers()) {
-                to_local(request, original, peer, connection_id, &ctx).await
-            } else {
-                to_original(request, original, &ctx, &upstream).await
-            };
-            Ok::<_, Infallible>(response)
-        }
-    });
+    let router = Router::new(
+        original,
+        peer,
+        route,
+        ctx,
+        Upstream::Http2(tokio::sync::Mutex::new(None)),
+    );
+    let service = service_fn(move |request| Arc::clone(&router).route(request));
     let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(TokioIo::new(stream), service)
         .await;
@@ -106,21 +152,14 @@ pub(crate) async fn serve_http1(
     route: Arc<Route>,
     ctx: HttpContext,
 ) {
-    let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
-    let upstream = Arc::new(Upstream::Http1(tokio::sync::Mutex::new(None)));
-    let service = service_fn(move |request: Request<Incoming>| {
-        let (route, ctx, upstream) = (Arc::clone(&route), ctx.clone(), Arc::clone(&upstream));
-        async move {
-            let response = if route.takes(request.method(), request.uri(), request.headers()) {
-                to_local(request, original, peer, connection_id, &ctx).await
-            } else if is_upgrade(request.headers()) {
-                upgrade_to_original(request, original, &ctx).await
-            } else {
-                to_original(request, original, &ctx, &upstream).await
-            };
-            Ok::<_, Infallible>(response)
-        }
-    });
+    let router = Router::new(
+        original,
+        peer,
+        route,
+        ctx,
+        Upstream::Http1(tokio::sync::Mutex::new(None)),
+    );
+    let service = service_fn(move |request| Arc::clone(&router).route(request));
     // Half-close: a client may shut its side after sending a request and still want the answer.
     let served = hyper::server::conn::http1::Builder::new()
         .half_close(true)
