@@ -11,12 +11,15 @@
 //! Entry points: [`AgentArgs`] (shared by the `tether-agent` binary and the hidden
 //! `tether agent` subcommand), [`run`], and [`Agent`] + [`serve`] for embedding in tests.
 
+mod dns;
 pub mod flow;
 mod flush;
+pub mod fs;
 pub mod http;
 pub mod link;
 mod mirror;
 pub mod netns;
+mod outgoing;
 pub mod rules;
 mod session;
 mod steal;

@@ -83,6 +83,30 @@ impl Netns {
         }
     }
 
+    /// The target's process, for `pid/PID` targets.
+    pub fn pid(&self) -> Option<u32> {
+        self.label.strip_prefix("pid/")?.parse().ok()
+    }
+
+    /// The namespace's name, for `netns/NAME` targets.
+    pub fn name(&self) -> Option<&str> {
+        self.label.strip_prefix("netns/")
+    }
+
+    /// True when this is the agent's own namespace.
+    pub fn is_current(&self) -> bool {
+        self.current
+    }
+
+    /// The target's filesystem root: the process's root (its mount namespace) for `pid/PID`, the
+    /// agent's own root otherwise.
+    pub fn root_path(&self) -> PathBuf {
+        match self.pid() {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/root")),
+            None => PathBuf::from("/"),
+        }
+    }
+
     pub fn exists(&self) -> bool {
         self.path.exists()
     }
@@ -121,7 +145,7 @@ impl Netns {
 }
 
 /// Moves the calling thread into the namespace named by `path`.
-fn enter(path: &Path) -> std::io::Result<()> {
+pub(crate) fn enter(path: &Path) -> std::io::Result<()> {
     let file = File::open(path)?;
     nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
 }

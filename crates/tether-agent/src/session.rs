@@ -15,8 +15,8 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tether_protocol::{
     Body, ErrorCode, ErrorInfo, Frame, HandshakeError, IncomingConnection, MAX_DATA_CHUNK, Pong,
-    PortSubscribe, Response, StreamData, StreamEnd, StreamReset, Subscribed, SubscriptionMode,
-    Welcome, WindowUpdate, check_hello, hello_error, request, response,
+    PortSubscribe, Request, Response, StreamData, StreamEnd, StreamReset, Subscribed,
+    SubscriptionMode, Welcome, WindowUpdate, check_hello, hello_error, request, response,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -26,7 +26,9 @@ use tokio::{
 };
 
 use crate::{
+    dns::Dns,
     flow::{RecvCredit, SendWindow},
+    fs::{Files, Root},
     http::{
         HttpContext,
         filter::Route,
@@ -49,6 +51,11 @@ pub struct Agent {
     pub(crate) backend: Backend,
     pub(crate) steal_port: u16,
     pub(crate) ports: PortTable,
+    /// The target's filesystem root, opened once at start (`None`: it could not be opened, and
+    /// file requests fail with the reason).
+    pub(crate) root: Result<Arc<Root>, String>,
+    /// The resolver, started on the first lookup.
+    dns: std::sync::OnceLock<Result<Dns, String>>,
 }
 
 impl Agent {
@@ -68,6 +75,13 @@ impl Agent {
             Arc::clone(&ports),
             netns.clone(),
         ));
+        let root_path = netns.root_path();
+        let root = Root::open(&root_path)
+            .map(Arc::new)
+            .map_err(|e| format!("cannot open the target's root {}: {e}", root_path.display()));
+        if let Err(message) = &root {
+            tracing::warn!("{message}; file requests will fail");
+        }
         tracing::info!(target = %netns.label, %backend, steal_port, "agent ready");
         Ok(Arc::new(Agent {
             token,
@@ -76,7 +90,57 @@ impl Agent {
             backend,
             steal_port,
             ports,
+            root,
+            dns: std::sync::OnceLock::new(),
         }))
+    }
+
+    fn root(&self) -> Result<Arc<Root>, ErrorInfo> {
+        self.root
+            .clone()
+            .map_err(|message| error(ErrorCode::TargetGone, message))
+    }
+
+    /// The resolver for the target (started on first use).
+    fn dns(&self) -> Result<Dns, ErrorInfo> {
+        self.dns
+            .get_or_init(|| {
+                let root = self.root.as_ref().map_err(Clone::clone)?;
+                let etc = self
+                    .netns
+                    .name()
+                    .map(|name| std::path::Path::new("/etc/netns").join(name))
+                    .filter(|dir| dir.is_dir());
+                Dns::start(&self.netns, root, etc.as_deref())
+                    .map_err(|e| format!("cannot start the resolver in the target: {e}"))
+            })
+            .clone()
+            .map_err(|message| error(ErrorCode::Internal, message))
+    }
+
+    /// The environment of the target's process (none for a bare network namespace).
+    fn environment(&self) -> Result<tether_protocol::Env, ErrorInfo> {
+        let Some(pid) = self.netns.pid() else {
+            return Ok(tether_protocol::Env::default());
+        };
+        let raw = std::fs::read(format!("/proc/{pid}/environ")).map_err(|e| {
+            error(
+                ErrorCode::TargetGone,
+                format!("cannot read the environment of process {pid}: {e}"),
+            )
+        })?;
+        let vars = raw
+            .split(|b| *b == 0)
+            .filter_map(|entry| {
+                let text = String::from_utf8_lossy(entry);
+                let (name, value) = text.split_once('=')?;
+                (!name.is_empty()).then(|| tether_protocol::EnvVar {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                })
+            })
+            .collect();
+        Ok(tether_protocol::Env { vars })
     }
 }
 
@@ -225,6 +289,8 @@ struct Session {
     stolen_rx: mpsc::Receiver<Stolen>,
     rules: Option<ActiveRules>,
     mirrors: HashMap<u16, mirror::Capture>,
+    /// Files the client opened in the target.
+    files: Arc<Files>,
 }
 
 struct ActiveRules {
@@ -249,6 +315,7 @@ impl Session {
             stolen_rx,
             rules: None,
             mirrors: HashMap::new(),
+            files: Arc::default(),
         }
     }
 
@@ -266,6 +333,30 @@ impl Session {
                     .grant(update.stream_id, u64::from(update.increment));
             }
             Some(Body::Pong(_) | Body::Ack(_)) => {}
+            Some(Body::Request(Request {
+                id,
+                op:
+                    Some(
+                        op @ (request::Op::OutgoingConnect(_)
+                        | request::Op::DnsLookup(_)
+                        | request::Op::EnvGet(_)
+                        | request::Op::Fs(_)),
+                    ),
+            })) => {
+                // These take their time (a connect, a lookup, disk): each runs on its own task so
+                // the session keeps serving everything else meanwhile.
+                let ctx = OpContext {
+                    agent: Arc::clone(&self.agent),
+                    out: self.out.clone(),
+                    streams: Arc::clone(&self.streams),
+                    files: Arc::clone(&self.files),
+                    session: self.id.clone(),
+                };
+                self.stream_tasks.spawn(ctx.run(id, op));
+            }
+            Some(Body::Datagram(datagram)) => {
+                self.forward_to_stream(datagram.stream_id, StreamInput::Data(datagram.data))
+            }
             Some(Body::Request(request)) => {
                 let result = match request.op {
                     Some(request::Op::PortSubscribe(subscribe)) => self.subscribe(subscribe).await,
@@ -533,6 +624,116 @@ impl Session {
         }
         // The client is gone: its stolen connections cannot be answered any more.
         self.stream_tasks.abort_all();
+    }
+}
+
+/// What a request served on its own task needs.
+struct OpContext {
+    agent: Arc<Agent>,
+    out: mpsc::Sender<Body>,
+    streams: Arc<Streams>,
+    files: Arc<Files>,
+    session: String,
+}
+
+impl OpContext {
+    async fn run(self, id: u64, op: request::Op) {
+        let result = match op {
+            request::Op::OutgoingConnect(connect) => return self.connect(id, connect).await,
+            request::Op::DnsLookup(lookup) => match self.agent.dns() {
+                Ok(dns) => dns
+                    .lookup(lookup.name.clone(), lookup.family())
+                    .await
+                    .map(response::Result::DnsAnswer),
+                Err(e) => Err(e),
+            },
+            request::Op::EnvGet(_) => self.agent.environment().map(response::Result::Env),
+            request::Op::Fs(fs) => self.fs(fs).await,
+            other => Err(unsupported_op(Some(&other))),
+        };
+        self.respond(id, result).await;
+    }
+
+    async fn respond(&self, id: u64, result: Result<response::Result, ErrorInfo>) {
+        if let Err(refused) = &result {
+            tracing::debug!(session = %self.session, error = %refused.message, "request failed");
+        }
+        let result = result.unwrap_or_else(response::Result::Error);
+        let _ = self
+            .out
+            .send(Body::Response(Response {
+                id,
+                result: Some(result),
+            }))
+            .await;
+    }
+
+    async fn fs(&self, request: tether_protocol::FsRequest) -> Result<response::Result, ErrorInfo> {
+        let root = self.agent.root()?;
+        let op = request
+            .op
+            .ok_or_else(|| error(ErrorCode::Unsupported, "an unknown file operation"))?;
+        let files = Arc::clone(&self.files);
+        let outcome = tokio::task::spawn_blocking(move || files.run(&root, op))
+            .await
+            .map_err(|_| error(ErrorCode::Internal, "a file operation panicked"))?;
+        if let Some(warning) = outcome.warning {
+            tracing::warn!(session = %self.session, "{warning}");
+            let log = tether_protocol::Log {
+                level: tether_protocol::LogLevel::Warn as i32,
+                message: warning,
+                target: "fs".into(),
+            };
+            let _ = self.out.send(Body::Log(log)).await;
+        }
+        outcome.result.map(response::Result::Fs)
+    }
+
+    /// Opens the connection, answers, then serves the stream (the answer goes out before any of
+    /// the stream's bytes: the link keeps order).
+    async fn connect(self, id: u64, connect: tether_protocol::OutgoingConnect) {
+        let Some(remote) = connect
+            .remote
+            .as_ref()
+            .and_then(|r| SocketAddr::try_from(r).ok())
+        else {
+            let bad = error(
+                ErrorCode::BadRequest,
+                "an outgoing connection needs a remote address",
+            );
+            return self.respond(id, Err(bad)).await;
+        };
+        let stream_id = connect.stream_id;
+        if stream_id % 2 == 0 {
+            let bad = error(ErrorCode::BadRequest, "client streams have odd ids");
+            return self.respond(id, Err(bad)).await;
+        }
+        let connected = |local: std::io::Result<SocketAddr>| {
+            response::Result::Connected(tether_protocol::Connected {
+                stream_id,
+                local: local.ok().map(Into::into),
+                remote: Some(remote.into()),
+            })
+        };
+        match connect.transport() {
+            tether_protocol::Transport::Udp => {
+                match crate::outgoing::connect_udp(&self.agent.netns, remote).await {
+                    Ok(socket) => {
+                        self.respond(id, Ok(connected(socket.local_addr()))).await;
+                        crate::outgoing::run_udp(socket, stream_id, self.out, self.streams).await;
+                    }
+                    Err(e) => self.respond(id, Err(e)).await,
+                }
+            }
+            _ => match crate::outgoing::connect_tcp(&self.agent.netns, remote).await {
+                Ok(stream) => {
+                    tracing::debug!(%remote, host = %connect.hostname, "outgoing connection");
+                    self.respond(id, Ok(connected(stream.local_addr()))).await;
+                    crate::outgoing::run_tcp(stream, stream_id, self.out, self.streams).await;
+                }
+                Err(e) => self.respond(id, Err(e)).await,
+            },
+        }
     }
 }
 

@@ -1,0 +1,172 @@
+//! Names resolved as the target resolves them: its `/etc/resolv.conf` and `/etc/hosts` (read
+//! under the target's root), queries sent from its network namespace, by hickory-resolver.
+//!
+//! The resolver lives on one thread that entered the target's namespace, with its own
+//! single-threaded runtime: every socket hickory opens is created on that thread, so in the
+//! target's namespace (`setns` moves one thread only; see `netns`).
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use hickory_resolver::{
+    Hosts, TokioResolver,
+    config::{ResolveHosts, ResolverConfig, ResolverOpts},
+    net::runtime::TokioRuntimeProvider,
+};
+use tether_protocol::{AddressFamily, DnsAnswer, ErrorCode, ErrorInfo};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{fs::Root, netns::Netns};
+
+type Reply = oneshot::Sender<Result<DnsAnswer, ErrorInfo>>;
+
+/// A handle to the resolver thread.
+#[derive(Debug, Clone)]
+pub(crate) struct Dns {
+    requests: mpsc::UnboundedSender<(String, AddressFamily, Reply)>,
+}
+
+impl Dns {
+    /// Reads the target's resolver files and starts the resolver thread in `netns`.
+    pub(crate) fn start(
+        netns: &Netns,
+        root: &Root,
+        etc_override: Option<&std::path::Path>,
+    ) -> std::io::Result<Dns> {
+        let read = |name: &str| -> Option<Vec<u8>> {
+            // `ip netns exec` shows /etc/netns/NAME/* as /etc/*: do the same for such targets.
+            if let Some(dir) = etc_override
+                && let Ok(bytes) = std::fs::read(dir.join(name))
+            {
+                return Some(bytes);
+            }
+            root.read(&format!("/etc/{name}")).ok()
+        };
+        let (config, mut options) = match read("resolv.conf")
+            .map(hickory_resolver::system_conf::parse_resolv_conf)
+        {
+            Some(Ok(parsed)) => parsed,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "the target's /etc/resolv.conf has no usable name server; only its hosts file answers");
+                (ResolverConfig::default(), ResolverOpts::default())
+            }
+            None => (ResolverConfig::default(), ResolverOpts::default()),
+        };
+        let mut hosts = Hosts::default();
+        if let Some(bytes) = read("hosts") {
+            hosts.read_hosts_conf(bytes.as_slice())?;
+        }
+        // The target's hosts file, never the agent's own.
+        options.use_hosts_file = ResolveHosts::Never;
+        options.timeout = options.timeout.min(Duration::from_secs(3));
+        options.attempts = options.attempts.min(2);
+        let hosts = Arc::new(hosts);
+
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, AddressFamily, Reply)>();
+        let path = netns.path.clone();
+        let enter = !netns.is_current();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tether-dns".into())
+            .spawn(move || {
+                let started = (|| {
+                    if enter {
+                        crate::netns::enter(&path)?;
+                    }
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                })();
+                let runtime = match started {
+                    Ok(runtime) => {
+                        let _ = ready_tx.send(Ok(()));
+                        runtime
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let mut resolver =
+                        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+                            .with_options(options)
+                            .build()
+                            .expect("a resolver without TLS always builds");
+                    resolver.set_hosts(hosts);
+                    while let Some((name, family, reply)) = rx.recv().await {
+                        let resolver = resolver.clone();
+                        tokio::spawn(async move {
+                            let _ = reply.send(lookup(&resolver, &name, family).await);
+                        });
+                    }
+                });
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the resolver thread died"))??;
+        Ok(Dns { requests: tx })
+    }
+
+    pub(crate) async fn lookup(
+        &self,
+        name: String,
+        family: AddressFamily,
+    ) -> Result<DnsAnswer, ErrorInfo> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || ErrorInfo {
+            code: ErrorCode::Internal as i32,
+            message: "the resolver thread stopped".into(),
+            ..Default::default()
+        };
+        self.requests.send((name, family, tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+async fn lookup(
+    resolver: &TokioResolver,
+    name: &str,
+    family: AddressFamily,
+) -> Result<DnsAnswer, ErrorInfo> {
+    // A fully qualified query: search domains apply as resolv.conf says (hickory does ndots).
+    let found = resolver.lookup_ip(name).await.map_err(|error| {
+        let not_found = error.is_no_records_found() || error.is_nx_domain();
+        ErrorInfo {
+            code: if not_found {
+                ErrorCode::NotFound
+            } else {
+                ErrorCode::Temporary
+            } as i32,
+            message: format!("cannot resolve {name} in the target: {error}"),
+            ..Default::default()
+        }
+    })?;
+    let addresses: Vec<bytes::Bytes> = found
+        .iter()
+        .filter(|ip| match family {
+            AddressFamily::Any => true,
+            AddressFamily::Ipv4 => ip.is_ipv4(),
+            AddressFamily::Ipv6 => ip.is_ipv6(),
+        })
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => bytes::Bytes::copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => bytes::Bytes::copy_from_slice(&v6.octets()),
+        })
+        .collect();
+    if addresses.is_empty() {
+        return Err(ErrorInfo {
+            code: ErrorCode::NotFound as i32,
+            message: format!("{name} has no address of the asked family in the target"),
+            ..Default::default()
+        });
+    }
+    Ok(DnsAnswer {
+        addresses,
+        canonical_name: found
+            .query()
+            .name()
+            .to_utf8()
+            .trim_end_matches('.')
+            .to_owned(),
+    })
+}
