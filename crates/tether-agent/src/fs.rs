@@ -76,6 +76,12 @@ impl Root {
     /// Resolves the absolute `path` under the root and opens it with `flags`.
     fn resolve(&self, path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd, Refusal> {
         let relative = relative(path)?;
+        // openat2 refuses a mode without O_CREAT (open ignores it).
+        let mode = if flags.contains(OFlag::O_CREAT) {
+            mode
+        } else {
+            0
+        };
         let how = OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .mode(Mode::from_bits_truncate(mode))
@@ -123,7 +129,9 @@ impl Root {
             }
             let candidate = format!(
                 "/{}",
-                [done.as_slice(), &[component.clone()]].concat().join("/")
+                [done.as_slice(), std::slice::from_ref(&component)]
+                    .concat()
+                    .join("/")
             );
             let fd = self.resolve(&candidate, OFlag::O_PATH | OFlag::O_NOFOLLOW, 0)?;
             let stat = nix::sys::stat::fstat(fd.as_fd()).map_err(Refusal::Errno)?;

@@ -704,7 +704,7 @@ impl OpContext {
             return self.respond(id, Err(bad)).await;
         };
         let stream_id = connect.stream_id;
-        if stream_id % 2 == 0 {
+        if stream_id.is_multiple_of(2) {
             let bad = error(ErrorCode::BadRequest, "client streams have odd ids");
             return self.respond(id, Err(bad)).await;
         }

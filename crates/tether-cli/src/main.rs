@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod environment;
 mod proxy;
 mod ui;
 

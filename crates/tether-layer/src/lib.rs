@@ -18,6 +18,11 @@
 
 mod addr;
 pub mod channel;
+mod file_hooks;
+pub mod files;
+mod outgoing;
+pub mod policy;
+mod resolve;
 pub mod state;
 
 use std::{
@@ -55,14 +60,24 @@ impl Real {
         }
     }
 
-    fn get(&self) -> *mut c_void {
+    /// The function, or `None` when this libc does not have it.
+    fn try_get(&self) -> Option<*mut c_void> {
         let cached = self.ptr.load(Ordering::Acquire);
         if !cached.is_null() {
-            return cached;
+            return Some(cached);
         }
         // SAFETY: `name` is a NUL-terminated symbol name; RTLD_NEXT asks for the next definition
         // after this library, i.e. libc's.
         let found = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) };
+        if found.is_null() {
+            return None;
+        }
+        self.ptr.store(found, Ordering::Release);
+        Some(found)
+    }
+
+    fn get(&self) -> *mut c_void {
+        let found = self.try_get().unwrap_or(std::ptr::null_mut());
         if found.is_null() {
             // Without the real function nothing can work; dying loudly beats corrupting state.
             let _ = std::io::Write::write_all(
@@ -71,7 +86,6 @@ impl Real {
             );
             std::process::abort();
         }
-        self.ptr.store(found, Ordering::Release);
         found
     }
 }
@@ -111,6 +125,44 @@ real_fns! {
     dup3(old: c_int, new: c_int, flags: c_int) -> c_int;
     fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int;
     execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+    connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int;
+    sendto(fd: c_int, buf: *const c_void, n: libc::size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> libc::ssize_t;
+    sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> libc::ssize_t;
+    recvfrom(fd: c_int, buf: *mut c_void, n: libc::size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> libc::ssize_t;
+    recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> libc::ssize_t;
+    getaddrinfo(node: *const c_char, service: *const c_char, hints: *const libc::addrinfo, res: *mut *mut libc::addrinfo) -> c_int;
+    freeaddrinfo(res: *mut libc::addrinfo) -> ();
+    gethostbyname(name: *const c_char) -> *mut libc::hostent;
+    open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
+    open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
+    openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
+    openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
+    __open_2(path: *const c_char, flags: c_int) -> c_int;
+    __open64_2(path: *const c_char, flags: c_int) -> c_int;
+    creat(path: *const c_char, mode: libc::mode_t) -> c_int;
+    fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE;
+    fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE;
+    read(fd: c_int, buf: *mut c_void, n: libc::size_t) -> libc::ssize_t;
+    pread(fd: c_int, buf: *mut c_void, n: libc::size_t, offset: libc::off_t) -> libc::ssize_t;
+    pread64(fd: c_int, buf: *mut c_void, n: libc::size_t, offset: libc::off64_t) -> libc::ssize_t;
+    readv(fd: c_int, iov: *const libc::iovec, count: c_int) -> libc::ssize_t;
+    write(fd: c_int, buf: *const c_void, n: libc::size_t) -> libc::ssize_t;
+    pwrite(fd: c_int, buf: *const c_void, n: libc::size_t, offset: libc::off_t) -> libc::ssize_t;
+    pwrite64(fd: c_int, buf: *const c_void, n: libc::size_t, offset: libc::off64_t) -> libc::ssize_t;
+    lseek(fd: c_int, offset: libc::off_t, whence: c_int) -> libc::off_t;
+    lseek64(fd: c_int, offset: libc::off64_t, whence: c_int) -> libc::off64_t;
+    access(path: *const c_char, mode: c_int) -> c_int;
+    faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int;
+    opendir(path: *const c_char) -> *mut libc::DIR;
+    readdir(dir: *mut libc::DIR) -> *mut libc::dirent;
+    readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64;
+    closedir(dir: *mut libc::DIR) -> c_int;
+    dirfd(dir: *mut libc::DIR) -> c_int;
+    readlink(path: *const c_char, buf: *mut c_char, size: libc::size_t) -> libc::ssize_t;
+    realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char;
+    unlink(path: *const c_char) -> c_int;
+    mkdir(path: *const c_char, mode: libc::mode_t) -> c_int;
+    rename(from: *const c_char, to: *const c_char) -> c_int;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -132,7 +184,8 @@ impl Drop for Entered {
 /// available: they are not during thread teardown).
 fn enter() -> Option<Entered> {
     IN_LAYER
-        .try_with(|flag| (!flag.replace(true)).then_some(Entered))
+        // `then`, not `then_some`: an `Entered` built and dropped here would clear the flag.
+        .try_with(|flag| (!flag.replace(true)).then(|| Entered))
         .ok()
         .flatten()
 }
@@ -169,10 +222,16 @@ extern "C" fn after_fork_in_child() {
 
 /// Asks the proxy; `Err(errno)` when it cannot be reached.
 fn ask(request: &Request) -> Result<Answer, c_int> {
+    ask_with(request, &[]).map(|(answer, _)| answer)
+}
+
+/// Asks the proxy with a payload; the answer comes with its own.
+fn ask_with(request: &Request, payload: &[u8]) -> Result<(Answer, Vec<u8>), c_int> {
     let Some(path) = socket_path() else {
-        return Ok(Answer::Local {
+        let inactive = Answer::Local {
             reason: "the layer is not active".into(),
-        });
+        };
+        return Ok((inactive, Vec::new()));
     };
     let mut guard = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
     for attempt in 0..2 {
@@ -190,7 +249,7 @@ fn ask(request: &Request) -> Result<Answer, c_int> {
                 }
             }
         }
-        match guard.as_mut().map(|c| c.ask(request)) {
+        match guard.as_mut().map(|c| c.ask_with(request, payload)) {
             Some(Ok(answer)) => return Ok(answer),
             Some(Err(error)) if attempt == 1 => {
                 unreachable_proxy(path, &error);
@@ -412,12 +471,8 @@ fn forget(fd: c_int) {
         return;
     }
     let Some(_entered) = enter() else { return };
-    if let Some(addr) = state::with(|t| t.forget(fd)) {
-        let _ = ask(&Request::Unlisten {
-            pid: std::process::id(),
-            addr,
-        });
-    }
+    let forgotten = state::with(|t| t.forget(fd));
+    ended(forgotten);
 }
 
 fn duplicated(old: c_int, new: c_int) {
@@ -425,11 +480,60 @@ fn duplicated(old: c_int, new: c_int) {
         return;
     }
     let Some(_entered) = enter() else { return };
-    if let Some(addr) = state::with(|t| t.dup(old, new)) {
+    let forgotten = state::with(|t| t.dup(old, new));
+    ended(forgotten);
+}
+
+/// Tells the proxy (and the target) about what the last fd of was closed.
+fn ended(forgotten: state::Forgotten) {
+    if let Some(addr) = forgotten.listener {
         let _ = ask(&Request::Unlisten {
             pid: std::process::id(),
             addr,
         });
+    }
+    if let Some(file) = forgotten.file {
+        let handle = file.lock().unwrap_or_else(|p| p.into_inner()).handle;
+        let _ = fs(tether_protocol::fs_request::Op::Close(
+            tether_protocol::FsHandle { handle },
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the layer decides by itself, fetched from the proxy once.
+
+static POLICY: OnceLock<Option<policy::Policy>> = OnceLock::new();
+
+/// The policy, or `None` when the layer is inactive or the proxy unreachable (then everything
+/// stays local). Call only inside the layer (`enter`).
+fn policy() -> Option<&'static policy::Policy> {
+    POLICY
+        .get_or_init(|| {
+            socket_path()?;
+            match ask(&Request::Policy) {
+                Ok(Answer::Policy(spec)) => {
+                    Some(policy::Policy::new(&spec, &policy::LocalPlaces::current()))
+                }
+                _ => None,
+            }
+        })
+        .as_ref()
+}
+
+/// Runs one file operation in the target; `Err(errno)` as the process should see it.
+fn fs(op: tether_protocol::fs_request::Op) -> Result<tether_protocol::fs_response::Result, c_int> {
+    use prost::Message as _;
+    let request = tether_protocol::FsRequest { op: Some(op) };
+    let payload = request.encode_to_vec();
+    let (answer, payload) = ask_with(&Request::Fs { len: payload.len() }, &payload)?;
+    match answer {
+        Answer::Fs { .. } => tether_protocol::FsResponse::decode(payload.as_slice())
+            .ok()
+            .and_then(|r| r.result)
+            .ok_or(libc::EIO),
+        Answer::Errno { errno, .. } => Err(errno),
+        _ => Err(libc::EIO),
     }
 }
 

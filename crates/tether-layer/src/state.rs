@@ -3,27 +3,54 @@
 //!
 //! - `bound`: the port each socket asked for in `bind` (to keep port-0 listeners local).
 //! - `listeners`: sockets whose traffic comes from the target.
-//! - `peers`: accepted sockets and the real remote client each stands for.
+//! - `peers`: accepted sockets and the real remote client each stands for; outgoing sockets and
+//!   the remote destination each is connected to through the proxy.
+//! - `files`: placeholder fds of files opened in the target.
+//! - `relays`: UDP sockets that send to remote destinations through proxy relays:
+//!   (relay, destination) pairs, to report the destination as the source of what arrives.
 //!
 //! Every table follows the fd through `dup`/`dup2`/`dup3`/`F_DUPFD` and forgets it on `close`.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use crate::files::RemoteFile;
+
+pub type SharedFile = Arc<Mutex<RemoteFile>>;
 
 #[derive(Debug, Default)]
 pub struct Tables {
     pub bound: HashMap<i32, u16>,
     pub listeners: HashMap<i32, SocketAddr>,
     pub peers: HashMap<i32, SocketAddr>,
+    pub files: HashMap<i32, SharedFile>,
+    pub relays: HashMap<i32, Vec<(SocketAddr, SocketAddr)>>,
+}
+
+/// What closing an fd ended.
+#[derive(Debug, Default)]
+pub struct Forgotten {
+    /// A listener whose last fd this was.
+    pub listener: Option<SocketAddr>,
+    /// A remote file whose last fd this was (to close in the target).
+    pub file: Option<SharedFile>,
 }
 
 impl Tables {
     pub fn is_empty(&self) -> bool {
-        self.bound.is_empty() && self.listeners.is_empty() && self.peers.is_empty()
+        self.bound.is_empty()
+            && self.listeners.is_empty()
+            && self.peers.is_empty()
+            && self.files.is_empty()
+            && self.relays.is_empty()
     }
 
     /// `new` now refers to what `old` refers to (and no longer to what it referred to). Returns
-    /// the listener that was implicitly closed, if `new` was its last fd.
-    pub fn dup(&mut self, old: i32, new: i32) -> Option<SocketAddr> {
+    /// what was implicitly closed, if `new` was the last fd of something.
+    pub fn dup(&mut self, old: i32, new: i32) -> Forgotten {
         let closed = self.forget(new);
         if let Some(port) = self.bound.get(&old).copied() {
             self.bound.insert(new, port);
@@ -34,16 +61,29 @@ impl Tables {
         if let Some(addr) = self.peers.get(&old).copied() {
             self.peers.insert(new, addr);
         }
-        closed.filter(|addr| !self.listeners.values().any(|a| a == addr))
+        if let Some(file) = self.files.get(&old).cloned() {
+            self.files.insert(new, file);
+        }
+        if let Some(relays) = self.relays.get(&old).cloned() {
+            self.relays.insert(new, relays);
+        }
+        closed
     }
 
-    /// The fd is closed; returns the listener address if it was the last fd of a listener.
-    pub fn forget(&mut self, fd: i32) -> Option<SocketAddr> {
+    /// The fd is closed; returns what it was the last fd of.
+    pub fn forget(&mut self, fd: i32) -> Forgotten {
         self.bound.remove(&fd);
         self.peers.remove(&fd);
-        let addr = self.listeners.remove(&fd)?;
-        let still_open = self.listeners.values().any(|a| *a == addr);
-        (!still_open).then_some(addr)
+        self.relays.remove(&fd);
+        let file = self
+            .files
+            .remove(&fd)
+            .filter(|file| !self.files.values().any(|f| Arc::ptr_eq(f, file)));
+        let listener = self
+            .listeners
+            .remove(&fd)
+            .filter(|addr| !self.listeners.values().any(|a| a == addr));
+        Forgotten { listener, file }
     }
 }
 
@@ -71,8 +111,8 @@ mod tests {
         let mut t = Tables::default();
         t.listeners.insert(3, addr("0.0.0.0:8080"));
         t.dup(3, 7);
-        assert_eq!(t.forget(3), None, "fd 7 still holds the listener");
-        assert_eq!(t.forget(7), Some(addr("0.0.0.0:8080")));
+        assert_eq!(t.forget(3).listener, None, "fd 7 still holds the listener");
+        assert_eq!(t.forget(7).listener, Some(addr("0.0.0.0:8080")));
         assert!(t.is_empty());
     }
 
@@ -82,11 +122,22 @@ mod tests {
         t.peers.insert(5, addr("10.0.0.1:4000"));
         t.listeners.insert(6, addr("0.0.0.0:80"));
         assert_eq!(
-            t.dup(5, 6),
+            t.dup(5, 6).listener,
             Some(addr("0.0.0.0:80")),
             "the listener's last fd was replaced"
         );
         assert_eq!(t.peers.get(&6), Some(&addr("10.0.0.1:4000")));
         assert!(t.listeners.is_empty(), "the listener fd 6 was replaced");
+    }
+
+    #[test]
+    fn a_remote_file_closes_with_its_last_fd() {
+        let mut t = Tables::default();
+        let file: SharedFile = Arc::new(Mutex::new(RemoteFile::new(9, "/f".into(), false, 0)));
+        t.files.insert(4, file);
+        assert!(t.dup(4, 8).file.is_none());
+        assert!(t.forget(4).file.is_none(), "fd 8 still refers to it");
+        assert_eq!(t.forget(8).file.map(|f| f.lock().unwrap().handle), Some(9));
+        assert!(t.is_empty());
     }
 }

@@ -156,6 +156,65 @@ impl Network {
         pid
     }
 
+    /// Starts a long-running process in `pod` that also has a mount namespace of its own, as a
+    /// container's main process has: `setup` (shell) runs inside that namespace first (mount a
+    /// tmpfs, write files the host never sees, bind-mount an `/etc/hosts`), then the process
+    /// waits with `env` set only for it. Returns its pid once the setup is done (the process
+    /// then runs `sleep`: its command line is the readiness signal, polled for at most 10 s).
+    pub fn spawn_pod_process(&self, pod: &Pod, setup: &str, env: &[(&str, &str)]) -> u32 {
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let script = format!("set -e; {setup}; exec env {} sleep 3600", vars.join(" "));
+        let pid = self.spawn(
+            &pod.netns,
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(b"sleep\0") {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pod process {pid} did not finish its setup in 10 s: {setup}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a UDP echo server on `port` in `pod` (answers `echo <data>`); waits until it is
+    /// bound.
+    pub fn start_udp_echo(&self, pod: &Pod, port: u16) -> u32 {
+        let script = apps_dir().join("udp_echo.py");
+        let pid = self.spawn(
+            &pod.netns,
+            &["python3", script.to_str().unwrap(), &port.to_string()],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let filter = format!("sport = :{port}");
+        while self
+            .exec_ok(&pod.netns, &["ss", "-Hlun", &filter])
+            .trim()
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the UDP echo on {port} did not start in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pid
+    }
+
     /// Starts the testkit's HTTP app in `pod`, answering `"<name> <port> <method> <path>"` on each
     /// port, and waits until every port listens.
     pub fn start_http_app(&self, pod: &Pod, name: &str, ports: &[u16]) -> u32 {

@@ -145,15 +145,31 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
 
     let socket = dir.path().join("layer.sock");
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let proxy = Proxy::start(
-        link,
-        config.feature.network.incoming.clone(),
-        config.probes.steal,
-        &socket,
-        events_tx,
-    )?;
+    let proxy = Proxy::start(link, config, &socket, events_tx).await?;
 
-    let mut child = match spawn_command(&args.command, &layer, &socket) {
+    let env = if config.feature.env.enabled || !config.feature.env.overrides.is_empty() {
+        let target_env = match proxy.environment().await {
+            Ok(vars) => vars,
+            Err(message) => {
+                ui.warn(&format!("cannot read the target's environment: {message}"));
+                Vec::new()
+            }
+        };
+        let count = target_env.len();
+        let merged = crate::environment::merge(target_env, &config.feature.env)
+            .context("feature.env has a bad pattern")?;
+        if count > 0 {
+            ui.info(&format!(
+                "environment: {} of the target's {count} variables",
+                merged.len()
+            ));
+        }
+        merged
+    } else {
+        Vec::new()
+    };
+
+    let mut child = match spawn_command(&args.command, &layer, &socket, &env) {
         Ok(child) => child,
         Err((code, message)) => {
             eprintln!("error: {message}");
@@ -234,6 +250,7 @@ fn spawn_command(
     command: &[String],
     layer: &Path,
     socket: &Path,
+    env: &[(String, String)],
 ) -> Result<tokio::process::Child, (i32, String)> {
     let (program, rest) = command
         .split_first()
@@ -249,6 +266,7 @@ fn spawn_command(
     };
     tokio::process::Command::new(program)
         .args(rest)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("LD_PRELOAD", preload)
         .env(tether_layer::channel::SOCKET_ENV, socket)
         .env(tether_layer::LIBRARY_ENV, layer)

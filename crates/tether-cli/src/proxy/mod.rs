@@ -12,6 +12,7 @@
 //! ([`MIRROR_QUEUE_LIMIT`]) and a connection the app cannot keep up with is dropped, with a
 //! warning. Not yet: resume after a reconnect.
 
+mod context;
 pub(crate) mod ports;
 
 use std::{
@@ -95,6 +96,16 @@ struct Listener {
 #[derive(Debug)]
 struct Shared {
     incoming: IncomingConfig,
+    /// What the layer decides by itself.
+    policy: tether_layer::channel::PolicySpec,
+    /// Where the process's sockets connect for their outgoing connections (IPv4, IPv6).
+    outgoing_v4: SocketAddr,
+    outgoing_v6: Option<SocketAddr>,
+    /// Outgoing connections open in the target, waiting for the process's socket (by the local
+    /// port it connects from).
+    pending_outgoing: Mutex<HashMap<u16, context::PendingOutgoing>>,
+    /// Stream ids this side opens (odd).
+    next_stream: AtomicU64,
     /// Also steal kubelet probes (`probes.steal`).
     steal_probes: bool,
     out: mpsc::Sender<Body>,
@@ -122,19 +133,28 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     /// Starts serving the layer on `socket` over the already authenticated `link`.
-    pub(crate) fn start(
+    pub(crate) async fn start(
         link: tether_agent::link::FramedLink<TcpStream>,
-        incoming: IncomingConfig,
-        steal_probes: bool,
+        config: &tether_config::Config,
         socket: &Path,
         events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Proxy> {
         let layer_listener = UnixListener::bind(socket)?;
+        let outgoing_v4 = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        // IPv6 loopback may be disabled on this machine: then IPv6 destinations fail to connect.
+        let outgoing_v6 = tokio::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+            .await
+            .ok();
         let (sink, mut frames) = link.split();
         let (out, out_rx) = mpsc::channel::<Body>(1024);
         let shared = Arc::new(Shared {
-            incoming,
-            steal_probes,
+            incoming: config.feature.network.incoming.clone(),
+            policy: context::policy_spec(config),
+            outgoing_v4: outgoing_v4.local_addr()?,
+            outgoing_v6: outgoing_v6.as_ref().and_then(|l| l.local_addr().ok()),
+            pending_outgoing: Mutex::default(),
+            next_stream: AtomicU64::new(1),
+            steal_probes: config.probes.steal,
             out,
             next_request: AtomicU64::new(1),
             pending: Mutex::default(),
@@ -161,11 +181,29 @@ impl Proxy {
                 tokio::spawn(Arc::clone(&server).serve_layer(stream));
             }
         });
+        for listener in std::iter::once(outgoing_v4).chain(outgoing_v6) {
+            tasks.spawn(Arc::clone(&shared).accept_outgoing(listener));
+        }
         Ok(Proxy {
             tasks,
             writer,
             shared,
         })
+    }
+
+    /// The target process's environment.
+    pub(crate) async fn environment(&self) -> Result<Vec<(String, String)>, String> {
+        match self
+            .shared
+            .request(request::Op::EnvGet(Default::default()))
+            .await
+        {
+            Ok(response::Result::Env(env)) => {
+                Ok(env.vars.into_iter().map(|v| (v.name, v.value)).collect())
+            }
+            Ok(_) => Err("unexpected answer from the agent".into()),
+            Err(error) => Err(error.message),
+        }
     }
 
     /// Tells the agent the session ends on purpose, then stops.
@@ -222,6 +260,9 @@ impl Shared {
             }
             Some(Body::StreamReset(reset)) => {
                 self.to_stream(reset.stream_id, ToStream::Reset(reset.reason))
+            }
+            Some(Body::Datagram(datagram)) => {
+                self.to_stream(datagram.stream_id, ToStream::Data(datagram.data))
             }
             Some(Body::HttpRequestHead(head)) => {
                 // A mirrored request's body cannot be slowed: its queue is bounded instead.
@@ -319,24 +360,43 @@ impl Shared {
 
     async fn serve_layer(self: Arc<Self>, stream: UnixStream) {
         let (read, mut write) = stream.into_split();
-        let mut lines = BufReader::new(read).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let answer = match serde_json::from_str::<LayerRequest>(&line) {
-                Ok(request) => self.on_layer(request).await,
-                Err(e) => Answer::Error {
-                    message: format!("bad request from the layer: {e}"),
-                },
+        let mut reader = BufReader::new(read);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let (answer, payload) = match serde_json::from_str::<LayerRequest>(&line) {
+                Ok(request) => {
+                    let mut payload = vec![0; request.payload_len()];
+                    if request.payload_len() > tether_layer::channel::MAX_PAYLOAD
+                        || reader.read_exact(&mut payload).await.is_err()
+                    {
+                        return;
+                    }
+                    self.on_layer(request, payload).await
+                }
+                Err(e) => (
+                    Answer::Error {
+                        message: format!("bad request from the layer: {e}"),
+                    },
+                    Vec::new(),
+                ),
             };
-            let mut text = serde_json::to_string(&answer).expect("answers serialise");
-            text.push('\n');
-            if write.write_all(text.as_bytes()).await.is_err() {
+            if write.write_all(&answer.encode(&payload)).await.is_err() {
                 return;
             }
         }
     }
 
-    async fn on_layer(&self, request: LayerRequest) -> Answer {
-        match request {
+    async fn on_layer(
+        self: &Arc<Self>,
+        request: LayerRequest,
+        payload: Vec<u8>,
+    ) -> (Answer, Vec<u8>) {
+        let answer = match request {
             LayerRequest::Listen {
                 pid,
                 addr,
@@ -349,7 +409,17 @@ impl Shared {
             LayerRequest::Peer { peer, .. } => Answer::Peer {
                 addr: self.peers.lock().expect("peers lock").get(&peer).copied(),
             },
-        }
+            LayerRequest::Policy => Answer::Policy(self.policy.clone()),
+            LayerRequest::Connect {
+                transport,
+                remote,
+                from,
+                hostname,
+            } => self.connect_out(transport, remote, from, hostname).await,
+            LayerRequest::Resolve { name, family } => self.resolve(name, family).await,
+            LayerRequest::Fs { .. } => return self.fs(&payload).await,
+        };
+        (answer, Vec::new())
     }
 
     async fn listen(&self, pid: u32, local: SocketAddr, requested_port: u16) -> Answer {

@@ -2,6 +2,7 @@
 
 mod cleanup;
 mod config;
+mod context;
 mod exec;
 mod http_filter;
 mod usage;

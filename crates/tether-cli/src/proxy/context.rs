@@ -1,0 +1,352 @@
+//! The pod's context for the process: outgoing connections, names, files (environment is read
+//! once by `exec`, see [`Proxy::environment`](super::Proxy::environment)).
+//!
+//! Outgoing TCP: the layer asks `Connect` with the loopback address its socket is bound to; the
+//! agent opens the connection in the target; the answer names this proxy's outgoing listener,
+//! where the socket then connects. The accepted connection is matched to the open stream by the
+//! socket's port and pumped like a stolen connection. A pending stream whose socket never comes
+//! is reset after [`CLAIM_TIMEOUT`].
+//!
+//! Outgoing UDP: one relay socket per destination, connected to the process's socket; each
+//! datagram is one `Datagram` frame.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use prost::Message as _;
+use tether_config::{Config, model::FsMode};
+use tether_layer::channel::{Answer, PolicySpec, Transport};
+use tether_protocol::{
+    AddressFamily, Body, Datagram, DnsLookup, ErrorCode, OutgoingConnect, StreamEnd, StreamReset,
+    request, response,
+};
+use tokio::{
+    net::{TcpListener, UdpSocket},
+    sync::mpsc,
+};
+
+use super::{Shared, ToStream};
+
+/// How long an outgoing stream waits for the process's socket to connect to the proxy.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A UDP relay nobody used for this long is closed.
+const UDP_IDLE: Duration = Duration::from_secs(120);
+
+/// An outgoing stream open in the target, waiting for the process's socket.
+#[derive(Debug)]
+pub(super) struct PendingOutgoing {
+    stream_id: u64,
+    from_agent: mpsc::UnboundedReceiver<ToStream>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The layer's part of the configuration.
+pub(super) fn policy_spec(config: &Config) -> PolicySpec {
+    let feature = &config.feature;
+    let outgoing = &feature.network.outgoing;
+    let dns = &feature.network.dns;
+    PolicySpec {
+        fs_mode: match feature.fs.mode {
+            FsMode::Local => "local",
+            FsMode::Read => "read",
+            FsMode::Write => "write",
+            FsMode::LocalWithOverrides => "localwithoverrides",
+        }
+        .into(),
+        fs_read_write: feature.fs.read_write.clone(),
+        fs_read_only: feature.fs.read_only.clone(),
+        fs_local: feature.fs.local.clone(),
+        fs_not_found: feature.fs.not_found.clone(),
+        outgoing_tcp: outgoing.tcp,
+        outgoing_udp: outgoing.udp,
+        outgoing_ignore_localhost: outgoing.ignore_localhost,
+        outgoing_remote: outgoing.filter.remote.clone(),
+        outgoing_local: outgoing.filter.local.clone(),
+        dns_enabled: dns.enabled,
+        dns_remote: dns.filter.remote.clone(),
+        dns_local: dns.filter.local.clone(),
+    }
+}
+
+fn errno_answer(error: &tether_protocol::ErrorInfo, fallback: i32) -> Answer {
+    Answer::Errno {
+        errno: if error.errno != 0 {
+            error.errno
+        } else {
+            fallback
+        },
+        message: error.message.clone(),
+    }
+}
+
+impl Shared {
+    fn new_stream_id(&self) -> u64 {
+        self.next_stream
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) async fn connect_out(
+        self: &Arc<Self>,
+        transport: Transport,
+        remote: SocketAddr,
+        from: SocketAddr,
+        hostname: Option<String>,
+    ) -> Answer {
+        let stream_id = self.new_stream_id();
+        // Registered before asking: the remote side may speak first, right after `Connected`.
+        let (from_agent, queued) = self.open_stream(stream_id, false);
+        let connect = OutgoingConnect {
+            stream_id,
+            transport: match transport {
+                Transport::Tcp => tether_protocol::Transport::Tcp,
+                Transport::Udp => tether_protocol::Transport::Udp,
+            } as i32,
+            remote: Some(remote.into()),
+            hostname: hostname.unwrap_or_default(),
+        };
+        let local = match self.request(request::Op::OutgoingConnect(connect)).await {
+            Ok(response::Result::Connected(connected)) => connected
+                .local
+                .as_ref()
+                .and_then(|l| SocketAddr::try_from(l).ok()),
+            Ok(_) => None,
+            Err(error) => {
+                self.streams
+                    .lock()
+                    .expect("streams lock")
+                    .remove(&stream_id);
+                tracing::debug!(%remote, error = %error.message, "outgoing connection refused in the target");
+                return errno_answer(&error, libc::ECONNREFUSED);
+            }
+        };
+        match transport {
+            Transport::Tcp => {
+                let via = if from.is_ipv4() {
+                    Some(self.outgoing_v4)
+                } else {
+                    self.outgoing_v6
+                };
+                let Some(via) = via else {
+                    self.end_stream(stream_id).await;
+                    return Answer::Errno {
+                        errno: libc::ENETUNREACH,
+                        message: "IPv6 loopback is not available to the proxy".into(),
+                    };
+                };
+                self.pending_outgoing.lock().expect("pending lock").insert(
+                    from.port(),
+                    PendingOutgoing {
+                        stream_id,
+                        from_agent,
+                        queued,
+                    },
+                );
+                let shared = Arc::clone(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(CLAIM_TIMEOUT).await;
+                    let unclaimed = {
+                        let mut pending = shared.pending_outgoing.lock().expect("pending lock");
+                        let ours = pending
+                            .get(&from.port())
+                            .is_some_and(|p| p.stream_id == stream_id);
+                        ours && pending.remove(&from.port()).is_some()
+                    };
+                    if unclaimed {
+                        shared.end_stream(stream_id).await;
+                    }
+                });
+                Answer::Connected { via, local }
+            }
+            Transport::Udp => match self.udp_relay(stream_id, from, from_agent).await {
+                Ok(via) => Answer::Connected { via, local },
+                Err(error) => {
+                    self.end_stream(stream_id).await;
+                    Answer::Errno {
+                        errno: error.raw_os_error().unwrap_or(libc::EIO),
+                        message: format!("cannot open a UDP relay: {error}"),
+                    }
+                }
+            },
+        }
+    }
+
+    /// Closes a stream this side opened (both directions).
+    async fn end_stream(&self, stream_id: u64) {
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .remove(&stream_id);
+        let reset = StreamReset {
+            stream_id,
+            reason: "closed by the local process".into(),
+            errno: 0,
+        };
+        let _ = self.out.send(Body::StreamReset(reset)).await;
+    }
+
+    /// Accepts the process's sockets for outgoing connections and pumps each to its stream.
+    pub(super) async fn accept_outgoing(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((socket, peer)) = listener.accept().await else {
+                continue;
+            };
+            let pending = self
+                .pending_outgoing
+                .lock()
+                .expect("pending lock")
+                .remove(&peer.port());
+            let Some(pending) = pending else {
+                // Not one of ours (a stray local client): close it.
+                continue;
+            };
+            let _ = socket.set_nodelay(true);
+            let shared = Arc::clone(&self);
+            tokio::spawn(async move {
+                let PendingOutgoing {
+                    stream_id,
+                    mut from_agent,
+                    queued,
+                } = pending;
+                let window = Arc::new(tether_agent::flow::SendWindow::default());
+                shared
+                    .windows
+                    .lock()
+                    .expect("windows lock")
+                    .insert(stream_id, Arc::clone(&window));
+                let (mut read, mut write) = socket.into_split();
+                shared
+                    .pump(
+                        &mut read,
+                        &mut write,
+                        stream_id,
+                        &mut from_agent,
+                        false,
+                        &window,
+                        &queued,
+                    )
+                    .await;
+                shared
+                    .streams
+                    .lock()
+                    .expect("streams lock")
+                    .remove(&stream_id);
+                shared
+                    .windows
+                    .lock()
+                    .expect("windows lock")
+                    .remove(&stream_id);
+            });
+        }
+    }
+
+    /// A relay socket for one UDP destination, connected to the process's socket `app`.
+    async fn udp_relay(
+        self: &Arc<Self>,
+        stream_id: u64,
+        app: SocketAddr,
+        mut from_agent: mpsc::UnboundedReceiver<ToStream>,
+    ) -> std::io::Result<SocketAddr> {
+        let bind: SocketAddr = if app.is_ipv4() {
+            (std::net::Ipv4Addr::LOCALHOST, 0).into()
+        } else {
+            (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        };
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(app).await?;
+        let via = socket.local_addr()?;
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                tokio::select! {
+                    received = socket.recv(&mut buf) => {
+                        // ECONNREFUSED: the process's socket is gone for now; keep the relay.
+                        if let Ok(n) = received {
+                            let datagram = Datagram {
+                                stream_id,
+                                data: Bytes::copy_from_slice(&buf[..n]),
+                                peer: None,
+                            };
+                            if shared.out.send(Body::Datagram(datagram)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    item = from_agent.recv() => match item {
+                        Some(ToStream::Data(data)) => {
+                            let _ = socket.send(&data).await;
+                        }
+                        _ => break,
+                    },
+                    () = tokio::time::sleep(UDP_IDLE) => {
+                        let end = StreamEnd { stream_id, trailers: Vec::new() };
+                        let _ = shared.out.send(Body::StreamEnd(end)).await;
+                        break;
+                    }
+                }
+            }
+            shared
+                .streams
+                .lock()
+                .expect("streams lock")
+                .remove(&stream_id);
+        });
+        Ok(via)
+    }
+
+    pub(super) async fn resolve(&self, name: String, family: u8) -> Answer {
+        let lookup = DnsLookup {
+            name,
+            family: match family {
+                4 => AddressFamily::Ipv4,
+                6 => AddressFamily::Ipv6,
+                _ => AddressFamily::Any,
+            } as i32,
+        };
+        match self.request(request::Op::DnsLookup(lookup)).await {
+            Ok(response::Result::DnsAnswer(answer)) => Answer::Resolved {
+                addresses: answer
+                    .addresses
+                    .iter()
+                    .filter_map(|bytes| match bytes.len() {
+                        4 => <[u8; 4]>::try_from(&bytes[..])
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        16 => <[u8; 16]>::try_from(&bytes[..])
+                            .ok()
+                            .map(std::net::IpAddr::from),
+                        _ => None,
+                    })
+                    .collect(),
+                canonical: answer.canonical_name,
+            },
+            // No such name: an empty answer (the layer says EAI_NONAME).
+            Err(error) if error.code() == ErrorCode::NotFound => Answer::Resolved {
+                addresses: Vec::new(),
+                canonical: String::new(),
+            },
+            Ok(_) => errno_answer(&Default::default(), libc::EIO),
+            Err(error) => errno_answer(&error, libc::EAGAIN),
+        }
+    }
+
+    /// A file operation: the payload is a protobuf `FsRequest`, the answer's a `FsResponse`.
+    pub(super) async fn fs(&self, payload: &[u8]) -> (Answer, Vec<u8>) {
+        let Ok(request) = tether_protocol::FsRequest::decode(payload) else {
+            let bad = Answer::Errno {
+                errno: libc::EINVAL,
+                message: "a malformed file request from the layer".into(),
+            };
+            return (bad, Vec::new());
+        };
+        match self.request(request::Op::Fs(request)).await {
+            Ok(response::Result::Fs(response)) => {
+                let bytes = response.encode_to_vec();
+                (Answer::Fs { len: bytes.len() }, bytes)
+            }
+            Ok(_) => (errno_answer(&Default::default(), libc::EIO), Vec::new()),
+            Err(error) => (errno_answer(&error, libc::EIO), Vec::new()),
+        }
+    }
+}

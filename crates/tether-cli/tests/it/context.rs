@@ -1,0 +1,357 @@
+//! The pod's context through `tether exec` (issue 6): outgoing connections, names, files and
+//! environment, seen by unmodified python3, node and curl.
+//!
+//! The target is a process in pod 0 with a mount namespace of its own: a tmpfs at a test-unique
+//! directory holding files the host does not have, its own `/etc/hosts` (naming pod 1 as
+//! `db.pod.internal`) and `/etc/resolv.conf`, and an environment variable set only for it. Pod 1
+//! runs an HTTP app and a UDP echo, reachable only from the pods' network (the test range is
+//! blackholed in the root namespace).
+
+use std::{
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use tether_testkit::{Network, require_root};
+
+use super::exec::free_port;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Pod 0's process (the target) and pod 1's services.
+struct PodContext {
+    net: Network,
+    pid: u32,
+    /// The pod-only directory (a tmpfs in the target's mount namespace; empty on the host).
+    dir: String,
+    http_port: u16,
+    udp_port: u16,
+}
+
+impl Drop for PodContext {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl PodContext {
+    fn new() -> PodContext {
+        let net = Network::new(2);
+        let dir = format!(
+            "/var/lib/tether-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        // The mount point exists on the host too, but what the pod mounts there it does not see.
+        std::fs::create_dir_all(&dir).unwrap();
+        let http_port = free_port();
+        let udp_port = free_port();
+        net.start_http_app(net.pod(1), "pod-service", &[http_port]);
+        net.start_udp_echo(net.pod(1), udp_port);
+        let db = net.pod(1).ip;
+        let setup = format!(
+            "mount -t tmpfs tmpfs {dir}; \
+             echo secret-from-pod > {dir}/secret.txt; \
+             printf '127.0.0.1 localhost\\n{db} db.pod.internal\\n' > {dir}/hosts; \
+             mount --bind {dir}/hosts /etc/hosts; \
+             printf 'nameserver {db}\\noptions timeout:1 attempts:1\\n' > {dir}/resolv.conf; \
+             mount --bind {dir}/resolv.conf /etc/resolv.conf; \
+             ln -s /etc/shadow {dir}/absolute-link; \
+             ln -s ../../../../../../etc/shadow {dir}/relative-link"
+        );
+        let pid = net.spawn_pod_process(net.pod(0), &setup, &[("POD_ONLY_VAR", "only-in-the-pod")]);
+        PodContext {
+            net,
+            pid,
+            dir,
+            http_port,
+            udp_port,
+        }
+    }
+
+    /// Runs `command` through `tether exec` against the pod process; at most 60 s.
+    fn exec(&self, env: &[(&str, &str)], command: &[&str]) -> Output {
+        let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["exec", "--target", &format!("pid/{}", self.pid), "--"])
+            .args(command)
+            .env_remove("TETHER_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("POD_DIR", &self.dir)
+            .env("HTTP_PORT", self.http_port.to_string())
+            .env("UDP_PORT", self.udp_port.to_string())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(output) => output.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("`tether exec {command:?}` did not finish in 60 s");
+            }
+        }
+    }
+
+    fn exec_ok(&self, env: &[(&str, &str)], command: &[&str]) -> String {
+        let output = self.exec(env, command);
+        assert!(
+            output.status.success(),
+            "{command:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// What the pod process sees at `path` (read inside its mount namespace).
+    fn pod_file(&self, path: &str) -> Option<String> {
+        let output = Command::new("nsenter")
+            .args(["-t", &self.pid.to_string(), "-m", "cat", path])
+            .output()
+            .unwrap();
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+const PYTHON: &str = r#"
+import os, socket, urllib.request
+d, port, udp = os.environ["POD_DIR"], int(os.environ["HTTP_PORT"]), int(os.environ["UDP_PORT"])
+print("env", os.environ.get("POD_ONLY_VAR"))
+print("file", open(d + "/secret.txt").read().strip())
+print("listdir", sorted(os.listdir(d)))
+print("stat", os.stat(d + "/secret.txt").st_size)
+ip = socket.gethostbyname("db.pod.internal")
+print("dns", ip)
+body = urllib.request.urlopen(f"http://db.pod.internal:{port}/py", timeout=10).read().decode().strip()
+print("http", body)
+s = socket.create_connection((ip, port), timeout=10)
+print("peer", s.getpeername()[0])
+s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(10)
+u.sendto(b"hello", ("db.pod.internal", udp))
+data, source = u.recvfrom(100)
+print("udp", data.decode(), source[0], source[1] == udp)
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(10)
+c.connect((ip, udp))
+c.send(b"again")
+print("udp-connected", c.recv(100).decode())
+try:
+    socket.create_connection((ip, 1), timeout=10)
+except OSError as e:
+    print("refused", e.errno)
+"#;
+
+#[test]
+fn python_sees_the_pod_s_network_names_files_and_environment() {
+    if !require_root("python_sees_the_pod_s_network_names_files_and_environment") {
+        return;
+    }
+    let pod = PodContext::new();
+    let out = pod.exec_ok(&[], &["python3", "-c", PYTHON]);
+    let db = pod.net.pod(1).ip;
+    let lines: Vec<&str> = out.lines().collect();
+    let expected = [
+        "env only-in-the-pod".to_owned(),
+        "file secret-from-pod".to_owned(),
+        "listdir ['absolute-link', 'hosts', 'relative-link', 'resolv.conf', 'secret.txt']"
+            .to_owned(),
+        "stat 16".to_owned(),
+        format!("dns {db}"),
+        format!("http pod-service {} GET /py", pod.http_port),
+        format!("peer {db}"),
+        format!("udp echo hello {db} True"),
+        "udp-connected echo again".to_owned(),
+        format!("refused {}", libc::ECONNREFUSED),
+    ];
+    assert_eq!(lines, expected, "whole output:\n{out}");
+}
+
+const NODE: &str = r#"
+const fs = require("fs"), dns = require("dns"), http = require("http");
+const d = process.env.POD_DIR, port = process.env.HTTP_PORT;
+console.log("env", process.env.POD_ONLY_VAR);
+console.log("file", fs.readFileSync(d + "/secret.txt", "utf8").trim());
+dns.lookup("db.pod.internal", { family: 4 }, (err, address) => {
+  if (err) throw err;
+  console.log("dns", address);
+  http.get(`http://db.pod.internal:${port}/node`, (res) => {
+    let body = "";
+    res.on("data", (c) => (body += c));
+    res.on("end", () => console.log("http", body.trim()));
+  }).on("error", (e) => { console.log("http error", e.message); process.exit(1); });
+});
+"#;
+
+#[test]
+fn node_sees_the_pod_s_network_names_files_and_environment() {
+    if !require_root("node_sees_the_pod_s_network_names_files_and_environment") {
+        return;
+    }
+    let pod = PodContext::new();
+    let out = pod.exec_ok(&[], &["node", "-e", NODE]);
+    let db = pod.net.pod(1).ip;
+    let lines: Vec<&str> = out.lines().collect();
+    let expected = [
+        "env only-in-the-pod".to_owned(),
+        "file secret-from-pod".to_owned(),
+        format!("dns {db}"),
+        format!("http pod-service {} GET /node", pod.http_port),
+    ];
+    assert_eq!(lines, expected, "whole output:\n{out}");
+}
+
+#[test]
+fn curl_sees_the_pod_s_network_names_files_and_environment() {
+    if !require_root("curl_sees_the_pod_s_network_names_files_and_environment") {
+        return;
+    }
+    let pod = PodContext::new();
+    // The shell is preloaded too: `$POD_ONLY_VAR` is the pod's, and curl resolves and connects
+    // through the pod.
+    let script = r#"curl -sS --max-time 10 "http://db.pod.internal:$HTTP_PORT/curl-$POD_ONLY_VAR" && curl -sS --max-time 10 "file://$POD_DIR/secret.txt""#;
+    let out = pod.exec_ok(&[], &["sh", "-c", script]);
+    assert_eq!(
+        out,
+        format!(
+            "pod-service {} GET /curl-only-in-the-pod\nsecret-from-pod\n",
+            pod.http_port
+        )
+    );
+}
+
+#[test]
+fn an_outgoing_local_entry_keeps_that_destination_local() {
+    if !require_root("an_outgoing_local_entry_keeps_that_destination_local") {
+        return;
+    }
+    let pod = PodContext::new();
+    // The same port on loopback, on both sides: who answers tells where the connection went.
+    let port = free_port();
+    pod.net
+        .start_http_app(pod.net.pod(0), "pod-loopback", &[port]);
+    let mut host = Command::new("python3")
+        .args([
+            "-c",
+            "import http.server as h, sys\nclass H(h.BaseHTTPRequestHandler):\n  def do_GET(s):\n    b=b'host-loopback\\n'; s.send_response(200); s.send_header('Content-Length', str(len(b))); s.end_headers(); s.wfile.write(b)\n  def log_message(s,*a): pass\nh.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()",
+            &port.to_string(),
+        ])
+        .spawn()
+        .unwrap();
+    let wait = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < wait,
+            "the host app did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("http://127.0.0.1:{port}/");
+    let curl = ["curl", "-sS", "--max-time", "10", url.as_str()];
+    // Loopback through the pod (ignore_localhost off): the pod's own app answers.
+    let remote = pod.exec_ok(
+        &[(
+            "TETHER_FEATURE__NETWORK__OUTGOING__IGNORE_LOCALHOST",
+            "false",
+        )],
+        &curl,
+    );
+    // …unless a `local` entry names it.
+    let local_entry = format!("[\"tcp://127.0.0.1:{port}\"]");
+    let local = pod.exec_ok(
+        &[
+            (
+                "TETHER_FEATURE__NETWORK__OUTGOING__IGNORE_LOCALHOST",
+                "false",
+            ),
+            (
+                "TETHER_FEATURE__NETWORK__OUTGOING__FILTER__LOCAL",
+                &local_entry,
+            ),
+        ],
+        &curl,
+    );
+    let _ = host.kill();
+    let _ = host.wait();
+    assert_eq!(remote, format!("pod-loopback {port} GET /\n"));
+    assert_eq!(local, "host-loopback\n");
+}
+
+#[test]
+fn write_mode_writes_in_the_pod_and_read_mode_writes_locally() {
+    if !require_root("write_mode_writes_in_the_pod_and_read_mode_writes_locally") {
+        return;
+    }
+    let pod = PodContext::new();
+    let write =
+        r#"import os; open(os.environ["POD_DIR"] + "/written.txt", "w").write("by-tether\n")"#;
+    pod.exec_ok(
+        &[("TETHER_FEATURE__FS__MODE", "write")],
+        &["python3", "-c", write],
+    );
+    assert_eq!(
+        pod.pod_file(&format!("{}/written.txt", pod.dir)).as_deref(),
+        Some("by-tether\n")
+    );
+    assert!(
+        !std::path::Path::new(&format!("{}/written.txt", pod.dir)).exists(),
+        "write mode wrote locally"
+    );
+
+    let local = r#"import os; open(os.environ["POD_DIR"] + "/local.txt", "w").write("stays-here\n"); print(open(os.environ["POD_DIR"] + "/secret.txt").read().strip())"#;
+    let out = pod.exec_ok(&[], &["python3", "-c", local]);
+    assert_eq!(out, "secret-from-pod\n", "reads still come from the pod");
+    assert_eq!(
+        std::fs::read_to_string(format!("{}/local.txt", pod.dir)).unwrap(),
+        "stays-here\n"
+    );
+    assert_eq!(
+        pod.pod_file(&format!("{}/local.txt", pod.dir)),
+        None,
+        "read mode wrote in the pod"
+    );
+}
+
+#[test]
+fn paths_that_leave_the_pod_s_root_are_refused_and_reported() {
+    if !require_root("paths_that_leave_the_pod_s_root_are_refused_and_reported") {
+        return;
+    }
+    let pod = PodContext::new();
+    let script = r#"
+import os
+d = os.environ["POD_DIR"]
+for name in ["absolute-link", "relative-link"]:
+    try:
+        open(d + "/" + name).read()
+        print(name, "READ")
+    except OSError as e:
+        print(name, e.errno)
+"#;
+    let output = pod.exec(&[], &["python3", "-c", script]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout,
+        format!("absolute-link {0}\nrelative-link {0}\n", libc::EACCES),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("leads outside the target's root"),
+        "the refusal is reported to the user: {stderr}"
+    );
+}

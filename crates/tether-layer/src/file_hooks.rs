@@ -1,0 +1,1230 @@
+//! Files: the open family, reads and writes, seeks, the stat family, directories, links and
+//! (in write mode) changes, each sent to the target when the policy says so.
+//!
+//! A file opened in the target is represented in the process by a placeholder fd (an empty
+//! memfd), so fd numbers stay unique, `dup`/`fork`/`close` keep working, and a read that bypasses
+//! these hooks sees an empty file rather than someone else's data. Before serving an fd from the
+//! table the hook checks it still is that memfd (its inode), so a placeholder closed behind the
+//! layer's back (a raw syscall) can never redirect a later, unrelated fd.
+
+// The hooks are exported by symbol name (`no_mangle`), not by Rust path.
+#![allow(unreachable_pub)]
+
+use std::{
+    ffi::{CStr, CString, OsStr, c_char, c_int, c_void},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use tether_protocol::{
+    FileStat, FsAccess, FsHandle, FsMkdir, FsOpen, FsPath, FsRead, FsRename, FsStat, FsWrite,
+    fs_request::Op, fs_response::Result as FsResult, open_flags,
+};
+
+use crate::{enter, files::RemoteFile, fs, policy, policy::FsRoute, real, set_errno, state, track};
+
+/// True once a remote file or directory was opened: until then the data-path hooks (`read`,
+/// `write`, …) go straight to libc without looking anything up.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+fn path_of<'a>(path: *const c_char) -> Option<&'a Path> {
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: non-null paths handed to these hooks are C strings, per libc's contracts.
+    let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
+    Some(Path::new(OsStr::from_bytes(bytes)))
+}
+
+fn route(path: &Path, write: bool) -> FsRoute {
+    policy().map_or(FsRoute::Local, |p| p.file(path, write))
+}
+
+fn fail<T>(errno: c_int, value: T) -> T {
+    set_errno(errno);
+    value
+}
+
+/// The placeholder's identity, to tell it apart from a reused fd number.
+fn inode(fd: c_int) -> Option<u64> {
+    // SAFETY: zeroed storage is a valid out-buffer for fstat.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-buffer.
+    (unsafe { libc::fstat64(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// The remote file behind `fd`, if `fd` still is its placeholder.
+fn remote_file(fd: c_int) -> Option<state::SharedFile> {
+    let file = state::with(|t| t.files.get(&fd).cloned())?;
+    let expected = file.lock().unwrap_or_else(|p| p.into_inner()).placeholder;
+    if inode(fd) == Some(expected) {
+        return Some(file);
+    }
+    // The fd was closed and reused behind the layer's back: forget the stale entry.
+    state::with(|t| t.files.remove(&fd));
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening.
+
+fn portable_flags(flags: c_int) -> u32 {
+    let mut portable = match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => open_flags::WRITE,
+        libc::O_RDWR => open_flags::READ | open_flags::WRITE,
+        _ => open_flags::READ,
+    };
+    for (flag, bit) in [
+        (libc::O_CREAT, open_flags::CREATE),
+        (libc::O_TRUNC, open_flags::TRUNCATE),
+        (libc::O_APPEND, open_flags::APPEND),
+        (libc::O_EXCL, open_flags::EXCLUSIVE),
+        (libc::O_DIRECTORY, open_flags::DIRECTORY),
+        (libc::O_NOFOLLOW, open_flags::NOFOLLOW),
+    ] {
+        if flags & flag != 0 {
+            portable |= bit;
+        }
+    }
+    portable
+}
+
+fn writes(flags: c_int) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_CREAT | libc::O_TRUNC) != 0
+}
+
+/// Opens `path` in the target; returns the placeholder fd.
+fn open_remote(path: &Path, flags: c_int, mode: libc::mode_t) -> c_int {
+    let text = path.to_string_lossy().into_owned();
+    let op = Op::Open(FsOpen {
+        path: text.clone(),
+        flags: portable_flags(flags),
+        // Without O_CREAT the (variadic) mode argument is whatever was in the register.
+        mode: if flags & libc::O_CREAT != 0 {
+            mode & 0o7777
+        } else {
+            0
+        },
+    });
+    let handle = match fs(op) {
+        Ok(FsResult::Opened(opened)) => opened.handle,
+        Ok(_) => return fail(libc::EIO, -1),
+        Err(errno) => return fail(errno, -1),
+    };
+    let memfd_flags = if flags & libc::O_CLOEXEC != 0 {
+        libc::MFD_CLOEXEC
+    } else {
+        0
+    };
+    // SAFETY: a C string name and valid flags.
+    let fd = unsafe { libc::memfd_create(c"tether-remote-file".as_ptr(), memfd_flags) };
+    let placeholder = if fd >= 0 { inode(fd) } else { None };
+    let Some(placeholder) = placeholder else {
+        let _ = fs(Op::Close(FsHandle { handle }));
+        return fail(libc::EMFILE, -1);
+    };
+    let file = RemoteFile::new(handle, text, flags & libc::O_APPEND != 0, placeholder);
+    track(|t| t.files.insert(fd, Arc::new(Mutex::new(file))));
+    ACTIVE.store(true, Ordering::Release);
+    fd
+}
+
+/// The shared logic of the open family: `None` when the call stays local.
+fn open_hook(
+    dirfd: Option<c_int>,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> Option<c_int> {
+    let _entered = enter()?;
+    let path = path_of(path)?;
+    if dirfd.is_some_and(|d| d != libc::AT_FDCWD) && !path.is_absolute() {
+        return None;
+    }
+    if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+        return None;
+    }
+    match route(path, writes(flags)) {
+        FsRoute::Local => None,
+        FsRoute::NotFound => Some(fail(libc::ENOENT, -1)),
+        FsRoute::Remote => Some(open_remote(path, flags, mode)),
+    }
+}
+
+/// `open` is variadic in C; its optional `mode` is passed like a fixed third argument on the
+/// x86_64 and aarch64 Linux calling conventions.
+///
+/// # Safety
+/// As libc's `open`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    open_hook(None, path, flags, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::open(path, flags, mode) })
+}
+
+/// # Safety
+/// As libc's `open64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    open_hook(None, path, flags, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::open64(path, flags, mode) })
+}
+
+/// # Safety
+/// As libc's `openat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    open_hook(Some(dirfd), path, flags, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::openat(dirfd, path, flags, mode) })
+}
+
+/// # Safety
+/// As libc's `openat64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    open_hook(Some(dirfd), path, flags, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::openat64(dirfd, path, flags, mode) })
+}
+
+/// The fortified `open` (`_FORTIFY_SOURCE`), without a mode.
+///
+/// # Safety
+/// As glibc's `__open_2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    open_hook(None, path, flags, 0)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::__open_2(path, flags) })
+}
+
+/// # Safety
+/// As glibc's `__open64_2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    open_hook(None, path, flags, 0)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::__open64_2(path, flags) })
+}
+
+/// # Safety
+/// As libc's `creat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: libc::mode_t) -> c_int {
+    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    open_hook(None, path, flags, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::creat(path, mode) })
+}
+
+/// `fopen`'s mode string as open flags.
+fn fopen_flags(mode: &[u8]) -> Option<c_int> {
+    let mut flags = match mode.first()? {
+        b'r' => libc::O_RDONLY,
+        b'w' => libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        b'a' => libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        _ => return None,
+    };
+    for c in &mode[1..] {
+        match c {
+            b'+' => flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR,
+            b'e' => flags |= libc::O_CLOEXEC,
+            b'x' => flags |= libc::O_EXCL,
+            _ => {}
+        }
+    }
+    Some(flags)
+}
+
+/// glibc's `cookie_io_functions_t`.
+#[repr(C)]
+struct CookieFunctions {
+    read: Option<unsafe extern "C" fn(*mut c_void, *mut c_char, libc::size_t) -> libc::ssize_t>,
+    write: Option<unsafe extern "C" fn(*mut c_void, *const c_char, libc::size_t) -> libc::ssize_t>,
+    seek: Option<unsafe extern "C" fn(*mut c_void, *mut libc::off64_t, c_int) -> c_int>,
+    close: Option<unsafe extern "C" fn(*mut c_void) -> c_int>,
+}
+
+unsafe extern "C" {
+    fn fopencookie(
+        cookie: *mut c_void,
+        mode: *const c_char,
+        functions: CookieFunctions,
+    ) -> *mut libc::FILE;
+}
+
+// The cookie is the placeholder fd; each callback runs the matching hook on it.
+unsafe extern "C" fn cookie_read(
+    cookie: *mut c_void,
+    buf: *mut c_char,
+    n: libc::size_t,
+) -> libc::ssize_t {
+    // SAFETY: stdio's buffer of `n` bytes.
+    unsafe { read(cookie as usize as c_int, buf.cast(), n) }
+}
+unsafe extern "C" fn cookie_write(
+    cookie: *mut c_void,
+    buf: *const c_char,
+    n: libc::size_t,
+) -> libc::ssize_t {
+    // SAFETY: stdio's buffer of `n` bytes.
+    unsafe { write(cookie as usize as c_int, buf.cast(), n) }
+}
+unsafe extern "C" fn cookie_seek(
+    cookie: *mut c_void,
+    offset: *mut libc::off64_t,
+    whence: c_int,
+) -> c_int {
+    // SAFETY: stdio passes a valid offset in/out pointer.
+    unsafe {
+        let position = lseek64(cookie as usize as c_int, *offset, whence);
+        if position < 0 {
+            return -1;
+        }
+        *offset = position;
+    }
+    0
+}
+unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
+    // SAFETY: the placeholder fd this stream owns.
+    unsafe { crate::close(cookie as usize as c_int) }
+}
+
+fn fopen_hook(path: *const c_char, mode: *const c_char) -> Option<*mut libc::FILE> {
+    if mode.is_null() {
+        return None;
+    }
+    // SAFETY: `mode` is a C string, per fopen's contract.
+    let flags = fopen_flags(unsafe { CStr::from_ptr(mode) }.to_bytes())?;
+    let fd = open_hook(None, path, flags, 0o666)?;
+    if fd < 0 {
+        return Some(std::ptr::null_mut());
+    }
+    let functions = CookieFunctions {
+        read: Some(cookie_read),
+        write: Some(cookie_write),
+        seek: Some(cookie_seek),
+        close: Some(cookie_close),
+    };
+    // SAFETY: valid mode string and callbacks; the cookie is a plain integer.
+    let stream = unsafe { fopencookie(fd as usize as *mut c_void, mode, functions) };
+    if stream.is_null() {
+        // SAFETY: our placeholder.
+        unsafe { crate::close(fd) };
+    }
+    Some(stream)
+}
+
+/// # Safety
+/// As libc's `fopen`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    fopen_hook(path, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::fopen(path, mode) })
+}
+
+/// # Safety
+/// As libc's `fopen64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    fopen_hook(path, mode)
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::fopen64(path, mode) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading, writing, seeking.
+
+/// Runs `f` on the remote file behind `fd`; `None` when `fd` is not one.
+fn with_remote<T>(fd: c_int, f: impl FnOnce(&mut RemoteFile) -> T) -> Option<T> {
+    if !ACTIVE.load(Ordering::Acquire) {
+        return None;
+    }
+    let _entered = enter()?;
+    let file = remote_file(fd)?;
+    let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+    Some(f(&mut file))
+}
+
+fn fetch(handle: u64) -> impl FnOnce(u64, usize) -> Result<(Vec<u8>, bool), c_int> {
+    move |offset, len| {
+        let op = Op::Read(FsRead {
+            handle,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            offset: Some(offset),
+        });
+        match fs(op)? {
+            FsResult::Data(data) => Ok((data.data.to_vec(), data.eof)),
+            _ => Err(libc::EIO),
+        }
+    }
+}
+
+fn ssize(result: Result<usize, c_int>) -> libc::ssize_t {
+    match result {
+        Ok(n) => n as libc::ssize_t,
+        Err(errno) => fail(errno, -1),
+    }
+}
+
+/// # Safety
+/// `buf` must be null or `n` writable bytes.
+unsafe fn out_slice<'a>(buf: *mut c_void, n: libc::size_t) -> &'a mut [u8] {
+    if buf.is_null() || n == 0 {
+        return &mut [];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts_mut(buf.cast(), n) }
+}
+
+/// # Safety
+/// `buf` must be null or `n` readable bytes.
+unsafe fn in_slice<'a>(buf: *const c_void, n: libc::size_t) -> &'a [u8] {
+    if buf.is_null() || n == 0 {
+        return &[];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(buf.cast(), n) }
+}
+
+/// # Safety
+/// As libc's `read`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: libc::size_t) -> libc::ssize_t {
+    // SAFETY: the caller's buffer of `n` bytes.
+    let out = || unsafe { out_slice(buf, n) };
+    with_remote(fd, |file| {
+        let handle = file.handle;
+        ssize(file.read(out(), fetch(handle)))
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::read(fd, buf, n) })
+}
+
+/// # Safety
+/// As libc's `pread`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread(
+    fd: c_int,
+    buf: *mut c_void,
+    n: libc::size_t,
+    offset: libc::off_t,
+) -> libc::ssize_t {
+    // SAFETY: as `pread64`.
+    unsafe { pread_impl(fd, buf, n, offset, real::pread) }
+}
+
+/// # Safety
+/// As libc's `pread64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread64(
+    fd: c_int,
+    buf: *mut c_void,
+    n: libc::size_t,
+    offset: libc::off64_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's arguments.
+    unsafe { pread_impl(fd, buf, n, offset, real::pread64) }
+}
+
+/// # Safety
+/// As libc's `pread`.
+unsafe fn pread_impl(
+    fd: c_int,
+    buf: *mut c_void,
+    n: libc::size_t,
+    offset: i64,
+    local: unsafe fn(c_int, *mut c_void, libc::size_t, i64) -> libc::ssize_t,
+) -> libc::ssize_t {
+    if offset < 0 {
+        // SAFETY: libc reports the error.
+        return unsafe { local(fd, buf, n, offset) };
+    }
+    // SAFETY: the caller's buffer of `n` bytes.
+    let out = || unsafe { out_slice(buf, n) };
+    with_remote(fd, |file| {
+        let handle = file.handle;
+        ssize(file.read_at(offset as u64, out(), fetch(handle)))
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { local(fd, buf, n, offset) })
+}
+
+/// # Safety
+/// As libc's `readv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, count: c_int) -> libc::ssize_t {
+    let vectors = || {
+        if iov.is_null() || count <= 0 {
+            return &[][..];
+        }
+        // SAFETY: `count` iovecs, per readv's contract.
+        unsafe { std::slice::from_raw_parts(iov, count as usize) }
+    };
+    with_remote(fd, |file| {
+        let handle = file.handle;
+        let mut total = 0;
+        for vector in vectors() {
+            // SAFETY: each iovec describes a writable buffer.
+            let out = unsafe { out_slice(vector.iov_base, vector.iov_len) };
+            match file.read(out, fetch(handle)) {
+                Ok(n) => {
+                    total += n;
+                    if n < vector.iov_len {
+                        break;
+                    }
+                }
+                Err(errno) if total == 0 => return fail(errno, -1),
+                Err(_) => break,
+            }
+        }
+        total as libc::ssize_t
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::readv(fd, iov, count) })
+}
+
+fn write_remote(file: &mut RemoteFile, data: &[u8], offset: Option<u64>) -> Result<usize, c_int> {
+    file.invalidate();
+    let mut written = 0;
+    for chunk in data.chunks(crate::files::MAX_WRITE) {
+        let at = match offset {
+            Some(offset) => Some(offset + written as u64),
+            None if file.append => None,
+            None => Some(file.position),
+        };
+        let op = Op::Write(FsWrite {
+            handle: file.handle,
+            data: bytes::Bytes::copy_from_slice(chunk),
+            offset: at,
+        });
+        match fs(op) {
+            Ok(_) => {
+                written += chunk.len();
+                if offset.is_none() {
+                    file.position += chunk.len() as u64;
+                }
+            }
+            Err(errno) if written == 0 => return Err(errno),
+            Err(_) => break,
+        }
+    }
+    Ok(written)
+}
+
+/// # Safety
+/// As libc's `write`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: libc::size_t) -> libc::ssize_t {
+    // SAFETY: the caller's buffer of `n` bytes.
+    let data = || unsafe { in_slice(buf, n) };
+    with_remote(fd, |file| ssize(write_remote(file, data(), None)))
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::write(fd, buf, n) })
+}
+
+/// # Safety
+/// As libc's `pwrite`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pwrite(
+    fd: c_int,
+    buf: *const c_void,
+    n: libc::size_t,
+    offset: libc::off_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's buffer of `n` bytes.
+    let data = || unsafe { in_slice(buf, n) };
+    with_remote(fd, |file| {
+        ssize(write_remote(file, data(), Some(offset.max(0) as u64)))
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::pwrite(fd, buf, n, offset) })
+}
+
+/// # Safety
+/// As libc's `pwrite64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pwrite64(
+    fd: c_int,
+    buf: *const c_void,
+    n: libc::size_t,
+    offset: libc::off64_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's buffer of `n` bytes.
+    let data = || unsafe { in_slice(buf, n) };
+    with_remote(fd, |file| {
+        ssize(write_remote(file, data(), Some(offset.max(0) as u64)))
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::pwrite64(fd, buf, n, offset) })
+}
+
+fn seek_remote(file: &mut RemoteFile, offset: i64, whence: c_int) -> i64 {
+    let base = match whence {
+        libc::SEEK_SET => 0,
+        libc::SEEK_CUR => file.position as i64,
+        libc::SEEK_END => match stat_remote(String::new(), file.handle, true) {
+            Ok(stat) => stat.size as i64,
+            Err(errno) => return fail(errno, -1),
+        },
+        _ => return fail(libc::EINVAL, -1),
+    };
+    match base.checked_add(offset) {
+        Some(position) if position >= 0 => {
+            file.position = position as u64;
+            position
+        }
+        _ => fail(libc::EINVAL, -1),
+    }
+}
+
+/// # Safety
+/// As libc's `lseek`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lseek(fd: c_int, offset: libc::off_t, whence: c_int) -> libc::off_t {
+    with_remote(fd, |file| seek_remote(file, offset, whence))
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::lseek(fd, offset, whence) })
+}
+
+/// # Safety
+/// As libc's `lseek64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn lseek64(fd: c_int, offset: libc::off64_t, whence: c_int) -> libc::off64_t {
+    with_remote(fd, |file| seek_remote(file, offset, whence))
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::lseek64(fd, offset, whence) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stat family. On 64-bit Linux `struct stat` and `struct stat64` are the same; the local
+// calls go to `stat64` & co. (glibc ≥ 2.33) or the older `__xstat64` entry points.
+
+fn stat_remote(path: String, handle: u64, follow: bool) -> Result<FileStat, c_int> {
+    let op = Op::Stat(FsStat {
+        path,
+        handle,
+        follow_symlinks: follow,
+    });
+    match fs(op)? {
+        FsResult::Stat(stat) => Ok(stat),
+        _ => Err(libc::EIO),
+    }
+}
+
+fn split_ns(ns: i64) -> (i64, i64) {
+    (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
+}
+
+/// # Safety
+/// `out` must be a valid `struct stat64` out-buffer.
+unsafe fn fill_stat(stat: &FileStat, out: *mut libc::stat64) {
+    // SAFETY: plain old data.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    st.st_dev = stat.dev;
+    st.st_ino = stat.ino;
+    st.st_nlink = stat.nlink as _;
+    st.st_mode = stat.mode;
+    st.st_uid = stat.uid;
+    st.st_gid = stat.gid;
+    st.st_rdev = stat.rdev;
+    st.st_size = stat.size as i64;
+    st.st_blksize = stat.blksize as _;
+    st.st_blocks = stat.blocks as i64;
+    (st.st_atime, st.st_atime_nsec) = split_ns(stat.atime_ns);
+    (st.st_mtime, st.st_mtime_nsec) = split_ns(stat.mtime_ns);
+    (st.st_ctime, st.st_ctime_nsec) = split_ns(stat.ctime_ns);
+    // SAFETY: per the contract.
+    unsafe { out.write(st) };
+}
+
+/// A path stat: `None` when it stays local, else the return value (errno set).
+fn path_stat(path: *const c_char, follow: bool, out: *mut libc::stat64) -> Option<c_int> {
+    let _entered = enter()?;
+    let path = path_of(path)?;
+    match route(path, false) {
+        FsRoute::Local => None,
+        FsRoute::NotFound => Some(fail(libc::ENOENT, -1)),
+        FsRoute::Remote => Some(
+            match stat_remote(path.to_string_lossy().into_owned(), 0, follow) {
+                Ok(stat) => {
+                    // SAFETY: the caller's out-buffer.
+                    unsafe { fill_stat(&stat, out) };
+                    0
+                }
+                Err(errno) => fail(errno, -1),
+            },
+        ),
+    }
+}
+
+fn fd_stat(fd: c_int, out: *mut libc::stat64) -> Option<c_int> {
+    with_remote(fd, |file| {
+        match stat_remote(String::new(), file.handle, true) {
+            Ok(stat) => {
+                // SAFETY: the caller's out-buffer.
+                unsafe { fill_stat(&stat, out) };
+                0
+            }
+            Err(errno) => fail(errno, -1),
+        }
+    })
+}
+
+static STAT64: crate::Real = crate::Real::new(c"stat64");
+static LSTAT64: crate::Real = crate::Real::new(c"lstat64");
+static FSTAT64: crate::Real = crate::Real::new(c"fstat64");
+static FSTATAT64: crate::Real = crate::Real::new(c"fstatat64");
+static XSTAT64: crate::Real = crate::Real::new(c"__xstat64");
+static LXSTAT64: crate::Real = crate::Real::new(c"__lxstat64");
+static FXSTAT64: crate::Real = crate::Real::new(c"__fxstat64");
+static FXSTATAT64: crate::Real = crate::Real::new(c"__fxstatat64");
+static STATX: crate::Real = crate::Real::new(c"statx");
+
+type PathStat = unsafe extern "C" fn(*const c_char, *mut libc::stat64) -> c_int;
+type PathXstat = unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat64) -> c_int;
+
+/// # Safety
+/// As libc's `stat64`.
+unsafe fn local_path_stat(
+    modern: &crate::Real,
+    old: &crate::Real,
+    path: *const c_char,
+    out: *mut libc::stat64,
+) -> c_int {
+    if let Some(f) = modern.try_get() {
+        // SAFETY: libc's `stat64`/`lstat64`, whose signature this is.
+        let f: PathStat = unsafe { std::mem::transmute(f) };
+        // SAFETY: the caller's arguments.
+        return unsafe { f(path, out) };
+    }
+    if let Some(f) = old.try_get() {
+        // SAFETY: libc's `__xstat64`/`__lxstat64`, version 1 on x86_64 and 0 elsewhere.
+        let f: PathXstat = unsafe { std::mem::transmute(f) };
+        // SAFETY: the caller's arguments.
+        return unsafe { f(XSTAT_VERSION, path, out) };
+    }
+    fail(libc::ENOSYS, -1)
+}
+
+#[cfg(target_arch = "x86_64")]
+const XSTAT_VERSION: c_int = 1;
+#[cfg(not(target_arch = "x86_64"))]
+const XSTAT_VERSION: c_int = 0;
+
+/// # Safety
+/// As libc's `fstat64`.
+unsafe fn local_fstat(fd: c_int, out: *mut libc::stat64) -> c_int {
+    if let Some(f) = FSTAT64.try_get() {
+        // SAFETY: libc's `fstat64`.
+        let f: unsafe extern "C" fn(c_int, *mut libc::stat64) -> c_int =
+            unsafe { std::mem::transmute(f) };
+        // SAFETY: the caller's arguments.
+        return unsafe { f(fd, out) };
+    }
+    if let Some(f) = FXSTAT64.try_get() {
+        // SAFETY: libc's `__fxstat64`.
+        let f: unsafe extern "C" fn(c_int, c_int, *mut libc::stat64) -> c_int =
+            unsafe { std::mem::transmute(f) };
+        // SAFETY: the caller's arguments.
+        return unsafe { f(XSTAT_VERSION, fd, out) };
+    }
+    fail(libc::ENOSYS, -1)
+}
+
+/// # Safety
+/// As libc's `fstatat64`.
+unsafe fn local_fstatat(
+    dirfd: c_int,
+    path: *const c_char,
+    out: *mut libc::stat64,
+    flags: c_int,
+) -> c_int {
+    if let Some(f) = FSTATAT64.try_get() {
+        // SAFETY: libc's `fstatat64`.
+        let f: unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat64, c_int) -> c_int =
+            unsafe { std::mem::transmute(f) };
+        // SAFETY: the caller's arguments.
+        return unsafe { f(dirfd, path, out, flags) };
+    }
+    if let Some(f) = FXSTATAT64.try_get() {
+        // SAFETY: libc's `__fxstatat64`.
+        let f: unsafe extern "C" fn(
+            c_int,
+            c_int,
+            *const c_char,
+            *mut libc::stat64,
+            c_int,
+        ) -> c_int = unsafe { std::mem::transmute(f) };
+        // SAFETY: the caller's arguments.
+        return unsafe { f(XSTAT_VERSION, dirfd, path, out, flags) };
+    }
+    fail(libc::ENOSYS, -1)
+}
+
+fn stat_impl(path: *const c_char, out: *mut libc::stat64) -> c_int {
+    path_stat(path, true, out)
+        // SAFETY: the caller's arguments.
+        .unwrap_or_else(|| unsafe { local_path_stat(&STAT64, &XSTAT64, path, out) })
+}
+
+fn lstat_impl(path: *const c_char, out: *mut libc::stat64) -> c_int {
+    path_stat(path, false, out)
+        // SAFETY: the caller's arguments.
+        .unwrap_or_else(|| unsafe { local_path_stat(&LSTAT64, &LXSTAT64, path, out) })
+}
+
+fn fstat_impl(fd: c_int, out: *mut libc::stat64) -> c_int {
+    fd_stat(fd, out)
+        // SAFETY: the caller's arguments.
+        .unwrap_or_else(|| unsafe { local_fstat(fd, out) })
+}
+
+fn fstatat_impl(dirfd: c_int, path: *const c_char, out: *mut libc::stat64, flags: c_int) -> c_int {
+    let empty = path_of(path).is_some_and(|p| p.as_os_str().is_empty());
+    let remote = if empty && flags & libc::AT_EMPTY_PATH != 0 {
+        fd_stat(dirfd, out)
+    } else if path_of(path).is_some_and(Path::is_absolute) || dirfd == libc::AT_FDCWD {
+        path_stat(path, flags & libc::AT_SYMLINK_NOFOLLOW == 0, out)
+    } else {
+        None
+    };
+    // SAFETY: the caller's arguments.
+    remote.unwrap_or_else(|| unsafe { local_fstatat(dirfd, path, out, flags) })
+}
+
+macro_rules! stat_hooks {
+    ($($name:ident($($arg:ident: $ty:ty),*) => $body:expr;)*) => {$(
+        /// # Safety
+        /// As libc's function of the same name (64-bit `struct stat`).
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+            $body
+        }
+    )*};
+}
+
+stat_hooks! {
+    stat(path: *const c_char, out: *mut libc::stat64) => stat_impl(path, out);
+    stat64(path: *const c_char, out: *mut libc::stat64) => stat_impl(path, out);
+    lstat(path: *const c_char, out: *mut libc::stat64) => lstat_impl(path, out);
+    lstat64(path: *const c_char, out: *mut libc::stat64) => lstat_impl(path, out);
+    fstat(fd: c_int, out: *mut libc::stat64) => fstat_impl(fd, out);
+    fstat64(fd: c_int, out: *mut libc::stat64) => fstat_impl(fd, out);
+    fstatat(dirfd: c_int, path: *const c_char, out: *mut libc::stat64, flags: c_int) => fstatat_impl(dirfd, path, out, flags);
+    fstatat64(dirfd: c_int, path: *const c_char, out: *mut libc::stat64, flags: c_int) => fstatat_impl(dirfd, path, out, flags);
+    __xstat(_ver: c_int, path: *const c_char, out: *mut libc::stat64) => stat_impl(path, out);
+    __xstat64(_ver: c_int, path: *const c_char, out: *mut libc::stat64) => stat_impl(path, out);
+    __lxstat(_ver: c_int, path: *const c_char, out: *mut libc::stat64) => lstat_impl(path, out);
+    __lxstat64(_ver: c_int, path: *const c_char, out: *mut libc::stat64) => lstat_impl(path, out);
+    __fxstat(_ver: c_int, fd: c_int, out: *mut libc::stat64) => fstat_impl(fd, out);
+    __fxstat64(_ver: c_int, fd: c_int, out: *mut libc::stat64) => fstat_impl(fd, out);
+    __fxstatat(_ver: c_int, dirfd: c_int, path: *const c_char, out: *mut libc::stat64, flags: c_int) => fstatat_impl(dirfd, path, out, flags);
+    __fxstatat64(_ver: c_int, dirfd: c_int, path: *const c_char, out: *mut libc::stat64, flags: c_int) => fstatat_impl(dirfd, path, out, flags);
+}
+
+/// # Safety
+/// As libc's `statx`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statx(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mask: libc::c_uint,
+    out: *mut libc::statx,
+) -> c_int {
+    // SAFETY: plain old data.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    let empty = path_of(path).is_some_and(|p| p.as_os_str().is_empty());
+    let remote = if empty && flags & libc::AT_EMPTY_PATH != 0 {
+        fd_stat(dirfd, &mut st)
+    } else if path_of(path).is_some_and(Path::is_absolute) || dirfd == libc::AT_FDCWD {
+        path_stat(path, flags & libc::AT_SYMLINK_NOFOLLOW == 0, &mut st)
+    } else {
+        None
+    };
+    match remote {
+        Some(0) => {
+            // SAFETY: plain old data.
+            let mut x: libc::statx = unsafe { std::mem::zeroed() };
+            x.stx_mask = libc::STATX_BASIC_STATS;
+            x.stx_blksize = st.st_blksize as u32;
+            x.stx_nlink = st.st_nlink as u32;
+            x.stx_uid = st.st_uid;
+            x.stx_gid = st.st_gid;
+            x.stx_mode = st.st_mode as u16;
+            x.stx_ino = st.st_ino;
+            x.stx_size = st.st_size as u64;
+            x.stx_blocks = st.st_blocks as u64;
+            let time = |sec: i64, nsec: i64| {
+                // SAFETY: plain old data.
+                let mut t: libc::statx_timestamp = unsafe { std::mem::zeroed() };
+                t.tv_sec = sec;
+                t.tv_nsec = nsec as u32;
+                t
+            };
+            x.stx_atime = time(st.st_atime, st.st_atime_nsec);
+            x.stx_mtime = time(st.st_mtime, st.st_mtime_nsec);
+            x.stx_ctime = time(st.st_ctime, st.st_ctime_nsec);
+            x.stx_rdev_major = libc::major(st.st_rdev);
+            x.stx_rdev_minor = libc::minor(st.st_rdev);
+            x.stx_dev_major = libc::major(st.st_dev);
+            x.stx_dev_minor = libc::minor(st.st_dev);
+            // SAFETY: the caller's out-buffer.
+            unsafe { out.write(x) };
+            0
+        }
+        Some(rc) => rc,
+        None => match STATX.try_get() {
+            Some(f) => {
+                type Statx = unsafe extern "C" fn(
+                    c_int,
+                    *const c_char,
+                    c_int,
+                    libc::c_uint,
+                    *mut libc::statx,
+                ) -> c_int;
+                // SAFETY: libc's `statx`.
+                let f: Statx = unsafe { std::mem::transmute(f) };
+                // SAFETY: the caller's arguments.
+                unsafe { f(dirfd, path, flags, mask, out) }
+            }
+            None => fail(libc::ENOSYS, -1),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Directories.
+
+/// A directory opened in the target; its address is the `DIR *` handed out.
+struct RemoteDir {
+    handle: u64,
+    entries: std::collections::VecDeque<tether_protocol::DirEntry>,
+    done: bool,
+    offset: i64,
+    current: libc::dirent64,
+}
+
+/// The `DIR *`s this library handed out.
+static DIRS: Mutex<Option<std::collections::HashMap<usize, Box<RemoteDir>>>> = Mutex::new(None);
+static DIRS_ACTIVE: AtomicBool = AtomicBool::new(false);
+
+fn with_dir<T>(dir: *mut libc::DIR, f: impl FnOnce(&mut RemoteDir) -> T) -> Option<T> {
+    if !DIRS_ACTIVE.load(Ordering::Acquire) {
+        return None;
+    }
+    let _entered = enter()?;
+    let mut dirs = DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    let found = dirs.as_mut()?.get_mut(&(dir as usize))?;
+    Some(f(found))
+}
+
+/// # Safety
+/// As libc's `opendir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
+    let remote = (|| {
+        let _entered = enter()?;
+        let path = path_of(path)?;
+        match route(path, false) {
+            FsRoute::Local => None,
+            FsRoute::NotFound => Some(fail(libc::ENOENT, std::ptr::null_mut())),
+            FsRoute::Remote => {
+                let op = Op::Open(FsOpen {
+                    path: path.to_string_lossy().into_owned(),
+                    flags: open_flags::READ | open_flags::DIRECTORY,
+                    mode: 0,
+                });
+                Some(match fs(op) {
+                    Ok(FsResult::Opened(opened)) => {
+                        let dir = Box::new(RemoteDir {
+                            handle: opened.handle,
+                            entries: Default::default(),
+                            done: false,
+                            offset: 0,
+                            // SAFETY: plain old data.
+                            current: unsafe { std::mem::zeroed() },
+                        });
+                        let pointer = (&raw const *dir).cast_mut().cast::<libc::DIR>();
+                        DIRS.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert_with(Default::default)
+                            .insert(pointer as usize, dir);
+                        DIRS_ACTIVE.store(true, Ordering::Release);
+                        pointer
+                    }
+                    Ok(_) => fail(libc::EIO, std::ptr::null_mut()),
+                    Err(errno) => fail(errno, std::ptr::null_mut()),
+                })
+            }
+        }
+    })();
+    // SAFETY: argument passed through.
+    remote.unwrap_or_else(|| unsafe { real::opendir(path) })
+}
+
+fn next_entry(dir: &mut RemoteDir) -> *mut libc::dirent64 {
+    if dir.entries.is_empty() && !dir.done {
+        match fs(Op::ReadDir(FsHandle { handle: dir.handle })) {
+            Ok(FsResult::Entries(batch)) => {
+                dir.done = batch.done;
+                dir.entries.extend(batch.entries);
+            }
+            Ok(_) => return fail(libc::EIO, std::ptr::null_mut()),
+            Err(errno) => return fail(errno, std::ptr::null_mut()),
+        }
+    }
+    let Some(entry) = dir.entries.pop_front() else {
+        return std::ptr::null_mut(); // the end: errno untouched
+    };
+    dir.offset += 1;
+    let current = &mut dir.current;
+    current.d_ino = entry.ino;
+    current.d_off = dir.offset;
+    current.d_reclen = size_of::<libc::dirent64>() as u16;
+    current.d_type = entry.kind as u8;
+    let name = entry.name.as_bytes();
+    let n = name.len().min(current.d_name.len() - 1);
+    for (slot, byte) in current.d_name.iter_mut().zip(&name[..n]) {
+        *slot = *byte as c_char;
+    }
+    current.d_name[n] = 0;
+    &raw mut dir.current
+}
+
+/// # Safety
+/// As libc's `readdir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readdir(dir: *mut libc::DIR) -> *mut libc::dirent {
+    // `struct dirent` and `struct dirent64` are the same on 64-bit Linux.
+    with_dir(dir, |d| next_entry(d).cast())
+        // SAFETY: argument passed through.
+        .unwrap_or_else(|| unsafe { real::readdir(dir) })
+}
+
+/// # Safety
+/// As libc's `readdir64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64 {
+    with_dir(dir, next_entry)
+        // SAFETY: argument passed through.
+        .unwrap_or_else(|| unsafe { real::readdir64(dir) })
+}
+
+/// # Safety
+/// As libc's `closedir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
+    if DIRS_ACTIVE.load(Ordering::Acquire)
+        && let Some(_entered) = enter()
+    {
+        let removed = DIRS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(|dirs| dirs.remove(&(dir as usize)));
+        if let Some(removed) = removed {
+            let _ = fs(Op::Close(FsHandle {
+                handle: removed.handle,
+            }));
+            return 0;
+        }
+    }
+    // SAFETY: argument passed through.
+    unsafe { real::closedir(dir) }
+}
+
+/// # Safety
+/// As libc's `dirfd`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dirfd(dir: *mut libc::DIR) -> c_int {
+    // A directory listed in the target has no local fd.
+    with_dir(dir, |_| fail(libc::ENOTSUP, -1))
+        // SAFETY: argument passed through.
+        .unwrap_or_else(|| unsafe { real::dirfd(dir) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths: access, links, changes.
+
+/// `None` when `path` stays local for this kind of operation; else the remote result.
+fn remote_path_op<T>(
+    path: *const c_char,
+    write: bool,
+    not_found: T,
+    f: impl FnOnce(String) -> T,
+) -> Option<T> {
+    let _entered = enter()?;
+    let path = path_of(path)?;
+    match route(path, write) {
+        FsRoute::Local => None,
+        FsRoute::NotFound => Some(fail(libc::ENOENT, not_found)),
+        FsRoute::Remote => Some(f(path.to_string_lossy().into_owned())),
+    }
+}
+
+fn unit(result: Result<FsResult, c_int>) -> c_int {
+    match result {
+        Ok(_) => 0,
+        Err(errno) => fail(errno, -1),
+    }
+}
+
+/// # Safety
+/// As libc's `access`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    remote_path_op(path, false, -1, |path| {
+        unit(fs(Op::Access(FsAccess {
+            path,
+            mode: mode as u32,
+        })))
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::access(path, mode) })
+}
+
+/// # Safety
+/// As libc's `faccessat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn faccessat(
+    dirfd: c_int,
+    path: *const c_char,
+    mode: c_int,
+    flags: c_int,
+) -> c_int {
+    let absolute = dirfd == libc::AT_FDCWD || path_of(path).is_some_and(Path::is_absolute);
+    absolute
+        .then(|| {
+            remote_path_op(path, false, -1, |path| {
+                unit(fs(Op::Access(FsAccess {
+                    path,
+                    mode: mode as u32,
+                })))
+            })
+        })
+        .flatten()
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::faccessat(dirfd, path, mode, flags) })
+}
+
+/// # Safety
+/// As libc's `readlink`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlink(
+    path: *const c_char,
+    buf: *mut c_char,
+    size: libc::size_t,
+) -> libc::ssize_t {
+    remote_path_op(path, false, -1, |path| {
+        match fs(Op::ReadLink(FsPath { path })) {
+            Ok(FsResult::Path(target)) => {
+                // SAFETY: the caller's buffer of `size` bytes.
+                let out = unsafe { out_slice(buf.cast(), size) };
+                let n = target.len().min(out.len());
+                out[..n].copy_from_slice(&target.as_bytes()[..n]);
+                n as libc::ssize_t
+            }
+            Ok(_) => fail(libc::EIO, -1),
+            Err(errno) => fail(errno, -1),
+        }
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::readlink(path, buf, size) })
+}
+
+/// # Safety
+/// As libc's `realpath`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char {
+    remote_path_op(path, false, std::ptr::null_mut(), |path| {
+        match fs(Op::RealPath(FsPath { path })) {
+            Ok(FsResult::Path(real_path)) => {
+                let Ok(text) = CString::new(real_path) else {
+                    return fail(libc::EINVAL, std::ptr::null_mut());
+                };
+                let bytes = text.as_bytes_with_nul();
+                if bytes.len() > libc::PATH_MAX as usize {
+                    return fail(libc::ENAMETOOLONG, std::ptr::null_mut());
+                }
+                let out = if resolved.is_null() {
+                    // SAFETY: the caller frees the result with `free`, so it comes from `malloc`.
+                    unsafe { libc::malloc(bytes.len()) }.cast::<c_char>()
+                } else {
+                    resolved
+                };
+                if out.is_null() {
+                    return fail(libc::ENOMEM, std::ptr::null_mut());
+                }
+                // SAFETY: `out` has room for PATH_MAX (caller's) or `bytes.len()` (ours) bytes.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr().cast(), out, bytes.len()) };
+                out
+            }
+            Ok(_) => fail(libc::EIO, std::ptr::null_mut()),
+            Err(errno) => fail(errno, std::ptr::null_mut()),
+        }
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::realpath(path, resolved) })
+}
+
+/// # Safety
+/// As libc's `unlink`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn unlink(path: *const c_char) -> c_int {
+    remote_path_op(path, true, -1, |path| unit(fs(Op::Unlink(FsPath { path }))))
+        // SAFETY: argument passed through.
+        .unwrap_or_else(|| unsafe { real::unlink(path) })
+}
+
+/// # Safety
+/// As libc's `mkdir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mkdir(path: *const c_char, mode: libc::mode_t) -> c_int {
+    remote_path_op(path, true, -1, |path| {
+        unit(fs(Op::Mkdir(FsMkdir { path, mode })))
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::mkdir(path, mode) })
+}
+
+/// # Safety
+/// As libc's `rename`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rename(from: *const c_char, to: *const c_char) -> c_int {
+    let remote = (|| {
+        let _entered = enter()?;
+        let (from_path, to_path) = (path_of(from)?, path_of(to)?);
+        match (route(from_path, true), route(to_path, true)) {
+            (FsRoute::Local, FsRoute::Local) => None,
+            (FsRoute::Remote, FsRoute::Remote) => Some(unit(fs(Op::Rename(FsRename {
+                from: from_path.to_string_lossy().into_owned(),
+                to: to_path.to_string_lossy().into_owned(),
+            })))),
+            (FsRoute::NotFound, _) | (_, FsRoute::NotFound) => Some(fail(libc::ENOENT, -1)),
+            // One side local, the other in the target: like two filesystems.
+            _ => Some(fail(libc::EXDEV, -1)),
+        }
+    })();
+    // SAFETY: arguments passed through.
+    remote.unwrap_or_else(|| unsafe { real::rename(from, to) })
+}

@@ -1,0 +1,325 @@
+//! Names: `getaddrinfo`, `freeaddrinfo` and `gethostbyname` resolve in the target unless the DNS
+//! filter keeps a name local. glibc's own DNS sockets inside `getaddrinfo` cannot be seen from
+//! here, so the whole call is replaced.
+//!
+//! Every address handed out (by the target or by the local resolver) is remembered with its name,
+//! so the outgoing filter can match names and a name resolved in the target always connects
+//! through it.
+
+// The hooks are exported by symbol name (`no_mangle`), not by Rust path.
+#![allow(unreachable_pub)]
+
+use std::{
+    collections::HashSet,
+    ffi::{CStr, CString, c_char, c_int},
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+};
+
+use crate::{Answer, Request, addr, enter, policy, policy::Names, real};
+
+static NAMES: Mutex<Option<Names>> = Mutex::new(None);
+
+/// Lists this library allocated (heads), so `freeaddrinfo` frees them itself.
+static OURS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+
+/// The name `ip` was resolved from, and whether in the target.
+pub(crate) fn name_of(ip: IpAddr) -> Option<(String, bool)> {
+    let names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    names.as_ref()?.get(ip).map(|(n, r)| (n.to_owned(), r))
+}
+
+fn remember(ips: impl IntoIterator<Item = IpAddr>, name: &str, remote: bool) {
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    let names = names.get_or_insert_with(Names::default);
+    for ip in ips {
+        names.remember(ip, name, remote);
+    }
+}
+
+/// Resolves `name` in the target: `None` when it stays local, else the addresses (empty: no
+/// such name) or `Err` for a temporary failure.
+fn resolve_remote(name: &str, family: c_int) -> Option<Result<(Vec<IpAddr>, String), ()>> {
+    if !policy()?.dns(name) {
+        return None;
+    }
+    let family = match family {
+        libc::AF_INET => 4,
+        libc::AF_INET6 => 6,
+        _ => 0,
+    };
+    let request = Request::Resolve {
+        name: name.to_owned(),
+        family,
+    };
+    Some(match crate::ask(&request) {
+        Ok(Answer::Resolved {
+            addresses,
+            canonical,
+        }) => {
+            remember(addresses.iter().copied(), name, true);
+            Ok((addresses, canonical))
+        }
+        _ => Err(()),
+    })
+}
+
+/// One `addrinfo` with the address it points to, allocated together.
+#[repr(C)]
+struct Entry {
+    info: libc::addrinfo,
+    storage: libc::sockaddr_storage,
+}
+
+/// # Safety
+/// As libc's `getaddrinfo`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getaddrinfo(
+    node: *const c_char,
+    service: *const c_char,
+    hints: *const libc::addrinfo,
+    res: *mut *mut libc::addrinfo,
+) -> c_int {
+    // SAFETY: `hints` is null or a valid addrinfo, per getaddrinfo's contract.
+    let hints_copy = (!hints.is_null()).then(|| unsafe { *hints });
+    let (family, socktype, protocol, flags) = hints_copy.map_or((libc::AF_UNSPEC, 0, 0, 0), |h| {
+        (h.ai_family, h.ai_socktype, h.ai_protocol, h.ai_flags)
+    });
+    if !node.is_null()
+        && !res.is_null()
+        && flags & libc::AI_NUMERICHOST == 0
+        && let Some(_entered) = enter()
+        // SAFETY: `node` is a C string, per the contract.
+        && let Ok(name) = unsafe { CStr::from_ptr(node) }.to_str()
+        && let Some(resolved) = resolve_remote(name, family)
+    {
+        let (addresses, canonical) = match resolved {
+            Ok(found) => found,
+            Err(()) => return libc::EAI_AGAIN,
+        };
+        // SAFETY: `service` is null or a C string.
+        let port = match unsafe { service_port(service, socktype) } {
+            Some(port) => port,
+            None => return libc::EAI_SERVICE,
+        };
+        let mut ips: Vec<IpAddr> = addresses
+            .into_iter()
+            .filter(|ip| match family {
+                libc::AF_INET => ip.is_ipv4(),
+                libc::AF_INET6 => ip.is_ipv6() || flags & libc::AI_V4MAPPED != 0,
+                _ => true,
+            })
+            .collect();
+        if family == libc::AF_INET6 && ips.iter().any(IpAddr::is_ipv6) {
+            ips.retain(IpAddr::is_ipv6);
+        }
+        if ips.is_empty() {
+            return libc::EAI_NONAME;
+        }
+        let kinds: Vec<(c_int, c_int)> = match socktype {
+            0 => vec![
+                (libc::SOCK_STREAM, libc::IPPROTO_TCP),
+                (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
+            ],
+            kind => vec![(kind, protocol)],
+        };
+        let canonical = (flags & libc::AI_CANONNAME != 0)
+            .then(|| {
+                CString::new(if canonical.is_empty() {
+                    name
+                } else {
+                    &canonical
+                })
+                .ok()
+            })
+            .flatten();
+        // SAFETY: `res` is valid per the contract.
+        unsafe { *res = build(&ips, port, &kinds, family, canonical) };
+        return 0;
+    }
+    // SAFETY: arguments passed through.
+    let rc = unsafe { real::getaddrinfo(node, service, hints, res) };
+    if rc == 0
+        && !node.is_null()
+        && let Some(_entered) = enter()
+        // SAFETY: as above.
+        && let Ok(name) = unsafe { CStr::from_ptr(node) }.to_str()
+        && name.parse::<IpAddr>().is_err()
+    {
+        let mut ips = Vec::new();
+        // SAFETY: libc returned a valid list.
+        let mut cursor = unsafe { *res };
+        while !cursor.is_null() {
+            // SAFETY: each node is valid until freeaddrinfo.
+            let info = unsafe { &*cursor };
+            // SAFETY: ai_addr points to ai_addrlen bytes.
+            if let Some(addr) = unsafe { addr::read(info.ai_addr, info.ai_addrlen) } {
+                ips.push(addr.ip());
+            }
+            cursor = info.ai_next;
+        }
+        remember(ips, name, false);
+    }
+    rc
+}
+
+/// The port of `service` (a number or a name from the services database); `None`: unknown.
+///
+/// # Safety
+/// `service` must be null or a C string.
+unsafe fn service_port(service: *const c_char, socktype: c_int) -> Option<u16> {
+    if service.is_null() {
+        return Some(0);
+    }
+    // SAFETY: per the contract.
+    let text = unsafe { CStr::from_ptr(service) };
+    if let Ok(port) = text.to_str().unwrap_or("").parse::<u16>() {
+        return Some(port);
+    }
+    let proto: &CStr = if socktype == libc::SOCK_DGRAM {
+        c"udp"
+    } else {
+        c"tcp"
+    };
+    // SAFETY: both are C strings; the result points to static storage, read at once.
+    let entry = unsafe { libc::getservbyname(text.as_ptr(), proto.as_ptr()) };
+    // SAFETY: non-null entries are valid servent structs.
+    (!entry.is_null()).then(|| u16::from_be(unsafe { (*entry).s_port } as u16))
+}
+
+/// Allocates the list: every address × socket kind.
+fn build(
+    ips: &[IpAddr],
+    port: u16,
+    kinds: &[(c_int, c_int)],
+    family: c_int,
+    canonical: Option<CString>,
+) -> *mut libc::addrinfo {
+    let mut canonical = canonical.map(CString::into_raw);
+    let mut head: *mut libc::addrinfo = std::ptr::null_mut();
+    let mut tail: *mut *mut libc::addrinfo = &raw mut head;
+    for ip in ips {
+        let as_family = match (family, ip) {
+            (libc::AF_INET6, IpAddr::V4(_)) => libc::AF_INET6,
+            (_, IpAddr::V4(_)) => libc::AF_INET,
+            (_, IpAddr::V6(_)) => libc::AF_INET6,
+        };
+        for &(socktype, protocol) in kinds {
+            let (storage, len) = addr::encode(SocketAddr::new(*ip, port), as_family);
+            let entry = Box::into_raw(Box::new(Entry {
+                info: libc::addrinfo {
+                    ai_flags: 0,
+                    ai_family: as_family,
+                    ai_socktype: socktype,
+                    ai_protocol: protocol,
+                    ai_addrlen: len,
+                    ai_addr: std::ptr::null_mut(),
+                    ai_canonname: canonical.take().unwrap_or(std::ptr::null_mut()),
+                    ai_next: std::ptr::null_mut(),
+                },
+                storage,
+            }));
+            // SAFETY: `entry` was just allocated; `tail` points to the last `ai_next` (or head).
+            unsafe {
+                (*entry).info.ai_addr = (&raw mut (*entry).storage).cast();
+                *tail = entry.cast();
+                tail = &raw mut (*entry).info.ai_next;
+            }
+        }
+    }
+    OURS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(head as usize);
+    head
+}
+
+/// # Safety
+/// As libc's `freeaddrinfo`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn freeaddrinfo(res: *mut libc::addrinfo) {
+    let ours = !res.is_null()
+        && OURS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .is_some_and(|set| set.remove(&(res as usize)));
+    if !ours {
+        // SAFETY: a list from libc's getaddrinfo.
+        return unsafe { real::freeaddrinfo(res) };
+    }
+    let mut cursor = res;
+    while !cursor.is_null() {
+        // SAFETY: every node of this list is an `Entry` allocated by `build`, freed once.
+        let entry = unsafe { Box::from_raw(cursor.cast::<Entry>()) };
+        if !entry.info.ai_canonname.is_null() {
+            // SAFETY: allocated by CString::into_raw in `build`.
+            drop(unsafe { CString::from_raw(entry.info.ai_canonname) });
+        }
+        cursor = entry.info.ai_next;
+    }
+}
+
+/// Storage behind the `hostent` `gethostbyname` returns (per thread; valid until the next call
+/// on that thread, which is more than libc promises).
+struct HostStorage {
+    entry: libc::hostent,
+    _name: CString,
+    _addresses: Vec<[u8; 4]>,
+    _list: Vec<*mut c_char>,
+    _aliases: Vec<*mut c_char>,
+}
+
+thread_local! {
+    static HOST: std::cell::RefCell<Option<Box<HostStorage>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// # Safety
+/// As libc's `gethostbyname`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut libc::hostent {
+    if !name.is_null()
+        && let Some(_entered) = enter()
+        // SAFETY: `name` is a C string, per the contract.
+        && let Ok(text) = unsafe { CStr::from_ptr(name) }.to_str()
+        && let Some(resolved) = resolve_remote(text, libc::AF_INET)
+    {
+        let Ok((addresses, _)) = resolved else {
+            return std::ptr::null_mut();
+        };
+        let mut v4: Vec<[u8; 4]> = addresses
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4.octets()),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if v4.is_empty() {
+            return std::ptr::null_mut();
+        }
+        let Ok(owned_name) = CString::new(text) else {
+            return std::ptr::null_mut();
+        };
+        let mut list: Vec<*mut c_char> = v4.iter_mut().map(|a| a.as_mut_ptr().cast()).collect();
+        list.push(std::ptr::null_mut());
+        let mut aliases = vec![std::ptr::null_mut()];
+        let mut storage = Box::new(HostStorage {
+            entry: libc::hostent {
+                h_name: owned_name.as_ptr().cast_mut(),
+                h_aliases: aliases.as_mut_ptr(),
+                h_addrtype: libc::AF_INET,
+                h_length: 4,
+                h_addr_list: list.as_mut_ptr(),
+            },
+            _name: owned_name,
+            _addresses: v4,
+            _list: list,
+            _aliases: aliases,
+        });
+        let pointer = &raw mut storage.entry;
+        let _ = HOST.try_with(|slot| *slot.borrow_mut() = Some(storage));
+        return pointer;
+    }
+    // SAFETY: argument passed through.
+    unsafe { real::gethostbyname(name) }
+}
