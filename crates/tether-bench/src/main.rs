@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod fs_remote;
 mod http_steal;
 use clap::{Parser, Subcommand};
 
@@ -59,6 +60,16 @@ enum Bench {
         #[arg(long)]
         close: bool,
     },
+    /// Issue 6: python3 reading a 100 MB file line by line and stat-ing a small file 10,000
+    /// times, in the target through `tether exec` vs on a local copy. Needs root.
+    FsRemote {
+        /// Interleaved rounds (local, remote, local, remote, …).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Size of the big file.
+        #[arg(long, default_value_t = 100)]
+        megabytes: u64,
+    },
     /// One timed loop of a workload (run by `layer-overhead`, with and without the layer).
     #[command(hide = true)]
     Workload {
@@ -79,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             app,
             close,
         } => http_steal::run(rounds, seconds, connections, app == "python", close),
+        Bench::FsRemote { rounds, megabytes } => fs_remote::run(rounds, megabytes),
         Bench::Workload { kind, iters } => {
             println!("{}", workload(&kind, iters)?);
             Ok(())
@@ -126,7 +138,8 @@ fn layer_path() -> anyhow::Result<PathBuf> {
 }
 
 /// A stand-in for the local proxy that keeps every listener local (as the real one does for
-/// loopback listeners): the layer is active and asks once per `listen`, nothing is redirected.
+/// loopback listeners) and hands out the default policy, under which the workloads' local files
+/// and loopback connections stay local: the layer is active and decides, nothing is redirected.
 fn stand_in_proxy() -> anyhow::Result<PathBuf> {
     use std::io::{BufRead as _, BufReader, Write as _};
     let path = std::env::temp_dir().join(format!("tether-bench-{}.sock", std::process::id()));
@@ -136,13 +149,32 @@ fn stand_in_proxy() -> anyhow::Result<PathBuf> {
         for stream in listener.incoming().map_while(Result::ok) {
             std::thread::spawn(move || {
                 let mut writer = stream.try_clone().expect("clone");
-                for _request in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = writer.write_all(b"{\"answer\":\"local\",\"reason\":\"benchmark\"}\n");
+                for request in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let answer = if request.contains("\"policy\"") {
+                        policy_answer()
+                    } else {
+                        "{\"answer\":\"local\",\"reason\":\"benchmark\"}\n".to_owned()
+                    };
+                    let _ = writer.write_all(answer.as_bytes());
                 }
             });
         }
     });
     Ok(path)
+}
+
+/// The policy `tether exec` hands out with a default configuration.
+fn policy_answer() -> String {
+    let spec = tether_layer::channel::PolicySpec {
+        fs_mode: "read".into(),
+        outgoing_tcp: true,
+        outgoing_udp: true,
+        outgoing_ignore_localhost: true,
+        dns_enabled: true,
+        ..Default::default()
+    };
+    let answer = tether_layer::channel::Answer::Policy(spec);
+    String::from_utf8(answer.encode(&[])).expect("JSON is UTF-8")
 }
 
 fn run_once(kind: &str, iters: u32, layer: Option<(&PathBuf, &PathBuf)>) -> anyhow::Result<f64> {

@@ -121,16 +121,84 @@ fn open_remote(path: &Path, flags: c_int, mode: libc::mode_t) -> c_int {
         0
     };
     // SAFETY: a C string name and valid flags.
-    let fd = unsafe { libc::memfd_create(c"tether-remote-file".as_ptr(), memfd_flags) };
-    let placeholder = if fd >= 0 { inode(fd) } else { None };
-    let Some(placeholder) = placeholder else {
+    let mut fd = unsafe { libc::memfd_create(c"tether-remote-file".as_ptr(), memfd_flags) };
+    if fd < 0 {
+        let _ = fs(Op::Close(FsHandle { handle }));
+        return fail(libc::EMFILE, -1);
+    }
+    let mut snapshot = None;
+    if !writes(flags) && flags & libc::O_DIRECTORY == 0 {
+        match copy_small_file(handle, fd, flags) {
+            Ok(Some((read_only, stat))) => {
+                fd = read_only;
+                snapshot = Some(stat);
+            }
+            Ok(None) => {}
+            Err(errno) => {
+                let _ = fs(Op::Close(FsHandle { handle }));
+                // SAFETY: our own memfd.
+                unsafe { real::close(fd) };
+                return fail(errno, -1);
+            }
+        }
+    }
+    let Some(placeholder) = inode(fd) else {
         let _ = fs(Op::Close(FsHandle { handle }));
         return fail(libc::EMFILE, -1);
     };
-    let file = RemoteFile::new(handle, text, flags & libc::O_APPEND != 0, placeholder);
+    let mut file = RemoteFile::new(handle, text, flags & libc::O_APPEND != 0, placeholder);
+    if snapshot.is_some() {
+        // The copy is complete: the target's file is not needed any more.
+        let _ = fs(Op::Close(FsHandle { handle }));
+        file.handle = 0;
+        file.snapshot = snapshot;
+    }
     track(|t| t.files.insert(fd, Arc::new(Mutex::new(file))));
     ACTIVE.store(true, Ordering::Release);
     fd
+}
+
+/// For a small regular file opened read-only: copies it into the memfd `fd`, and returns a
+/// read-only fd of that memfd (replacing `fd`) with the file's metadata. `None`: too big (or not
+/// a regular file) to copy; it is then read through the layer.
+fn copy_small_file(
+    handle: u64,
+    fd: c_int,
+    flags: c_int,
+) -> Result<Option<(c_int, FileStat)>, c_int> {
+    let stat = stat_remote(String::new(), handle, true)?;
+    if stat.mode & libc::S_IFMT != libc::S_IFREG || stat.size > crate::files::SNAPSHOT_MAX {
+        return Ok(None);
+    }
+    let mut offset = 0u64;
+    loop {
+        let (data, eof) = fetch(handle)(offset, tether_protocol::MAX_DATA_CHUNK * 8)?;
+        let mut written = 0;
+        while written < data.len() {
+            // SAFETY: `data[written..]` is readable; `fd` is our memfd.
+            let n =
+                unsafe { real::write(fd, data[written..].as_ptr().cast(), data.len() - written) };
+            if n <= 0 {
+                return Err(libc::EIO);
+            }
+            written += n as usize;
+        }
+        offset += data.len() as u64;
+        if eof || data.is_empty() {
+            break;
+        }
+    }
+    // A read-only fd of the copy (the memfd itself is read-write), at offset 0.
+    let path = CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| libc::EINVAL)?;
+    let reopen = libc::O_RDONLY | (flags & libc::O_CLOEXEC);
+    // SAFETY: a valid C path; `fd` is our memfd.
+    let read_only = unsafe { real::open(path.as_ptr(), reopen, 0) };
+    if read_only < 0 {
+        return Err(libc::EMFILE); // the caller closes `fd`
+    }
+    // SAFETY: our memfd, replaced by `read_only`.
+    unsafe { real::close(fd) };
+    Ok(Some((read_only, stat)))
 }
 
 /// The shared logic of the open family: `None` when the call stays local.
@@ -317,6 +385,24 @@ fn fopen_hook(path: *const c_char, mode: *const c_char) -> Option<*mut libc::FIL
     if fd < 0 {
         return Some(std::ptr::null_mut());
     }
+    let copied = state::with(|t| {
+        t.files.get(&fd).is_some_and(|f| {
+            f.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .snapshot
+                .is_some()
+        })
+    });
+    if copied {
+        // A real file: stdio reads it directly, and `fileno` works.
+        // SAFETY: our placeholder fd and the caller's mode string.
+        let stream = unsafe { libc::fdopen(fd, mode) };
+        if stream.is_null() {
+            // SAFETY: our placeholder.
+            unsafe { crate::close(fd) };
+        }
+        return Some(stream);
+    }
     let functions = CookieFunctions {
         read: Some(cookie_read),
         write: Some(cookie_write),
@@ -353,8 +439,9 @@ pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *m
 // ---------------------------------------------------------------------------------------------
 // Reading, writing, seeking.
 
-/// Runs `f` on the remote file behind `fd`; `None` when `fd` is not one.
-fn with_remote<T>(fd: c_int, f: impl FnOnce(&mut RemoteFile) -> T) -> Option<T> {
+/// Runs `f` on the file opened in the target behind `fd` (a copied one too); `None` when `fd` is
+/// not one.
+fn with_file<T>(fd: c_int, f: impl FnOnce(&mut RemoteFile) -> T) -> Option<T> {
     if !ACTIVE.load(Ordering::Acquire) {
         return None;
     }
@@ -362,6 +449,12 @@ fn with_remote<T>(fd: c_int, f: impl FnOnce(&mut RemoteFile) -> T) -> Option<T> 
     let file = remote_file(fd)?;
     let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
     Some(f(&mut file))
+}
+
+/// Runs `f` on the file read through the layer behind `fd`; `None` when `fd` is not one (a
+/// copied file is read, written and seeked as the real file it is).
+fn with_remote<T>(fd: c_int, f: impl FnOnce(&mut RemoteFile) -> T) -> Option<T> {
+    with_file(fd, |file| file.snapshot.is_none().then(|| f(file))).flatten()
 }
 
 fn fetch(handle: u64) -> impl FnOnce(u64, usize) -> Result<(Vec<u8>, bool), c_int> {
@@ -677,8 +770,12 @@ fn path_stat(path: *const c_char, follow: bool, out: *mut libc::stat64) -> Optio
 }
 
 fn fd_stat(fd: c_int, out: *mut libc::stat64) -> Option<c_int> {
-    with_remote(fd, |file| {
-        match stat_remote(String::new(), file.handle, true) {
+    with_file(fd, |file| {
+        let stat = match &file.snapshot {
+            Some(stat) => Ok(stat.clone()),
+            None => stat_remote(String::new(), file.handle, true),
+        };
+        match stat {
             Ok(stat) => {
                 // SAFETY: the caller's out-buffer.
                 unsafe { fill_stat(&stat, out) };

@@ -8,6 +8,10 @@ pub const READ_AHEAD: usize = 256 * 1024;
 /// The largest write sent in one request.
 pub const MAX_WRITE: usize = 512 * 1024;
 
+/// Files opened read-only up to this size are copied whole into their placeholder at `open`:
+/// the process then reads a real file (any read path works, `mmap` and `fileno` included).
+pub const SNAPSHOT_MAX: u64 = 16 << 20;
+
 /// A file opened in the target. Shared by every fd that refers to it (`dup`), as the kernel
 /// shares one open file description.
 #[derive(Debug)]
@@ -18,6 +22,9 @@ pub struct RemoteFile {
     pub append: bool,
     /// The inode of the placeholder fd that stands for this file in the process.
     pub placeholder: u64,
+    /// For a file copied whole into its placeholder: its metadata in the target (what `fstat`
+    /// reports). Reads, seeks and writes of such a file are the placeholder's own.
+    pub snapshot: Option<tether_protocol::FileStat>,
     /// Bytes of the file from `buffer_at` on.
     buffer: Vec<u8>,
     buffer_at: u64,
@@ -33,6 +40,7 @@ impl RemoteFile {
             position: 0,
             append,
             placeholder,
+            snapshot: None,
             buffer: Vec::new(),
             buffer_at: 0,
             buffer_eof: false,

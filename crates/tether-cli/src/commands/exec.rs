@@ -145,7 +145,9 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
 
     let socket = dir.path().join("layer.sock");
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let proxy = Proxy::start(link, config, &socket, events_tx).await?;
+    // A bare network namespace has no files of its own (they are this host's): files stay local.
+    let target_files = target.starts_with("pid/");
+    let proxy = Proxy::start(link, config, target_files, &socket, events_tx).await?;
 
     let env = if config.feature.env.enabled || !config.feature.env.overrides.is_empty() {
         let target_env = match proxy.environment().await {

@@ -41,13 +41,15 @@ pub(super) struct PendingOutgoing {
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// The layer's part of the configuration.
-pub(super) fn policy_spec(config: &Config) -> PolicySpec {
+/// The layer's part of the configuration. `target_files`: the target has a filesystem of its
+/// own (a process target); a bare network namespace has only this host's, so files stay local.
+pub(super) fn policy_spec(config: &Config, target_files: bool) -> PolicySpec {
     let feature = &config.feature;
     let outgoing = &feature.network.outgoing;
     let dns = &feature.network.dns;
     PolicySpec {
         fs_mode: match feature.fs.mode {
+            _ if !target_files => "local",
             FsMode::Local => "local",
             FsMode::Read => "read",
             FsMode::Write => "write",

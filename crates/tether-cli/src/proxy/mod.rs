@@ -136,6 +136,7 @@ impl Proxy {
     pub(crate) async fn start(
         link: tether_agent::link::FramedLink<TcpStream>,
         config: &tether_config::Config,
+        target_files: bool,
         socket: &Path,
         events: mpsc::UnboundedSender<Event>,
     ) -> std::io::Result<Proxy> {
@@ -149,7 +150,7 @@ impl Proxy {
         let (out, out_rx) = mpsc::channel::<Body>(1024);
         let shared = Arc::new(Shared {
             incoming: config.feature.network.incoming.clone(),
-            policy: context::policy_spec(config),
+            policy: context::policy_spec(config, target_files),
             outgoing_v4: outgoing_v4.local_addr()?,
             outgoing_v6: outgoing_v6.as_ref().and_then(|l| l.local_addr().ok()),
             pending_outgoing: Mutex::default(),

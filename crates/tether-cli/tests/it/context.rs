@@ -57,6 +57,8 @@ impl PodContext {
              mount --bind {dir}/hosts /etc/hosts; \
              printf 'nameserver {db}\\noptions timeout:1 attempts:1\\n' > {dir}/resolv.conf; \
              mount --bind {dir}/resolv.conf /etc/resolv.conf; \
+             echo 'print(\"script-from-pod\")' > {dir}/script.py; \
+             head -c 20000000 /dev/urandom > {dir}/big.bin; \
              ln -s /etc/shadow {dir}/absolute-link; \
              ln -s ../../../../../../etc/shadow {dir}/relative-link"
         );
@@ -167,7 +169,7 @@ fn python_sees_the_pod_s_network_names_files_and_environment() {
     let expected = [
         "env only-in-the-pod".to_owned(),
         "file secret-from-pod".to_owned(),
-        "listdir ['absolute-link', 'hosts', 'relative-link', 'resolv.conf', 'secret.txt']"
+        "listdir ['absolute-link', 'big.bin', 'hosts', 'relative-link', 'resolv.conf', 'script.py', 'secret.txt']"
             .to_owned(),
         "stat 16".to_owned(),
         format!("dns {db}"),
@@ -178,6 +180,41 @@ fn python_sees_the_pod_s_network_names_files_and_environment() {
         format!("refused {}", libc::ECONNREFUSED),
     ];
     assert_eq!(lines, expected, "whole output:\n{out}");
+}
+
+#[test]
+fn python_runs_a_script_and_streams_a_big_file_from_the_pod() {
+    if !require_root("python_runs_a_script_and_streams_a_big_file_from_the_pod") {
+        return;
+    }
+    let pod = PodContext::new();
+    let script = format!("{}/script.py", pod.dir);
+    assert_eq!(pod.exec_ok(&[], &["python3", &script]), "script-from-pod\n");
+    // 20 MB: read through the layer (not copied at open), in 1 MiB reads, then from its end.
+    let reader = r#"
+import hashlib, os
+with open(os.environ["POD_DIR"] + "/big.bin", "rb") as f:
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    print(h.hexdigest())
+    f.seek(-10, 2)
+    print(f.tell(), len(f.read()))
+"#;
+    let out = pod.exec_ok(&[], &["python3", "-c", reader]);
+    let expected = Command::new("nsenter")
+        .args([
+            "-t",
+            &pod.pid.to_string(),
+            "-m",
+            "sha256sum",
+            &format!("{}/big.bin", pod.dir),
+        ])
+        .output()
+        .unwrap();
+    let expected = String::from_utf8_lossy(&expected.stdout);
+    let digest = expected.split_whitespace().next().unwrap();
+    assert_eq!(out, format!("{digest}\n19999990 10\n"));
 }
 
 const NODE: &str = r#"

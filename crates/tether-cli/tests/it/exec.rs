@@ -606,7 +606,14 @@ fn layer_library() -> std::path::PathBuf {
 
 #[test]
 fn an_unreachable_proxy_fails_listen_loudly_instead_of_staying_local() {
-    let output = Command::new("python3")
+    // The interpreter itself, not a shim (pyenv's is a shell script whose every process would
+    // rightly print its own line).
+    let python = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(python.stdout).unwrap();
+    let output = Command::new(python.trim())
         .args(["-c", "import socket\ns = socket.socket(); s.bind(('0.0.0.0', 0))\ntry:\n    s.listen(); print('listening')\nexcept OSError as e:\n    print('errno', e.errno)\n"])
         .env("LD_PRELOAD", layer_library())
         .env("TETHER_LAYER_SOCKET", "/nonexistent/tether-proxy.sock")
