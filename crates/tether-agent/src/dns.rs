@@ -92,8 +92,14 @@ impl Dns {
                             .with_options(options)
                             .build()
                             .expect("a resolver without TLS always builds");
-                    resolver.set_hosts(hosts);
+                    resolver.set_hosts(Arc::clone(&hosts));
                     while let Some((name, family, reply)) = rx.recv().await {
+                        // The hosts file answers first, for the name as given, as glibc's
+                        // `files` before `dns` does: no search domain, no query.
+                        if let Some(answer) = from_hosts(&hosts, &name, family) {
+                            let _ = reply.send(Ok(answer));
+                            continue;
+                        }
                         let resolver = resolver.clone();
                         tokio::spawn(async move {
                             let _ = reply.send(lookup(&resolver, &name, family).await);
@@ -121,6 +127,38 @@ impl Dns {
         self.requests.send((name, family, tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
+}
+
+fn from_hosts(hosts: &Hosts, name: &str, family: AddressFamily) -> Option<DnsAnswer> {
+    use hickory_resolver::proto::{
+        op::Query,
+        rr::{Name, RData, RecordType},
+    };
+    let mut fqdn = Name::from_str_relaxed(name).ok()?;
+    fqdn.set_fqdn(true);
+    let kinds: &[RecordType] = match family {
+        AddressFamily::Ipv4 => &[RecordType::A],
+        AddressFamily::Ipv6 => &[RecordType::AAAA],
+        AddressFamily::Any => &[RecordType::A, RecordType::AAAA],
+    };
+    let mut addresses = Vec::new();
+    for kind in kinds {
+        if let Some(found) = hosts.lookup_static_host(&Query::query(fqdn.clone(), *kind)) {
+            for record in found.answers() {
+                match &record.data {
+                    RData::A(a) => addresses.push(bytes::Bytes::copy_from_slice(&a.0.octets())),
+                    RData::AAAA(aaaa) => {
+                        addresses.push(bytes::Bytes::copy_from_slice(&aaaa.0.octets()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    (!addresses.is_empty()).then(|| DnsAnswer {
+        addresses,
+        canonical_name: name.trim_end_matches('.').to_owned(),
+    })
 }
 
 async fn lookup(

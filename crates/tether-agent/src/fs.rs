@@ -176,7 +176,8 @@ enum Refusal {
 
 enum Handle {
     File(Arc<File>),
-    Dir(Mutex<VecDeque<DirEntry>>),
+    /// A listed directory: the entries not yet sent, and the directory itself (for `fstat`).
+    Dir(Mutex<VecDeque<DirEntry>>, OwnedFd),
 }
 
 /// One session's open files, by handle. Dropped with the session: every file closes.
@@ -238,7 +239,8 @@ impl Files {
                 let flags = oflags(open.flags);
                 let fd = root.resolve(&open.path, flags, open.mode)?;
                 let handle = if open.flags & open_flags::DIRECTORY != 0 {
-                    Handle::Dir(Mutex::new(list_dir(fd)?))
+                    let dir = fd.try_clone().map_err(|e| io_refusal(&e))?;
+                    Handle::Dir(Mutex::new(list_dir(fd)?), dir)
                 } else {
                     let file = File::from(fd);
                     // Directories opened without asking for one are listed too (`opendir` in
@@ -307,8 +309,10 @@ impl Files {
             }
             Op::Stat(stat) => {
                 let raw = if stat.path.is_empty() {
-                    let file = self.file(stat.handle)?;
-                    nix::sys::stat::fstat(file.as_fd())
+                    match &*self.handle(stat.handle)? {
+                        Handle::File(file) => nix::sys::stat::fstat(file.as_fd()),
+                        Handle::Dir(_, dir) => nix::sys::stat::fstat(dir.as_fd()),
+                    }
                 } else {
                     let mut flags = OFlag::O_PATH;
                     if !stat.follow_symlinks {
@@ -322,7 +326,7 @@ impl Files {
             }
             Op::ReadDir(handle) => {
                 let found = self.handle(handle.handle)?;
-                let Handle::Dir(entries) = &*found else {
+                let Handle::Dir(entries, _) = &*found else {
                     return Err(Refusal::Errno(Errno::ENOTDIR));
                 };
                 let mut entries = entries.lock().expect("dir lock");
@@ -383,7 +387,7 @@ impl Files {
     fn file(&self, id: u64) -> Result<Arc<File>, Refusal> {
         match &*self.handle(id)? {
             Handle::File(file) => Ok(Arc::clone(file)),
-            Handle::Dir(_) => Err(Refusal::Errno(Errno::EISDIR)),
+            Handle::Dir(..) => Err(Refusal::Errno(Errno::EISDIR)),
         }
     }
 }

@@ -23,8 +23,9 @@ use crate::{
 /// How long a TCP connect may take before the client is told ETIMEDOUT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A UDP flow nobody used for this long is closed.
-const UDP_IDLE: Duration = Duration::from_secs(120);
+/// A UDP flow nobody used for this long is closed (the client ends flows whose socket closed;
+/// this only bounds those of a client that went away without saying so).
+const UDP_IDLE: Duration = Duration::from_secs(30 * 60);
 
 /// Opens a TCP connection to `remote` from the target's namespace.
 pub(crate) async fn connect_tcp(netns: &Netns, remote: SocketAddr) -> Result<TcpStream, ErrorInfo> {

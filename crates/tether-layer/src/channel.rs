@@ -52,6 +52,8 @@ pub enum Request {
     Resolve { name: String, family: u8 },
     /// A file operation: a protobuf `FsRequest` of `len` bytes follows the line.
     Fs { len: usize },
+    /// The process closed the sockets using these UDP relay streams.
+    Release { streams: Vec<u64> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +108,8 @@ pub enum Answer {
     Connected {
         via: SocketAddr,
         local: Option<SocketAddr>,
+        /// The session stream carrying it.
+        stream: u64,
     },
     Resolved {
         addresses: Vec<std::net::IpAddr>,
@@ -153,23 +157,52 @@ impl Answer {
 /// The largest payload either side accepts (a frame's size).
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
+/// Why a request got no answer.
+#[derive(Debug)]
+pub enum AskError {
+    /// The request did not reach the proxy (the channel was already broken): sending it again on
+    /// a new channel is safe.
+    NotSent(std::io::Error),
+    /// The request may have been carried out, but its answer was lost: never send it again.
+    Lost(std::io::Error),
+}
+
+impl std::fmt::Display for AskError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskError::NotSent(e) | AskError::Lost(e) => e.fmt(f),
+        }
+    }
+}
+
+/// One connection to the proxy, on a single fd (so the layer can recognise it).
 #[derive(Debug)]
 pub struct Channel {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    stream: BufReader<UnixStream>,
+    /// The socket's inode, to tell it from a reused fd number.
+    pub ino: u64,
 }
 
 impl Channel {
     pub fn connect(path: &Path) -> std::io::Result<Channel> {
-        let stream = UnixStream::connect(path)?;
+        Channel::from_stream(UnixStream::connect(path)?)
+    }
+
+    pub fn from_stream(stream: UnixStream) -> std::io::Result<Channel> {
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         Ok(Channel {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
+            stream: BufReader::new(stream),
+            ino: 0,
         })
     }
 
-    pub fn ask(&mut self, request: &Request) -> std::io::Result<Answer> {
+    /// The channel's file descriptor.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd as _;
+        self.stream.get_ref().as_raw_fd()
+    }
+
+    pub fn ask(&mut self, request: &Request) -> Result<Answer, AskError> {
         self.ask_with(request, &[]).map(|(answer, _)| answer)
     }
 
@@ -178,21 +211,30 @@ impl Channel {
         &mut self,
         request: &Request,
         payload: &[u8],
-    ) -> std::io::Result<(Answer, Vec<u8>)> {
-        let mut bytes = serde_json::to_vec(request).map_err(std::io::Error::other)?;
+    ) -> Result<(Answer, Vec<u8>), AskError> {
+        let mut bytes =
+            serde_json::to_vec(request).map_err(|e| AskError::NotSent(std::io::Error::other(e)))?;
         bytes.push(b'\n');
         bytes.extend_from_slice(payload);
-        self.writer.write_all(&bytes)?;
+        self.stream
+            .get_mut()
+            .write_all(&bytes)
+            .map_err(AskError::NotSent)?;
         let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the proxy closed the channel",
-            ));
+        match self.stream.read_line(&mut line) {
+            Ok(0) => {
+                return Err(AskError::Lost(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the proxy closed the channel",
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(AskError::Lost(e)),
         }
-        let answer: Answer = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+        let answer: Answer =
+            serde_json::from_str(&line).map_err(|e| AskError::Lost(std::io::Error::other(e)))?;
         let mut payload = vec![0; answer.payload_len().min(MAX_PAYLOAD)];
-        std::io::Read::read_exact(&mut self.reader, &mut payload)?;
+        std::io::Read::read_exact(&mut self.stream, &mut payload).map_err(AskError::Lost)?;
         Ok((answer, payload))
     }
 }

@@ -446,9 +446,20 @@ fn with_file<T>(fd: c_int, f: impl FnOnce(&mut RemoteFile) -> T) -> Option<T> {
         return None;
     }
     let _entered = enter()?;
-    let file = remote_file(fd)?;
+    // Looking `fd` up takes locks, which may touch errno: a call that passes through must see
+    // errno as its caller left it (readdir's end of directory is told by errno alone).
+    let saved = errno();
+    let Some(file) = remote_file(fd) else {
+        set_errno(saved);
+        return None;
+    };
     let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
     Some(f(&mut file))
+}
+
+fn errno() -> c_int {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() }
 }
 
 /// Runs `f` on the file read through the layer behind `fd`; `None` when `fd` is not one (a
@@ -595,6 +606,233 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, count: c_int)
     .unwrap_or_else(|| unsafe { real::readv(fd, iov, count) })
 }
 
+/// The iovecs of a vectored call.
+///
+/// # Safety
+/// `iov` must be null or `count` valid iovecs.
+unsafe fn vectors<'a>(iov: *const libc::iovec, count: c_int) -> &'a [libc::iovec] {
+    if iov.is_null() || count <= 0 {
+        return &[];
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(iov, count as usize) }
+}
+
+/// Reads into `vectors` at `offset` (without moving the position) until one comes back short.
+fn read_vectors_at(
+    file: &mut RemoteFile,
+    vectors: &[libc::iovec],
+    mut offset: u64,
+) -> libc::ssize_t {
+    let handle = file.handle;
+    let mut total = 0usize;
+    for vector in vectors {
+        // SAFETY: each iovec describes a writable buffer, per the caller's contract.
+        let out = unsafe { out_slice(vector.iov_base, vector.iov_len) };
+        match file.read_at(offset, out, fetch(handle)) {
+            Ok(n) => {
+                total += n;
+                offset += n as u64;
+                if n < vector.iov_len {
+                    break;
+                }
+            }
+            Err(errno) if total == 0 => return fail(errno, -1),
+            Err(_) => break,
+        }
+    }
+    total as libc::ssize_t
+}
+
+/// The bytes of `vectors`, gathered.
+fn gather(vectors: &[libc::iovec]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for vector in vectors {
+        // SAFETY: each iovec describes a readable buffer, per the caller's contract.
+        data.extend_from_slice(unsafe { in_slice(vector.iov_base, vector.iov_len) });
+    }
+    data
+}
+
+/// # Safety
+/// As libc's `writev`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const libc::iovec, count: c_int) -> libc::ssize_t {
+    // SAFETY: the caller's iovecs.
+    let data = || gather(unsafe { vectors(iov, count) });
+    with_remote(fd, |file| ssize(write_remote(file, &data(), None)))
+        // SAFETY: arguments passed through.
+        .unwrap_or_else(|| unsafe { real::writev(fd, iov, count) })
+}
+
+/// # Safety
+/// As libc's `preadv`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    offset: libc::off_t,
+) -> libc::ssize_t {
+    with_remote(fd, |file| match u64::try_from(offset) {
+        // SAFETY: the caller's iovecs.
+        Ok(offset) => read_vectors_at(file, unsafe { vectors(iov, count) }, offset),
+        Err(_) => fail(libc::EINVAL, -1),
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::preadv(fd, iov, count, offset) })
+}
+
+/// # Safety
+/// As libc's `preadv64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn preadv64(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    offset: libc::off64_t,
+) -> libc::ssize_t {
+    with_remote(fd, |file| match u64::try_from(offset) {
+        // SAFETY: the caller's iovecs.
+        Ok(offset) => read_vectors_at(file, unsafe { vectors(iov, count) }, offset),
+        Err(_) => fail(libc::EINVAL, -1),
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::preadv64(fd, iov, count, offset) })
+}
+
+/// # Safety
+/// As libc's `pwritev`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pwritev(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    offset: libc::off_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's iovecs.
+    let data = || gather(unsafe { vectors(iov, count) });
+    with_remote(fd, |file| match u64::try_from(offset) {
+        Ok(offset) => ssize(write_remote(file, &data(), Some(offset))),
+        Err(_) => fail(libc::EINVAL, -1),
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::pwritev(fd, iov, count, offset) })
+}
+
+/// # Safety
+/// As libc's `pwritev64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pwritev64(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    offset: libc::off64_t,
+) -> libc::ssize_t {
+    // SAFETY: the caller's iovecs.
+    let data = || gather(unsafe { vectors(iov, count) });
+    with_remote(fd, |file| match u64::try_from(offset) {
+        Ok(offset) => ssize(write_remote(file, &data(), Some(offset))),
+        Err(_) => fail(libc::EINVAL, -1),
+    })
+    // SAFETY: arguments passed through.
+    .unwrap_or_else(|| unsafe { real::pwritev64(fd, iov, count, offset) })
+}
+
+/// True when `fd` is a file read or written through the layer: the kernel's in-place copies
+/// (`sendfile`, `copy_file_range`) and `mmap` cannot see its data, so they fail on it (EINVAL,
+/// ENODEV) and callers such as Python's `shutil` fall back to read/write.
+fn streamed(fd: c_int) -> bool {
+    fd >= 0 && with_remote(fd, |_| ()).is_some()
+}
+
+/// # Safety
+/// As libc's `sendfile`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile(
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off_t,
+    count: libc::size_t,
+) -> libc::ssize_t {
+    if streamed(out) || streamed(input) {
+        return fail(libc::EINVAL, -1);
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::sendfile(out, input, offset, count) }
+}
+
+/// # Safety
+/// As libc's `sendfile64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile64(
+    out: c_int,
+    input: c_int,
+    offset: *mut libc::off64_t,
+    count: libc::size_t,
+) -> libc::ssize_t {
+    if streamed(out) || streamed(input) {
+        return fail(libc::EINVAL, -1);
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::sendfile64(out, input, offset, count) }
+}
+
+/// # Safety
+/// As libc's `copy_file_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn copy_file_range(
+    input: c_int,
+    off_in: *mut libc::off64_t,
+    out: c_int,
+    off_out: *mut libc::off64_t,
+    len: libc::size_t,
+    flags: libc::c_uint,
+) -> libc::ssize_t {
+    if streamed(out) || streamed(input) {
+        return fail(libc::EINVAL, -1);
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::copy_file_range(input, off_in, out, off_out, len, flags) }
+}
+
+/// # Safety
+/// As libc's `mmap`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: libc::size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: libc::off_t,
+) -> *mut c_void {
+    // Anonymous mappings (every malloc arena) take the first test.
+    if fd >= 0 && ACTIVE.load(Ordering::Acquire) && streamed(fd) {
+        return fail(libc::ENODEV, libc::MAP_FAILED);
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::mmap(addr, len, prot, flags, fd, offset) }
+}
+
+/// # Safety
+/// As libc's `mmap64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: libc::size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    offset: libc::off64_t,
+) -> *mut c_void {
+    if fd >= 0 && ACTIVE.load(Ordering::Acquire) && streamed(fd) {
+        return fail(libc::ENODEV, libc::MAP_FAILED);
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::mmap64(addr, len, prot, flags, fd, offset) }
+}
+
 fn write_remote(file: &mut RemoteFile, data: &[u8], offset: Option<u64>) -> Result<usize, c_int> {
     file.invalidate();
     let mut written = 0;
@@ -645,8 +883,9 @@ pub unsafe extern "C" fn pwrite(
 ) -> libc::ssize_t {
     // SAFETY: the caller's buffer of `n` bytes.
     let data = || unsafe { in_slice(buf, n) };
-    with_remote(fd, |file| {
-        ssize(write_remote(file, data(), Some(offset.max(0) as u64)))
+    with_remote(fd, |file| match u64::try_from(offset) {
+        Ok(offset) => ssize(write_remote(file, data(), Some(offset))),
+        Err(_) => fail(libc::EINVAL, -1),
     })
     // SAFETY: arguments passed through.
     .unwrap_or_else(|| unsafe { real::pwrite(fd, buf, n, offset) })
@@ -663,8 +902,9 @@ pub unsafe extern "C" fn pwrite64(
 ) -> libc::ssize_t {
     // SAFETY: the caller's buffer of `n` bytes.
     let data = || unsafe { in_slice(buf, n) };
-    with_remote(fd, |file| {
-        ssize(write_remote(file, data(), Some(offset.max(0) as u64)))
+    with_remote(fd, |file| match u64::try_from(offset) {
+        Ok(offset) => ssize(write_remote(file, data(), Some(offset))),
+        Err(_) => fail(libc::EINVAL, -1),
     })
     // SAFETY: arguments passed through.
     .unwrap_or_else(|| unsafe { real::pwrite64(fd, buf, n, offset) })
@@ -1025,13 +1265,28 @@ struct RemoteDir {
 static DIRS: Mutex<Option<std::collections::HashMap<usize, Box<RemoteDir>>>> = Mutex::new(None);
 static DIRS_ACTIVE: AtomicBool = AtomicBool::new(false);
 
+/// The locks of this module, held across `fork` (see `lib.rs`).
+pub(crate) struct ForkLocks {
+    _dirs: std::sync::MutexGuard<'static, Option<std::collections::HashMap<usize, Box<RemoteDir>>>>,
+}
+
+pub(crate) fn lock_for_fork() -> ForkLocks {
+    ForkLocks {
+        _dirs: DIRS.lock().unwrap_or_else(|p| p.into_inner()),
+    }
+}
+
 fn with_dir<T>(dir: *mut libc::DIR, f: impl FnOnce(&mut RemoteDir) -> T) -> Option<T> {
     if !DIRS_ACTIVE.load(Ordering::Acquire) {
         return None;
     }
     let _entered = enter()?;
+    let saved = errno();
     let mut dirs = DIRS.lock().unwrap_or_else(|p| p.into_inner());
-    let found = dirs.as_mut()?.get_mut(&(dir as usize))?;
+    let Some(found) = dirs.as_mut().and_then(|d| d.get_mut(&(dir as usize))) else {
+        set_errno(saved);
+        return None;
+    };
     Some(f(found))
 }
 

@@ -25,11 +25,11 @@ pub struct RemoteFile {
     /// For a file copied whole into its placeholder: its metadata in the target (what `fstat`
     /// reports). Reads, seeks and writes of such a file are the placeholder's own.
     pub snapshot: Option<tether_protocol::FileStat>,
+    /// Inherited through `fork`: the handle belongs to the parent, which closes it.
+    pub inherited: bool,
     /// Bytes of the file from `buffer_at` on.
     buffer: Vec<u8>,
     buffer_at: u64,
-    /// The buffer ends at the end of the file.
-    buffer_eof: bool,
 }
 
 impl RemoteFile {
@@ -41,9 +41,9 @@ impl RemoteFile {
             append,
             placeholder,
             snapshot: None,
+            inherited: false,
             buffer: Vec::new(),
             buffer_at: 0,
-            buffer_eof: false,
         }
     }
 
@@ -59,14 +59,13 @@ impl RemoteFile {
             return Ok(0);
         }
         let end = self.buffer_at + self.buffer.len() as u64;
-        let covered =
-            offset >= self.buffer_at && (offset < end || (offset == end && self.buffer_eof));
+        // At the end of what was read, ask again: the file may have grown (`tail -f`).
+        let covered = offset >= self.buffer_at && offset < end;
         if !covered {
             let len = out.len().max(READ_AHEAD);
-            let (bytes, eof) = fetch(offset, len)?;
+            let (bytes, _eof) = fetch(offset, len)?;
             self.buffer = bytes;
             self.buffer_at = offset;
-            self.buffer_eof = eof;
         }
         let start = (offset - self.buffer_at) as usize;
         let available = &self.buffer[start.min(self.buffer.len())..];
@@ -89,7 +88,6 @@ impl RemoteFile {
     /// Something wrote to the file: what was read ahead may be stale.
     pub fn invalidate(&mut self) {
         self.buffer.clear();
-        self.buffer_eof = false;
     }
 }
 
@@ -131,8 +129,8 @@ mod tests {
             read.extend_from_slice(&buf[..n]);
         }
         assert_eq!(read, content);
-        // Four chunks; the end is known from the last one without asking again.
-        assert_eq!(trips.get(), 4);
+        // Four chunks, and one more at the end (a file may grow).
+        assert_eq!(trips.get(), 5);
     }
 
     #[test]
@@ -148,6 +146,18 @@ mod tests {
         file.invalidate();
         file.read(&mut buf, fetcher(&content, &trips)).unwrap();
         assert_eq!(trips.get(), 2);
+    }
+
+    #[test]
+    fn data_appended_after_the_end_was_read_is_seen() {
+        let (mut content, trips) = remote(100);
+        let mut file = RemoteFile::new(1, "/f".into(), false, 0);
+        let mut buf = [0u8; 200];
+        assert_eq!(file.read(&mut buf, fetcher(&content, &trips)).unwrap(), 100);
+        assert_eq!(file.read(&mut buf, fetcher(&content, &trips)).unwrap(), 0);
+        content.extend_from_slice(b"more");
+        assert_eq!(file.read(&mut buf, fetcher(&content, &trips)).unwrap(), 4);
+        assert_eq!(&buf[..4], b"more");
     }
 
     #[test]

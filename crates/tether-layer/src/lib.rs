@@ -125,6 +125,7 @@ real_fns! {
     dup3(old: c_int, new: c_int, flags: c_int) -> c_int;
     fcntl(fd: c_int, cmd: c_int, arg: libc::c_ulong) -> c_int;
     execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+    close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int;
     connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int;
     sendto(fd: c_int, buf: *const c_void, n: libc::size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> libc::ssize_t;
     sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> libc::ssize_t;
@@ -163,6 +164,16 @@ real_fns! {
     unlink(path: *const c_char) -> c_int;
     mkdir(path: *const c_char, mode: libc::mode_t) -> c_int;
     rename(from: *const c_char, to: *const c_char) -> c_int;
+    writev(fd: c_int, iov: *const libc::iovec, count: c_int) -> libc::ssize_t;
+    preadv(fd: c_int, iov: *const libc::iovec, count: c_int, offset: libc::off_t) -> libc::ssize_t;
+    preadv64(fd: c_int, iov: *const libc::iovec, count: c_int, offset: libc::off64_t) -> libc::ssize_t;
+    pwritev(fd: c_int, iov: *const libc::iovec, count: c_int, offset: libc::off_t) -> libc::ssize_t;
+    pwritev64(fd: c_int, iov: *const libc::iovec, count: c_int, offset: libc::off64_t) -> libc::ssize_t;
+    sendfile(out: c_int, input: c_int, offset: *mut libc::off_t, count: libc::size_t) -> libc::ssize_t;
+    sendfile64(out: c_int, input: c_int, offset: *mut libc::off64_t, count: libc::size_t) -> libc::ssize_t;
+    copy_file_range(input: c_int, off_in: *mut libc::off64_t, out: c_int, off_out: *mut libc::off64_t, len: libc::size_t, flags: libc::c_uint) -> libc::ssize_t;
+    mmap(addr: *mut c_void, len: libc::size_t, prot: c_int, flags: c_int, fd: c_int, offset: libc::off_t) -> *mut c_void;
+    mmap64(addr: *mut c_void, len: libc::size_t, prot: c_int, flags: c_int, fd: c_int, offset: libc::off64_t) -> *mut c_void;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -212,11 +223,120 @@ fn socket_path() -> Option<&'static PathBuf> {
         .as_ref()
 }
 
+/// The channel's fd (-1: none), so `close`/`dup2` can tell when the process closes it (daemons
+/// close every fd they did not open).
+static CHANNEL_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Channels live on a high fd number, out of the way of programs that reuse low ones.
+const CHANNEL_FD_MIN: c_int = 512;
+
+fn open_channel(path: &std::path::Path, shared: bool) -> std::io::Result<Channel> {
+    use std::os::fd::{FromRawFd as _, IntoRawFd as _};
+    let stream = std::os::unix::net::UnixStream::connect(path)?;
+    let low = stream.into_raw_fd();
+    // SAFETY: `low` is the socket just opened; F_DUPFD_CLOEXEC takes an int argument.
+    let high = unsafe { real::fcntl(low, libc::F_DUPFD_CLOEXEC, CHANNEL_FD_MIN as libc::c_ulong) };
+    let fd = if high >= 0 {
+        // SAFETY: `low` is ours and replaced by `high`.
+        unsafe { real::close(low) };
+        high
+    } else {
+        low
+    };
+    // SAFETY: `fd` is an open socket owned by nobody else.
+    let stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
+    let mut channel = Channel::from_stream(stream)?;
+    channel.ino = socket_inode(fd).unwrap_or(0);
+    if shared {
+        CHANNEL_FD.store(channel.fd(), Ordering::Release);
+    }
+    Ok(channel)
+}
+
+/// The process is closing (or replacing) `fd`: if it is the channel, the layer lets go of it.
+fn channel_fd_closing(fd: c_int) {
+    if fd < 0 || CHANNEL_FD.load(Ordering::Acquire) != fd {
+        return;
+    }
+    let Some(_entered) = enter() else { return };
+    let mut guard = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
+    if guard.as_ref().is_some_and(|c| c.fd() == fd) {
+        // The caller closes the fd itself; the next request opens a new channel.
+        std::mem::forget(guard.take());
+        CHANNEL_FD.store(-1, Ordering::Release);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fork: the layer's locks are taken before the fork and released on both sides after it, so a
+// child never inherits a lock held by a thread that does not exist in it.
+
+/// In the order they are taken: a readdir holds the directory table while it asks the proxy, so
+/// that table comes before the channel.
+struct ForkLocks {
+    _dirs: file_hooks::ForkLocks,
+    _names: resolve::ForkLocks,
+    channel: std::sync::MutexGuard<'static, Option<Channel>>,
+    tables: std::sync::MutexGuard<'static, Option<state::Tables>>,
+}
+
+thread_local! {
+    static FORK_LOCKS: std::cell::RefCell<Option<ForkLocks>> = const { std::cell::RefCell::new(None) };
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static REGISTER_FORK_HANDLERS: extern "C" fn() = register_fork_handlers;
+
+extern "C" fn register_fork_handlers() {
+    // SAFETY: registers plain `extern "C"` functions; nothing else is required.
+    unsafe {
+        libc::pthread_atfork(
+            Some(before_fork),
+            Some(after_fork_in_parent),
+            Some(after_fork_in_child),
+        )
+    };
+}
+
+extern "C" fn before_fork() {
+    if socket_path().is_none() {
+        return;
+    }
+    let Some(entered) = enter() else { return };
+    // Finish a policy fetch first: it needs the channel.
+    let _ = policy();
+    let locks = ForkLocks {
+        _dirs: file_hooks::lock_for_fork(),
+        _names: resolve::lock_for_fork(),
+        channel: CHANNEL.lock().unwrap_or_else(|p| p.into_inner()),
+        tables: state::TABLES.lock().unwrap_or_else(|p| p.into_inner()),
+    };
+    drop(entered);
+    let _ = FORK_LOCKS.try_with(|slot| *slot.borrow_mut() = Some(locks));
+}
+
+extern "C" fn after_fork_in_parent() {
+    let _ = FORK_LOCKS.try_with(|slot| slot.borrow_mut().take());
+}
+
 extern "C" fn after_fork_in_child() {
+    let Ok(Some(mut locks)) = FORK_LOCKS.try_with(|slot| slot.borrow_mut().take()) else {
+        return;
+    };
     // The parent's channel is shared with the child through the inherited fd: the child must not
     // talk on it. Forget it (the parent keeps its own) and let the child open a new one.
-    if let Ok(mut channel) = CHANNEL.try_lock() {
-        std::mem::forget(channel.take());
+    std::mem::forget(locks.channel.take());
+    CHANNEL_FD.store(-1, Ordering::Release);
+    // So is the forking thread's own channel, if it has one.
+    let _ = THREAD_CHANNEL.try_with(|own| std::mem::forget(own.borrow_mut().take()));
+    // Files opened in the target belong to the parent: the child's copies never close them.
+    if let Some(tables) = locks.tables.as_mut() {
+        for file in tables.files.values() {
+            if let Ok(mut file) = file.try_lock() {
+                file.inherited = true;
+            }
+        }
     }
 }
 
@@ -225,7 +345,9 @@ fn ask(request: &Request) -> Result<Answer, c_int> {
     ask_with(request, &[]).map(|(answer, _)| answer)
 }
 
-/// Asks the proxy with a payload; the answer comes with its own.
+/// Asks the proxy with a payload; the answer comes with its own. A request is sent again on a
+/// new channel only when it never reached the proxy (a channel broken before it was written):
+/// one whose answer was lost may have been carried out, so it fails with EIO instead.
 fn ask_with(request: &Request, payload: &[u8]) -> Result<(Answer, Vec<u8>), c_int> {
     let Some(path) = socket_path() else {
         let inactive = Answer::Local {
@@ -233,32 +355,92 @@ fn ask_with(request: &Request, payload: &[u8]) -> Result<(Answer, Vec<u8>), c_in
         };
         return Ok((inactive, Vec::new()));
     };
-    let mut guard = CHANNEL.lock().unwrap_or_else(|p| p.into_inner());
+    // One thread waiting for a slow answer (a DNS lookup, a connect) must not hold up the
+    // others: a thread that finds the process's channel busy uses one of its own.
+    match CHANNEL.try_lock() {
+        Ok(mut guard) => ask_on(&mut guard, true, path, request, payload),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+            ask_on(&mut poisoned.into_inner(), true, path, request, payload)
+        }
+        Err(std::sync::TryLockError::WouldBlock) => THREAD_CHANNEL
+            .try_with(|own| ask_on(&mut own.borrow_mut(), false, path, request, payload))
+            .unwrap_or(Err(libc::EIO)),
+    }
+}
+
+thread_local! {
+    /// A thread's own channel, used while the process's is busy.
+    static THREAD_CHANNEL: std::cell::RefCell<Option<Channel>> = const { std::cell::RefCell::new(None) };
+}
+
+fn ask_on(
+    slot: &mut Option<Channel>,
+    shared: bool,
+    path: &std::path::Path,
+    request: &Request,
+    payload: &[u8],
+) -> Result<(Answer, Vec<u8>), c_int> {
+    // The process may have closed the channel's fd (and reused the number) without the layer
+    // seeing it: check it still is the socket the layer opened.
+    if slot
+        .as_ref()
+        .is_some_and(|c| socket_inode(c.fd()) != Some(c.ino))
+    {
+        std::mem::forget(slot.take());
+        if shared {
+            CHANNEL_FD.store(-1, Ordering::Release);
+        }
+    }
     for attempt in 0..2 {
-        if guard.is_none() {
-            static ATFORK: std::sync::Once = std::sync::Once::new();
-            ATFORK.call_once(|| {
-                // SAFETY: registers a plain `extern "C"` function; nothing else is required.
-                unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
-            });
-            match Channel::connect(path) {
-                Ok(channel) => *guard = Some(channel),
+        if slot.is_none() {
+            match open_channel(path, shared) {
+                Ok(channel) => *slot = Some(channel),
                 Err(error) => {
                     unreachable_proxy(path, &error);
                     return Err(libc::EIO);
                 }
             }
         }
-        match guard.as_mut().map(|c| c.ask_with(request, payload)) {
-            Some(Ok(answer)) => return Ok(answer),
-            Some(Err(error)) if attempt == 1 => {
+        let Some(channel) = slot.as_mut() else {
+            return Err(libc::EIO);
+        };
+        match channel.ask_with(request, payload) {
+            Ok(answer) => return Ok(answer),
+            Err(channel::AskError::NotSent(error)) if attempt == 1 => {
+                drop_channel(slot, shared, &error);
                 unreachable_proxy(path, &error);
                 return Err(libc::EIO);
             }
-            _ => *guard = None, // a broken channel: reconnect once
+            // A broken channel: open a new one and send once more.
+            Err(channel::AskError::NotSent(error)) => drop_channel(slot, shared, &error),
+            Err(channel::AskError::Lost(error)) => {
+                drop_channel(slot, shared, &error);
+                unreachable_proxy(path, &error);
+                return Err(libc::EIO);
+            }
         }
     }
     Err(libc::EIO)
+}
+
+fn socket_inode(fd: c_int) -> Option<u64> {
+    // SAFETY: zeroed storage is a valid out-buffer for fstat.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-buffer.
+    (unsafe { libc::fstat64(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// Lets go of a broken channel. If its fd was closed behind the layer's back (EBADF: a
+/// `close_range`, a raw syscall), it is not closed again: the number may belong to someone else
+/// by now.
+fn drop_channel(slot: &mut Option<Channel>, shared: bool, error: &std::io::Error) {
+    let channel = slot.take();
+    if error.raw_os_error() == Some(libc::EBADF) {
+        std::mem::forget(channel);
+    }
+    if shared {
+        CHANNEL_FD.store(-1, Ordering::Release);
+    }
 }
 
 fn unreachable_proxy(path: &std::path::Path, error: &std::io::Error) {
@@ -486,6 +668,11 @@ fn duplicated(old: c_int, new: c_int) {
 
 /// Tells the proxy (and the target) about what the last fd of was closed.
 fn ended(forgotten: state::Forgotten) {
+    if !forgotten.released.is_empty() {
+        let _ = ask(&Request::Release {
+            streams: forgotten.released,
+        });
+    }
     if let Some(addr) = forgotten.listener {
         let _ = ask(&Request::Unlisten {
             pid: std::process::id(),
@@ -541,9 +728,53 @@ fn fs(op: tether_protocol::fs_request::Op) -> Result<tether_protocol::fs_respons
 /// As libc's `close`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    channel_fd_closing(fd);
     forget(fd);
     // SAFETY: argument passed through.
     unsafe { real::close(fd) }
+}
+
+/// `close_range` (what Python's `os.closerange` and daemons use): the layer forgets what it knew
+/// about the fds in the range, and lets go of its channel if it is among them.
+///
+/// # Safety
+/// As libc's `close_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(
+    first: libc::c_uint,
+    last: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    // With CLOSE_RANGE_CLOEXEC nothing is closed now.
+    if flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 {
+        let in_range = |fd: c_int| fd >= 0 && (first..=last).contains(&(fd as libc::c_uint));
+        let channel = CHANNEL_FD.load(Ordering::Acquire);
+        if in_range(channel) {
+            channel_fd_closing(channel);
+        }
+        if TRACKING.load(Ordering::Relaxed) {
+            let tracked: Vec<c_int> = state::with(|t| {
+                let mut fds: Vec<c_int> = t
+                    .bound
+                    .keys()
+                    .chain(t.listeners.keys())
+                    .chain(t.peers.keys())
+                    .chain(t.files.keys())
+                    .chain(t.relays.keys())
+                    .copied()
+                    .filter(|fd| in_range(*fd))
+                    .collect();
+                fds.sort_unstable();
+                fds.dedup();
+                fds
+            });
+            for fd in tracked {
+                forget(fd);
+            }
+        }
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::close_range(first, last, flags) }
 }
 
 /// # Safety
@@ -560,6 +791,9 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 /// As libc's `dup2`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if old != new {
+        channel_fd_closing(new);
+    }
     // SAFETY: arguments passed through.
     let rc = unsafe { real::dup2(old, new) };
     if old != new {
@@ -572,6 +806,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 /// As libc's `dup3`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    channel_fd_closing(new);
     // SAFETY: arguments passed through.
     let rc = unsafe { real::dup3(old, new, flags) };
     duplicated(old, rc);

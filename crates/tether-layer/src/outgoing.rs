@@ -83,14 +83,14 @@ fn goes_remote(transport: Transport, remote: SocketAddr) -> Option<Option<String
 }
 
 /// Opens `remote` through the proxy for the socket `fd`; returns the proxy address the socket
-/// must send to instead.
+/// must send to instead, and the stream behind it.
 fn open_remote(
     fd: c_int,
     transport: Transport,
     family: c_int,
     remote: SocketAddr,
     hostname: Option<String>,
-) -> Result<SocketAddr, c_int> {
+) -> Result<(SocketAddr, u64), c_int> {
     let loopback: IpAddr = match (family, remote) {
         (libc::AF_INET, _) => Ipv4Addr::LOCALHOST.into(),
         (_, SocketAddr::V4(_)) => Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
@@ -118,7 +118,7 @@ fn open_remote(
         hostname,
     };
     match crate::ask(&request)? {
-        Answer::Connected { via, .. } => Ok(via),
+        Answer::Connected { via, stream, .. } => Ok((via, stream)),
         Answer::Errno { errno, .. } => Err(errno),
         _ => Err(libc::ECONNREFUSED),
     }
@@ -134,22 +134,39 @@ pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: sockl
         && let Some((transport, family)) = kind(fd)
         && let Some(hostname) = goes_remote(transport, remote)
     {
-        let via = match open_remote(fd, transport, family, remote, hostname) {
-            Ok(via) => via,
-            Err(errno) => {
-                set_errno(errno);
-                return -1;
-            }
+        // A repeated connect (polling a non-blocking one, or re-connecting the same socket to
+        // the same destination) goes to where the first one went.
+        let previous = state::with(|t| {
+            (t.peers.get(&fd) == Some(&remote))
+                .then(|| t.vias.get(&fd).copied())
+                .flatten()
+        });
+        let (via, stream) = match previous {
+            Some(via) => (via, None),
+            None => match open_remote(fd, transport, family, remote, hostname) {
+                Ok((via, stream)) => (via, Some(stream)),
+                Err(errno) => {
+                    set_errno(errno);
+                    return -1;
+                }
+            },
         };
         let (storage, via_len) = addr::encode(via, family);
         // SAFETY: `storage` holds a valid address of `via_len` bytes.
         let rc = unsafe { real::connect(fd, (&raw const storage).cast(), via_len) };
         let saved = errno();
-        if rc == 0 || saved == libc::EINPROGRESS {
+        if let (Some(stream), true) = (stream, rc == 0 || saved == libc::EINPROGRESS) {
             track(|t| {
                 t.peers.insert(fd, remote);
-                if transport == Transport::Udp {
-                    t.relays.entry(fd).or_default().push((via, remote));
+                match transport {
+                    Transport::Tcp => {
+                        t.vias.insert(fd, via);
+                    }
+                    Transport::Udp => t.relays.entry(fd).or_default().push(state::Relay {
+                        via,
+                        remote,
+                        stream,
+                    }),
                 }
             });
         }
@@ -168,19 +185,24 @@ fn udp_relay(fd: c_int, remote: SocketAddr) -> Option<Result<SocketAddr, c_int>>
     };
     if TRACKING.load(std::sync::atomic::Ordering::Relaxed)
         && let Some(via) = state::with(|t| {
-            t.relays.get(&fd).and_then(|r| {
-                r.iter()
-                    .find(|(_, dest)| *dest == remote)
-                    .map(|(via, _)| *via)
-            })
+            t.relays
+                .get(&fd)
+                .and_then(|r| r.iter().find(|r| r.remote == remote).map(|r| r.via))
         })
     {
         return Some(Ok(via));
     }
     let hostname = goes_remote(Transport::Udp, remote)?;
     Some(
-        open_remote(fd, Transport::Udp, family, remote, hostname).inspect(|via| {
-            track(|t| t.relays.entry(fd).or_default().push((*via, remote)));
+        open_remote(fd, Transport::Udp, family, remote, hostname).map(|(via, stream)| {
+            track(|t| {
+                t.relays.entry(fd).or_default().push(state::Relay {
+                    via,
+                    remote,
+                    stream,
+                })
+            });
+            via
         }),
     )
 }
@@ -263,8 +285,8 @@ fn relayed_source(fd: c_int, source: SocketAddr) -> Option<SocketAddr> {
         t.relays
             .get(&fd)?
             .iter()
-            .find(|(via, _)| unmapped(*via) == source)
-            .map(|(_, remote)| *remote)
+            .find(|r| unmapped(r.via) == source)
+            .map(|r| r.remote)
     })
 }
 
@@ -290,7 +312,8 @@ pub unsafe extern "C" fn recvfrom(
     if rc >= 0 && !address.is_null() && !len.is_null() {
         let saved = errno();
         // SAFETY: the kernel wrote `*len` bytes of address (at most the caller's room).
-        if let Some(source) = unsafe { addr::read(address, *len) }
+        // (The kernel reports the full size, which may exceed the room it had.)
+        if let Some(source) = unsafe { addr::read(address, (*len).min(room)) }
             && let Some(remote) = relayed_source(fd, source)
         {
             let family = kind(fd).map_or(libc::AF_INET, |(_, f)| f);
@@ -322,7 +345,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int
         // SAFETY: `msg` is the caller's valid header; the kernel filled its name.
         unsafe {
             let name = (*msg).msg_name.cast::<sockaddr>();
-            if let Some(source) = addr::read(name, (*msg).msg_namelen)
+            if let Some(source) = addr::read(name, (*msg).msg_namelen.min(room))
                 && let Some(remote) = relayed_source(fd, source)
             {
                 let family = kind(fd).map_or(libc::AF_INET, |(_, f)| f);

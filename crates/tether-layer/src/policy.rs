@@ -180,7 +180,17 @@ impl Policy {
         if !path.is_absolute() {
             return FsRoute::Local;
         }
-        let path = normalize(path);
+        // The common case, a path without `.`/`..`, is matched as it is (no allocation: this
+        // runs on every `open` of the process).
+        let bytes = path.as_os_str().as_encoded_bytes();
+        let dotted = bytes.split(|b| *b == b'/').any(|c| c == b"." || c == b"..");
+        let normalized;
+        let path = if dotted {
+            normalized = normalize(path);
+            normalized.as_path()
+        } else {
+            path
+        };
         let text = path.to_string_lossy();
         if self.not_found.is_match(&text) {
             return FsRoute::NotFound;
@@ -198,7 +208,7 @@ impl Policy {
                 FsRoute::Remote
             };
         }
-        if self.is_local_default(&path) {
+        if self.is_local_default(path) {
             return FsRoute::Local;
         }
         match (self.fs_mode, write) {
@@ -208,26 +218,26 @@ impl Policy {
     }
 
     fn is_local_default(&self, path: &Path) -> bool {
-        let mut parts = path.components().skip(1);
-        let top = parts
-            .next()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned());
-        match top.as_deref() {
+        let mut parts = path
+            .components()
+            .skip(1)
+            .map(|c| c.as_os_str().as_encoded_bytes());
+        match parts.next() {
             None => return true, // `/` itself
-            Some(top) if LOCAL_TOP.contains(&top) => return true,
-            Some("etc") => {
-                if let Some(name) = parts
-                    .next()
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    && LOCAL_ETC
-                        .iter()
-                        .any(|local| name == *local || name.starts_with(&format!("{local}.")))
+            Some(top) if LOCAL_TOP.iter().any(|t| t.as_bytes() == top) => return true,
+            Some(b"etc") => {
+                if let Some(name) = parts.next()
+                    && LOCAL_ETC.iter().any(|local| {
+                        let local = local.as_bytes();
+                        name == local
+                            || (name.starts_with(local) && name.get(local.len()) == Some(&b'.'))
+                    })
                 {
                     return true;
                 }
             }
-            Some("var") if path.starts_with("/var/tmp") => return true,
-            Some("run") if path.starts_with("/run/user") => return true,
+            Some(b"var") if path.starts_with("/var/tmp") => return true,
+            Some(b"run") if path.starts_with("/run/user") => return true,
             _ => {}
         }
         self.local_dirs.iter().any(|dir| path.starts_with(dir))

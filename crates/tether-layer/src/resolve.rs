@@ -23,6 +23,19 @@ static NAMES: Mutex<Option<Names>> = Mutex::new(None);
 /// Lists this library allocated (heads), so `freeaddrinfo` frees them itself.
 static OURS: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
 
+/// The locks of this module, held across `fork` (see `lib.rs`).
+pub(crate) struct ForkLocks {
+    _names: std::sync::MutexGuard<'static, Option<Names>>,
+    _ours: std::sync::MutexGuard<'static, Option<HashSet<usize>>>,
+}
+
+pub(crate) fn lock_for_fork() -> ForkLocks {
+    ForkLocks {
+        _names: NAMES.lock().unwrap_or_else(|p| p.into_inner()),
+        _ours: OURS.lock().unwrap_or_else(|p| p.into_inner()),
+    }
+}
+
 /// The name `ip` was resolved from, and whether in the target.
 pub(crate) fn name_of(ip: IpAddr) -> Option<(String, bool)> {
     let names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
@@ -91,7 +104,15 @@ pub unsafe extern "C" fn getaddrinfo(
         && let Some(_entered) = enter()
         // SAFETY: `node` is a C string, per the contract.
         && let Ok(name) = unsafe { CStr::from_ptr(node) }.to_str()
-        && let Some(resolved) = resolve_remote(name, family)
+        // AF_INET6 with AI_V4MAPPED takes IPv4 answers too (mapped): ask for every family.
+        && let Some(resolved) = resolve_remote(
+            name,
+            if family == libc::AF_INET6 && flags & libc::AI_V4MAPPED != 0 {
+                libc::AF_UNSPEC
+            } else {
+                family
+            },
+        )
     {
         let (addresses, canonical) = match resolved {
             Ok(found) => found,
@@ -121,6 +142,8 @@ pub unsafe extern "C" fn getaddrinfo(
                 (libc::SOCK_STREAM, libc::IPPROTO_TCP),
                 (libc::SOCK_DGRAM, libc::IPPROTO_UDP),
             ],
+            libc::SOCK_STREAM if protocol == 0 => vec![(libc::SOCK_STREAM, libc::IPPROTO_TCP)],
+            libc::SOCK_DGRAM if protocol == 0 => vec![(libc::SOCK_DGRAM, libc::IPPROTO_UDP)],
             kind => vec![(kind, protocol)],
         };
         let canonical = (flags & libc::AI_CANONNAME != 0)
@@ -181,10 +204,34 @@ unsafe fn service_port(service: *const c_char, socktype: c_int) -> Option<u16> {
     } else {
         c"tcp"
     };
-    // SAFETY: both are C strings; the result points to static storage, read at once.
-    let entry = unsafe { libc::getservbyname(text.as_ptr(), proto.as_ptr()) };
-    // SAFETY: non-null entries are valid servent structs.
-    (!entry.is_null()).then(|| u16::from_be(unsafe { (*entry).s_port } as u16))
+    // The reentrant form: getaddrinfo runs on many threads at once (curl's, libuv's).
+    // SAFETY: plain old data.
+    let mut entry: libc::servent = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::servent = std::ptr::null_mut();
+    let mut buf = [0 as c_char; 1024];
+    // SAFETY: C strings, our own out-buffers with their sizes.
+    let rc = unsafe {
+        getservbyname_r(
+            text.as_ptr(),
+            proto.as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    (rc == 0 && !found.is_null()).then(|| u16::from_be(entry.s_port as u16))
+}
+
+unsafe extern "C" {
+    fn getservbyname_r(
+        name: *const c_char,
+        proto: *const c_char,
+        result_buf: *mut libc::servent,
+        buf: *mut c_char,
+        buflen: libc::size_t,
+        result: *mut *mut libc::servent,
+    ) -> c_int;
 }
 
 /// Allocates the list: every address × socket kind.

@@ -27,7 +27,18 @@ pub struct Tables {
     pub listeners: HashMap<i32, SocketAddr>,
     pub peers: HashMap<i32, SocketAddr>,
     pub files: HashMap<i32, SharedFile>,
-    pub relays: HashMap<i32, Vec<(SocketAddr, SocketAddr)>>,
+    pub relays: HashMap<i32, Vec<Relay>>,
+    /// Outgoing TCP sockets: where they really connected (the proxy), for a repeated `connect`.
+    pub vias: HashMap<i32, SocketAddr>,
+}
+
+/// A UDP destination reached through a relay socket of the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relay {
+    pub via: SocketAddr,
+    pub remote: SocketAddr,
+    /// The session stream behind the relay (released when the socket closes).
+    pub stream: u64,
 }
 
 /// What closing an fd ended.
@@ -37,6 +48,8 @@ pub struct Forgotten {
     pub listener: Option<SocketAddr>,
     /// A remote file whose last fd this was (to close in the target).
     pub file: Option<SharedFile>,
+    /// UDP relay streams no fd uses any more.
+    pub released: Vec<u64>,
 }
 
 impl Tables {
@@ -46,6 +59,7 @@ impl Tables {
             && self.peers.is_empty()
             && self.files.is_empty()
             && self.relays.is_empty()
+            && self.vias.is_empty()
     }
 
     /// `new` now refers to what `old` refers to (and no longer to what it referred to). Returns
@@ -67,6 +81,9 @@ impl Tables {
         if let Some(relays) = self.relays.get(&old).cloned() {
             self.relays.insert(new, relays);
         }
+        if let Some(via) = self.vias.get(&old).copied() {
+            self.vias.insert(new, via);
+        }
         closed
     }
 
@@ -74,7 +91,15 @@ impl Tables {
     pub fn forget(&mut self, fd: i32) -> Forgotten {
         self.bound.remove(&fd);
         self.peers.remove(&fd);
-        self.relays.remove(&fd);
+        self.vias.remove(&fd);
+        let released = self
+            .relays
+            .remove(&fd)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.stream)
+            .filter(|stream| !self.relays.values().flatten().any(|r| r.stream == *stream))
+            .collect();
         let file = self
             .files
             .remove(&fd)
@@ -83,7 +108,11 @@ impl Tables {
             .listeners
             .remove(&fd)
             .filter(|addr| !self.listeners.values().any(|a| a == addr));
-        Forgotten { listener, file }
+        Forgotten {
+            listener,
+            file,
+            released,
+        }
     }
 }
 

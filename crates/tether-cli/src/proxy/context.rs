@@ -30,8 +30,9 @@ use super::{Shared, ToStream};
 /// How long an outgoing stream waits for the process's socket to connect to the proxy.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A UDP relay nobody used for this long is closed.
-const UDP_IDLE: Duration = Duration::from_secs(120);
+/// A UDP relay nobody used for this long is closed. Relays end when the process closes its
+/// socket (`Release`); this only bounds those of a process that died without closing.
+const UDP_IDLE: Duration = Duration::from_secs(30 * 60);
 
 /// An outgoing stream open in the target, waiting for the process's socket.
 #[derive(Debug)]
@@ -136,32 +137,42 @@ impl Shared {
                         message: "IPv6 loopback is not available to the proxy".into(),
                     };
                 };
-                self.pending_outgoing.lock().expect("pending lock").insert(
-                    from.port(),
+                let replaced = self.pending_outgoing.lock().expect("pending lock").insert(
+                    from,
                     PendingOutgoing {
                         stream_id,
                         from_agent,
                         queued,
                     },
                 );
+                if let Some(replaced) = replaced {
+                    // The socket asked again before connecting: its first stream is not needed.
+                    self.end_stream(replaced.stream_id).await;
+                }
                 let shared = Arc::clone(self);
                 tokio::spawn(async move {
                     tokio::time::sleep(CLAIM_TIMEOUT).await;
                     let unclaimed = {
                         let mut pending = shared.pending_outgoing.lock().expect("pending lock");
-                        let ours = pending
-                            .get(&from.port())
-                            .is_some_and(|p| p.stream_id == stream_id);
-                        ours && pending.remove(&from.port()).is_some()
+                        let ours = pending.get(&from).is_some_and(|p| p.stream_id == stream_id);
+                        ours && pending.remove(&from).is_some()
                     };
                     if unclaimed {
                         shared.end_stream(stream_id).await;
                     }
                 });
-                Answer::Connected { via, local }
+                Answer::Connected {
+                    via,
+                    local,
+                    stream: stream_id,
+                }
             }
             Transport::Udp => match self.udp_relay(stream_id, from, from_agent).await {
-                Ok(via) => Answer::Connected { via, local },
+                Ok(via) => Answer::Connected {
+                    via,
+                    local,
+                    stream: stream_id,
+                },
                 Err(error) => {
                     self.end_stream(stream_id).await;
                     Answer::Errno {
@@ -190,14 +201,20 @@ impl Shared {
     /// Accepts the process's sockets for outgoing connections and pumps each to its stream.
     pub(super) async fn accept_outgoing(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((socket, peer)) = listener.accept().await else {
-                continue;
+            let (socket, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and the like: do not spin; the process's connect waits meanwhile.
+                    tracing::warn!(%error, "cannot accept an outgoing connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let pending = self
                 .pending_outgoing
                 .lock()
                 .expect("pending lock")
-                .remove(&peer.port());
+                .remove(&peer);
             let Some(pending) = pending else {
                 // Not one of ours (a stray local client): close it.
                 continue;
@@ -279,7 +296,14 @@ impl Shared {
                         Some(ToStream::Data(data)) => {
                             let _ = socket.send(&data).await;
                         }
-                        _ => break,
+                        // Released by the process (the entry was removed): end it in the agent.
+                        None => {
+                            let end = StreamEnd { stream_id, trailers: Vec::new() };
+                            let _ = shared.out.send(Body::StreamEnd(end)).await;
+                            break;
+                        }
+                        // Ended or reset by the agent.
+                        Some(_) => break,
                     },
                     () = tokio::time::sleep(UDP_IDLE) => {
                         let end = StreamEnd { stream_id, trailers: Vec::new() };
@@ -295,6 +319,16 @@ impl Shared {
                 .remove(&stream_id);
         });
         Ok(via)
+    }
+
+    /// The process closed the sockets of these UDP relays.
+    pub(super) fn release(&self, streams: &[u64]) -> Answer {
+        let mut open = self.streams.lock().expect("streams lock");
+        for stream in streams {
+            // Dropping the entry ends the relay's task, which ends the stream in the agent.
+            open.remove(stream);
+        }
+        Answer::Done
     }
 
     pub(super) async fn resolve(&self, name: String, family: u8) -> Answer {

@@ -103,7 +103,7 @@ struct Shared {
     outgoing_v6: Option<SocketAddr>,
     /// Outgoing connections open in the target, waiting for the process's socket (by the local
     /// port it connects from).
-    pending_outgoing: Mutex<HashMap<u16, context::PendingOutgoing>>,
+    pending_outgoing: Mutex<HashMap<SocketAddr, context::PendingOutgoing>>,
     /// Stream ids this side opens (odd).
     next_stream: AtomicU64,
     /// Also steal kubelet probes (`probes.steal`).
@@ -371,10 +371,12 @@ impl Shared {
             }
             let (answer, payload) = match serde_json::from_str::<LayerRequest>(&line) {
                 Ok(request) => {
+                    // Checked before allocating: the length comes from the process's memory.
+                    if request.payload_len() > tether_layer::channel::MAX_PAYLOAD {
+                        return;
+                    }
                     let mut payload = vec![0; request.payload_len()];
-                    if request.payload_len() > tether_layer::channel::MAX_PAYLOAD
-                        || reader.read_exact(&mut payload).await.is_err()
-                    {
+                    if reader.read_exact(&mut payload).await.is_err() {
                         return;
                     }
                     self.on_layer(request, payload).await
@@ -419,6 +421,7 @@ impl Shared {
             } => self.connect_out(transport, remote, from, hostname).await,
             LayerRequest::Resolve { name, family } => self.resolve(name, family).await,
             LayerRequest::Fs { .. } => return self.fs(&payload).await,
+            LayerRequest::Release { streams } => self.release(&streams),
         };
         (answer, Vec::new())
     }

@@ -202,6 +202,14 @@ with open(os.environ["POD_DIR"] + "/big.bin", "rb") as f:
     print(f.tell(), len(f.read()))
 "#;
     let out = pod.exec_ok(&[], &["python3", "-c", reader]);
+    let copy = format!("/tmp/tether-copy-{}", pod.pid);
+    // shutil copies with sendfile, which cannot see a file read through the layer: it must fall
+    // back to read/write and still copy every byte.
+    let copier = format!(
+        "import os, shutil, hashlib; shutil.copyfile(os.environ['POD_DIR'] + '/big.bin', '{copy}'); print(hashlib.sha256(open('{copy}', 'rb').read()).hexdigest())"
+    );
+    let copied = pod.exec_ok(&[], &["python3", "-c", &copier]);
+    let _ = std::fs::remove_file(&copy);
     let expected = Command::new("nsenter")
         .args([
             "-t",
@@ -215,6 +223,53 @@ with open(os.environ["POD_DIR"] + "/big.bin", "rb") as f:
     let expected = String::from_utf8_lossy(&expected.stdout);
     let digest = expected.split_whitespace().next().unwrap();
     assert_eq!(out, format!("{digest}\n19999990 10\n"));
+    assert_eq!(copied, format!("{digest}\n"));
+}
+
+const FORKS: &str = r#"
+import os, socket, threading
+d = os.environ["POD_DIR"]
+big = open(d + "/big.bin", "rb")
+big.read(10)
+stop = False
+def resolve():
+    for _ in range(200):
+        if stop:
+            break
+        socket.gethostbyname("db.pod.internal")
+t = threading.Thread(target=resolve)
+t.start()
+ok = 0
+for i in range(20):
+    pid = os.fork()
+    if pid == 0:
+        big.close()
+        code = 0 if open(d + "/secret.txt").read() == "secret-from-pod\n" else 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    ok += status == 0
+stop = True
+t.join()
+print("children", ok)
+print("parent still reads", len(big.read(1000)))
+os.closerange(3, 4096)
+print("after closerange", open(d + "/secret.txt").read().strip())
+"#;
+
+#[test]
+fn forks_threads_and_closed_fds_keep_working() {
+    if !require_root("forks_threads_and_closed_fds_keep_working") {
+        return;
+    }
+    let pod = PodContext::new();
+    // Forks while another thread resolves names through the layer: no child inherits a held
+    // lock; a child closing an inherited file does not close the parent's; a process that closes
+    // every fd (as daemons do) gets a new channel to the proxy.
+    let out = pod.exec_ok(&[], &["python3", "-c", FORKS]);
+    assert_eq!(
+        out,
+        "children 20\nparent still reads 1000\nafter closerange secret-from-pod\n"
+    );
 }
 
 const NODE: &str = r#"
@@ -333,8 +388,7 @@ fn write_mode_writes_in_the_pod_and_read_mode_writes_locally() {
         return;
     }
     let pod = PodContext::new();
-    let write =
-        r#"import os; open(os.environ["POD_DIR"] + "/written.txt", "w").write("by-tether\n")"#;
+    let write = r#"import os; open(os.environ["POD_DIR"] + "/written.txt", "w").write("by-"); fd = os.open(os.environ["POD_DIR"] + "/written.txt", os.O_WRONLY | os.O_APPEND); os.writev(fd, [b"tet", b"her\n"]); os.close(fd)"#;
     pod.exec_ok(
         &[("TETHER_FEATURE__FS__MODE", "write")],
         &["python3", "-c", write],
