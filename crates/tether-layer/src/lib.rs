@@ -131,6 +131,7 @@ real_fns! {
     sendmsg(fd: c_int, msg: *const libc::msghdr, flags: c_int) -> libc::ssize_t;
     recvfrom(fd: c_int, buf: *mut c_void, n: libc::size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> libc::ssize_t;
     recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> libc::ssize_t;
+    sendmmsg(fd: c_int, msgs: *mut libc::mmsghdr, count: libc::c_uint, flags: c_int) -> c_int;
     getaddrinfo(node: *const c_char, service: *const c_char, hints: *const libc::addrinfo, res: *mut *mut libc::addrinfo) -> c_int;
     freeaddrinfo(res: *mut libc::addrinfo) -> ();
     gethostbyname(name: *const c_char) -> *mut libc::hostent;

@@ -274,6 +274,63 @@ pub unsafe extern "C" fn sendmsg(
     unsafe { real::sendmsg(fd, msg, flags) }
 }
 
+/// `sendmmsg` (libuv sends UDP in batches with it): each message's destination as in `sendmsg`.
+///
+/// # Safety
+/// As libc's `sendmmsg`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    count: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    if !msgs.is_null()
+        && count > 0
+        && let Some(_entered) = enter()
+        && let Some((Transport::Udp, family)) = kind(fd)
+    {
+        // SAFETY: `count` valid headers, per sendmmsg's contract.
+        let original = unsafe { std::slice::from_raw_parts(msgs, count as usize) };
+        let mut names = Vec::with_capacity(original.len());
+        for message in original {
+            let header = &message.msg_hdr;
+            // SAFETY: each name is null or `msg_namelen` bytes.
+            let remote = unsafe { addr::read(header.msg_name.cast(), header.msg_namelen) };
+            let via = match remote.and_then(|remote| udp_relay(fd, remote)) {
+                Some(Ok(via)) => Some(addr::encode(via, family)),
+                Some(Err(errno)) => {
+                    set_errno(errno);
+                    return -1;
+                }
+                None => None,
+            };
+            names.push(via);
+        }
+        if names.iter().any(Option::is_some) {
+            let mut copy: Vec<libc::mmsghdr> = original.to_vec();
+            for (message, name) in copy.iter_mut().zip(names.iter_mut()) {
+                if let Some((storage, len)) = name {
+                    message.msg_hdr.msg_name = (&raw mut *storage).cast();
+                    message.msg_hdr.msg_namelen = *len;
+                }
+            }
+            // SAFETY: `copy` holds the caller's buffers and our addresses, alive for the call.
+            let sent = unsafe { real::sendmmsg(fd, copy.as_mut_ptr(), count, flags) };
+            if sent > 0 {
+                // SAFETY: as above; the kernel's byte counts go back to the caller's headers.
+                let original = unsafe { std::slice::from_raw_parts_mut(msgs, count as usize) };
+                for (theirs, ours) in original.iter_mut().zip(&copy).take(sent as usize) {
+                    theirs.msg_len = ours.msg_len;
+                }
+            }
+            return sent;
+        }
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::sendmmsg(fd, msgs, count, flags) }
+}
+
 /// If `source` is one of `fd`'s relays, the destination it stands for.
 fn relayed_source(fd: c_int, source: SocketAddr) -> Option<SocketAddr> {
     if !TRACKING.load(std::sync::atomic::Ordering::Relaxed) {

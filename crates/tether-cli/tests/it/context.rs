@@ -283,7 +283,15 @@ dns.lookup("db.pod.internal", { family: 4 }, (err, address) => {
   http.get(`http://db.pod.internal:${port}/node`, (res) => {
     let body = "";
     res.on("data", (c) => (body += c));
-    res.on("end", () => console.log("http", body.trim()));
+    res.on("end", () => {
+      console.log("http", body.trim());
+      const udp = require("dgram").createSocket("udp4");
+      udp.on("message", (msg, rinfo) => {
+        console.log("udp", msg.toString(), rinfo.address);
+        udp.close();
+      });
+      udp.send("from-node", Number(process.env.UDP_PORT), "db.pod.internal");
+    });
   }).on("error", (e) => { console.log("http error", e.message); process.exit(1); });
 });
 "#;
@@ -302,6 +310,7 @@ fn node_sees_the_pod_s_network_names_files_and_environment() {
         "file secret-from-pod".to_owned(),
         format!("dns {db}"),
         format!("http pod-service {} GET /node", pod.http_port),
+        format!("udp echo from-node {db}"),
     ];
     assert_eq!(lines, expected, "whole output:\n{out}");
 }
