@@ -3,7 +3,7 @@
 use bytes::BufMut;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tether_agent::link::{self, LinkError};
-use tether_protocol::{Body, ErrorCode, Frame, Hello, Ping, Preface, Request, request, response};
+use tether_protocol::{Body, ErrorCode, Frame, Hello, Ping, Preface, Request, response};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{TOKEN, connect, start_agent};
