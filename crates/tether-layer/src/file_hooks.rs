@@ -44,6 +44,16 @@ fn route(path: &Path, write: bool) -> FsRoute {
     policy().map_or(FsRoute::Local, |p| p.file(path, write))
 }
 
+/// True when the policy is known and keeps `path` local: decided without the re-entry guard
+/// (the decision is pure), which keeps the common case — a local file — cheap.
+fn surely_local(path: &Path, write: bool) -> bool {
+    match crate::ready_policy() {
+        Some(Some(policy)) => policy.file(path, write) == FsRoute::Local,
+        Some(None) => true,
+        None => false,
+    }
+}
+
 fn fail<T>(errno: c_int, value: T) -> T {
     set_errno(errno);
     value
@@ -208,14 +218,14 @@ fn open_hook(
     flags: c_int,
     mode: libc::mode_t,
 ) -> Option<c_int> {
-    let _entered = enter()?;
     let path = path_of(path)?;
     if dirfd.is_some_and(|d| d != libc::AT_FDCWD) && !path.is_absolute() {
         return None;
     }
-    if flags & libc::O_TMPFILE == libc::O_TMPFILE {
+    if flags & libc::O_TMPFILE == libc::O_TMPFILE || surely_local(path, writes(flags)) {
         return None;
     }
+    let _entered = enter()?;
     match route(path, writes(flags)) {
         FsRoute::Local => None,
         FsRoute::NotFound => Some(fail(libc::ENOENT, -1)),
@@ -991,8 +1001,11 @@ unsafe fn fill_stat(stat: &FileStat, out: *mut libc::stat64) {
 
 /// A path stat: `None` when it stays local, else the return value (errno set).
 fn path_stat(path: *const c_char, follow: bool, out: *mut libc::stat64) -> Option<c_int> {
-    let _entered = enter()?;
     let path = path_of(path)?;
+    if surely_local(path, false) {
+        return None;
+    }
+    let _entered = enter()?;
     match route(path, false) {
         FsRoute::Local => None,
         FsRoute::NotFound => Some(fail(libc::ENOENT, -1)),

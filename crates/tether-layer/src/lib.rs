@@ -709,6 +709,12 @@ fn policy() -> Option<&'static policy::Policy> {
         .as_ref()
 }
 
+/// The policy if it was fetched already (`Some(None)`: the layer is inactive), without fetching
+/// it: callable outside the re-entry guard.
+fn ready_policy() -> Option<Option<&'static policy::Policy>> {
+    POLICY.get().map(Option::as_ref)
+}
+
 /// Runs one file operation in the target; `Err(errno)` as the process should see it.
 fn fs(op: tether_protocol::fs_request::Op) -> Result<tether_protocol::fs_response::Result, c_int> {
     use prost::Message as _;

@@ -131,6 +131,8 @@ pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: sockl
     if let Some(_entered) = enter()
         // SAFETY: `address` points to `len` bytes, per connect's contract.
         && let Some(remote) = unsafe { addr::read(address, len) }
+        // Loopback (kept local by default) is decided before asking the socket anything.
+        && policy().is_some_and(|p| p.may_go_remote(remote))
         && let Some((transport, family)) = kind(fd)
         && let Some(hostname) = goes_remote(transport, remote)
     {

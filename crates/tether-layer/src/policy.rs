@@ -180,33 +180,44 @@ impl Policy {
         if !path.is_absolute() {
             return FsRoute::Local;
         }
-        // The common case, a path without `.`/`..`, is matched as it is (no allocation: this
-        // runs on every `open` of the process).
+        // The common case, a plain path (no `.`, `..` or `//`), is matched as it is, without
+        // allocating: this runs on every `open` of the process.
         let bytes = path.as_os_str().as_encoded_bytes();
-        let dotted = bytes.split(|b| *b == b'/').any(|c| c == b"." || c == b"..");
+        let plain = !bytes.windows(2).any(|w| w == b"//")
+            && !bytes.split(|b| *b == b'/').any(|c| c == b"." || c == b"..");
         let normalized;
-        let path = if dotted {
+        let path = if plain {
+            path
+        } else {
             normalized = normalize(path);
             normalized.as_path()
-        } else {
-            path
         };
-        let text = path.to_string_lossy();
-        if self.not_found.is_match(&text) {
-            return FsRoute::NotFound;
-        }
-        if self.local.is_match(&text) {
-            return FsRoute::Local;
-        }
-        if self.read_write.is_match(&text) {
-            return FsRoute::Remote;
-        }
-        if self.read_only.is_match(&text) {
-            return if write {
-                FsRoute::Local
-            } else {
-                FsRoute::Remote
-            };
+        let lists = [
+            &self.not_found,
+            &self.local,
+            &self.read_write,
+            &self.read_only,
+        ];
+        if lists.iter().any(|set| !set.is_empty()) {
+            let text = path.to_string_lossy();
+            // (An empty set is skipped: matching one still takes a regex cache from a pool.)
+            let hit = |set: &RegexSet| !set.is_empty() && set.is_match(&text);
+            if hit(&self.not_found) {
+                return FsRoute::NotFound;
+            }
+            if hit(&self.local) {
+                return FsRoute::Local;
+            }
+            if hit(&self.read_write) {
+                return FsRoute::Remote;
+            }
+            if hit(&self.read_only) {
+                return if write {
+                    FsRoute::Local
+                } else {
+                    FsRoute::Remote
+                };
+            }
         }
         if self.is_local_default(path) {
             return FsRoute::Local;
@@ -217,30 +228,42 @@ impl Policy {
         }
     }
 
+    /// `path` is absolute and plain (no `.`, `..`, `//`).
     fn is_local_default(&self, path: &Path) -> bool {
-        let mut parts = path
-            .components()
-            .skip(1)
-            .map(|c| c.as_os_str().as_encoded_bytes());
-        match parts.next() {
-            None => return true, // `/` itself
-            Some(top) if LOCAL_TOP.iter().any(|t| t.as_bytes() == top) => return true,
-            Some(b"etc") => {
-                if let Some(name) = parts.next()
-                    && LOCAL_ETC.iter().any(|local| {
-                        let local = local.as_bytes();
-                        name == local
-                            || (name.starts_with(local) && name.get(local.len()) == Some(&b'.'))
-                    })
-                {
-                    return true;
-                }
-            }
-            Some(b"var") if path.starts_with("/var/tmp") => return true,
-            Some(b"run") if path.starts_with("/run/user") => return true,
-            _ => {}
+        let bytes = path.as_os_str().as_encoded_bytes();
+        let rest = bytes.strip_prefix(b"/").unwrap_or(bytes);
+        if rest.is_empty() {
+            return true; // `/` itself
         }
-        self.local_dirs.iter().any(|dir| path.starts_with(dir))
+        let (top, after) = match rest.iter().position(|b| *b == b'/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &b""[..]),
+        };
+        fn first(name: &[u8]) -> &[u8] {
+            name.split(|b| *b == b'/').next().unwrap_or_default()
+        }
+        let is_local = match top {
+            b"etc" => {
+                let name = first(after);
+                LOCAL_ETC.iter().any(|local| {
+                    let local = local.as_bytes();
+                    name == local
+                        || (name.starts_with(local) && name.get(local.len()) == Some(&b'.'))
+                })
+            }
+            b"var" => first(after) == b"tmp",
+            b"run" => first(after) == b"user",
+            top => LOCAL_TOP.iter().any(|t| t.as_bytes() == top),
+        };
+        is_local || self.local_dirs.iter().any(|dir| path.starts_with(dir))
+    }
+
+    /// False when no connection to `addr` can go through the target (loopback kept local, the
+    /// unspecified address): a check that needs nothing but the address.
+    pub fn may_go_remote(&self, addr: SocketAddr) -> bool {
+        (self.outgoing_tcp || self.outgoing_udp)
+            && !addr.ip().is_unspecified()
+            && !(self.ignore_localhost && is_loopback(addr.ip()))
     }
 
     /// Whether a connection to `addr` goes through the target. `hostname`: the name it was
