@@ -56,6 +56,8 @@ pub struct Agent {
     pub(crate) root: Result<Arc<Root>, String>,
     /// The resolver, started on the first lookup.
     dns: std::sync::OnceLock<Result<Dns, String>>,
+    /// The service mesh in the target, found at start from its rules.
+    pub(crate) mesh: Option<rules::Mesh>,
 }
 
 impl Agent {
@@ -67,6 +69,13 @@ impl Agent {
         nftables: Option<bool>,
     ) -> anyhow::Result<Arc<Agent>> {
         let backend = rules::choose_backend(&netns, nftables).await?;
+        let mesh = rules::detect_mesh(&netns).await;
+        if let Some(mesh) = mesh {
+            tracing::info!(%mesh, "service mesh found: steals take its sidecar's plaintext hop to the app");
+            if let Some(source) = mesh.inbound_source() {
+                crate::steal::set_passthrough_source(source);
+            }
+        }
         let listener = crate::steal::bind(&netns).await?;
         let steal_port = listener.local_addr()?.port();
         let ports = PortTable::default();
@@ -92,6 +101,7 @@ impl Agent {
             ports,
             root,
             dns: std::sync::OnceLock::new(),
+            mesh,
         }))
     }
 
@@ -504,6 +514,7 @@ impl Session {
                 owner: self.agent.owner.clone(),
                 session: self.id.clone(),
                 listen_port: self.agent.steal_port,
+                mesh: self.agent.mesh,
             };
             rules::apply(&self.agent.netns, &rules.setup())
                 .await
@@ -543,6 +554,7 @@ impl Session {
             self.out.clone(),
             Arc::clone(&self.next_stream),
             route,
+            self.agent.mesh.is_some(),
         )
         .await
         .map_err(|e| {

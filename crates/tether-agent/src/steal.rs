@@ -113,11 +113,24 @@ pub(crate) async fn passthrough(mut stolen: Stolen, netns: Netns) {
 }
 
 /// Connects from inside the namespace with the agent's mark, so the rules let it through.
+/// The source address connections to the original app come from, under a mesh whose rules let
+/// only its sidecar's inbound source through (Istio: 127.0.0.6). Set once, when the agent starts
+/// (one agent serves one target).
+static PASSTHROUGH_SOURCE: std::sync::OnceLock<std::net::Ipv4Addr> = std::sync::OnceLock::new();
+
+pub(crate) fn set_passthrough_source(source: std::net::Ipv4Addr) {
+    let _ = PASSTHROUGH_SOURCE.set(source);
+}
+
 pub(crate) async fn connect_marked(netns: &Netns, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let source = PASSTHROUGH_SOURCE.get().copied();
     let socket = netns
         .run_in(move || {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             socket.set_mark(AGENT_MARK)?;
+            if let (Some(source), true) = (source, addr.is_ipv4()) {
+                socket.bind(&SocketAddr::new(source.into(), 0).into())?;
+            }
             socket.set_nonblocking(true)?;
             Ok(socket)
         })

@@ -62,7 +62,16 @@ pub(crate) enum Command {
 Examples:
   tether exec --target deploy/api -n shop -- npm start
   tether exec -t netns/demo --steal -- python3 -m http.server 8080
+  tether exec -t pid/4242 -- python3 app.py      # a process on this host: its network, files, env
   tether exec -f .tether/alice.json -- cargo run
+
+What the command gets from the target (each part configurable under `feature`):
+  incoming   its listening ports mirror (default) or steal the target's traffic
+  outgoing   connections and UDP to non-loopback addresses leave from the target
+  dns        names resolve with the target's resolv.conf and hosts
+  env        the target process's variables (not PATH, HOME, LD_*, …) are merged in
+  fs         files are read in the target (writes stay local; `fs.mode: write` sends them too),
+             except the machine's own: /usr, /lib, /proc, /tmp, $HOME, the working directory, …
 
 tether's exit code is the command's exit code; Ctrl-C stops the command and cleans up.")]
     Exec(ExecArgs),

@@ -1,18 +1,23 @@
 //! tether's preloaded library (`LD_PRELOAD`): interposes the libc calls of the local process and
 //! asks the local proxy what must happen in the target.
 //!
-//! Incoming traffic: when the process listens on a TCP port, the proxy subscribes the matching
-//! port in the target; every remote connection is then made by the proxy to the process's real
-//! local listener, so `accept` returns a real socket. `accept` and `getpeername` report the
-//! remote client's address instead of the proxy's. File descriptors are followed through `dup`,
-//! `dup2`, `dup3`, `fcntl(F_DUPFD…)` and `close`; a forked child opens its own channel; `execve`
-//! keeps the layer's variables in a replaced environment.
+//! - Incoming traffic (this file): when the process listens on a TCP port, the proxy subscribes
+//!   the matching port in the target; every remote connection is then made by the proxy to the
+//!   process's real local listener, so `accept` returns a real socket, and `accept` and
+//!   `getpeername` report the remote client instead of the proxy.
+//! - Outgoing traffic (`outgoing`), names (`resolve`), files (`file_hooks`): decided by the
+//!   `policy` the proxy hands out once, carried out by the agent in the target.
 //!
-//! Layout: `channel` (the proxy protocol) and `state` (fd tables) are safe code, unit-tested
-//! without preloading; `sockaddr` converts addresses; this file holds the exported hooks.
+//! File descriptors are followed through `dup`, `dup2`, `dup3`, `fcntl(F_DUPFD…)`, `close` and
+//! `close_range`; `fork` is bracketed so a child never inherits a held lock and opens its own
+//! channel; `execve` keeps the layer's variables in a replaced environment.
 //!
-//! Architecture Invariant: unsafe code lives here (and nowhere else in the workspace), every
-//! block with a `SAFETY:` comment. A hook never panics across the FFI boundary, never calls
+//! Layout: `channel` (the proxy protocol), `policy`, `files` and `state` (fd tables) are safe
+//! code, unit-tested without preloading; `addr` converts addresses; this file holds the
+//! infrastructure (real functions, the re-entry guard, the channels) and the incoming hooks.
+//!
+//! Architecture Invariant: unsafe code lives in this crate (and nowhere else in the workspace),
+//! every block with a `SAFETY:` comment. A hook never panics across the FFI boundary, never calls
 //! `setenv`, and when the proxy is unreachable fails the call with an errno and one message on
 //! stderr instead of silently staying local.
 

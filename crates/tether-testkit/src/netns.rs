@@ -191,6 +191,73 @@ impl Network {
         }
     }
 
+    /// Gives `pod` an Istio sidecar, for real: the nat rules of istio-iptables (REDIRECT mode, as
+    /// field-notes §4 lists them) applied with the real `iptables-legacy-restore` or
+    /// `iptables-nft-restore` (`backend`: "legacy" or "nft"), and a stand-in Envoy
+    /// (`apps/sidecar.py`) as uid 1337 on 15006/15001 that forwards to each connection's original
+    /// destination, inbound from 127.0.0.6. What it does not model: mTLS (its bytes on the wire
+    /// are plaintext) and Envoy's HTTP handling. Waits until the sidecar listens.
+    pub fn install_istio(&self, pod: &Pod, backend: &str) {
+        let rules = "\
+*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+";
+        let restore = format!("iptables-{backend}-restore");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, &restore, "--noflush"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {restore}: {e}"));
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+        drop(child.stdin.take());
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{restore} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let script = apps_dir().join("sidecar.py");
+        self.spawn(&pod.netns, &["python3", script.to_str().unwrap()]);
+        self.wait_listening(&pod.netns, 15006);
+        self.wait_listening(&pod.netns, 15001);
+    }
+
+    /// The pod's nat table as `iptables-<backend>-save` prints it, without packet counters.
+    pub fn nat_rules(&self, pod: &Pod, backend: &str) -> String {
+        let listing = self.exec_ok(
+            &pod.netns,
+            &[&format!("iptables-{backend}-save"), "-t", "nat"],
+        );
+        listing
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| match line.rfind(" [") {
+                Some(at) if line.starts_with(':') => &line[..at],
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Starts a UDP echo server on `port` in `pod` (answers `echo <data>`); waits until it is
     /// bound.
     pub fn start_udp_echo(&self, pod: &Pod, port: u16) -> u32 {

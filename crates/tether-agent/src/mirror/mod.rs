@@ -52,18 +52,21 @@ impl Drop for Capture {
 
 /// Opens a packet socket for `port` inside the namespace and mirrors what it sees to `out`, on a
 /// thread of its own (a blocking socket needs no `unsafe` fd registration with the runtime).
+/// `loopback_only`: under a mesh, only the sidecar's plaintext hop to the app on `lo`.
 pub(crate) async fn start(
     netns: &Netns,
     port: u16,
     out: mpsc::Sender<Body>,
     next_stream: Arc<AtomicU64>,
     route: Option<Arc<Route>>,
+    loopback_only: bool,
 ) -> std::io::Result<Capture> {
     let socket = netns
         .run_in(move || {
             let protocol = Protocol::from(i32::from(ETH_P_IP.to_be()));
             let socket = Socket::new(Domain::PACKET, Type::DGRAM, Some(protocol))?;
-            socket.attach_filter(&bpf::program(&[port]))?;
+            let interface = loopback_only.then_some(bpf::LOOPBACK_IFINDEX);
+            socket.attach_filter(&bpf::program(&[port], interface))?;
             // Bursts must not overflow the queue while the session is busy.
             let _ = socket.set_recv_buffer_size(RECV_BUFFER);
             socket.set_read_timeout(Some(Duration::from_millis(200)))?;

@@ -10,7 +10,7 @@ pub mod plan;
 
 use std::{path::Path, process::Stdio};
 
-pub use plan::{AGENT_MARK, Backend, Leftover, Owner, Plan, SessionRules};
+pub use plan::{AGENT_MARK, Backend, Leftover, Mesh, Owner, Plan, SessionRules};
 
 use crate::netns::Netns;
 
@@ -50,6 +50,27 @@ pub async fn apply(netns: &Netns, plan: &Plan) -> Result<(), RulesError> {
             .map(drop),
         Plan::Iptables(commands) => {
             for args in commands {
+                if legacy_present(netns, args).await {
+                    continue;
+                }
+                let mut full = vec!["-w"];
+                full.extend(args.iter().map(String::as_str));
+                run(netns, Backend::Legacy, &full, None).await?;
+            }
+            Ok(())
+        }
+        Plan::LegacyRemoveChain(chain) => {
+            let listing = run_save(netns).await?;
+            if !listing.lines().any(|l| {
+                l.strip_prefix(':')
+                    .is_some_and(|c| c.split_whitespace().next() == Some(chain))
+            }) {
+                return Ok(());
+            }
+            let mut commands = plan::legacy_jump_removals(&listing, chain);
+            commands.push(["-t", "nat", "-F", chain].map(str::to_owned).to_vec());
+            commands.push(["-t", "nat", "-X", chain].map(str::to_owned).to_vec());
+            for args in commands {
                 let mut full = vec!["-w"];
                 full.extend(args.iter().map(String::as_str));
                 run(netns, Backend::Legacy, &full, None).await?;
@@ -57,6 +78,40 @@ pub async fn apply(netns: &Netns, plan: &Plan) -> Result<(), RulesError> {
             Ok(())
         }
     }
+}
+
+/// True when what `args` would add (`-N` chain, `-I`/`-A` rule) is there already.
+async fn legacy_present(netns: &Netns, args: &[String]) -> bool {
+    let Some(at) = args
+        .iter()
+        .position(|a| matches!(a.as_str(), "-N" | "-I" | "-A"))
+    else {
+        return false;
+    };
+    let mut check: Vec<String> = args[..at].to_vec();
+    match args[at].as_str() {
+        "-N" => {
+            // `-L CHAIN` succeeds when the chain exists.
+            check.extend(["-L".to_owned(), args[at + 1].clone(), "-n".to_owned()]);
+        }
+        "-I" => {
+            // `-I CHAIN [POS] rule…` → `-C CHAIN rule…`
+            check.extend(["-C".to_owned(), args[at + 1].clone()]);
+            let rest = &args[at + 2..];
+            let rest = match rest.first() {
+                Some(pos) if pos.parse::<u32>().is_ok() => &rest[1..],
+                _ => rest,
+            };
+            check.extend(rest.iter().cloned());
+        }
+        _ => {
+            check.push("-C".to_owned());
+            check.extend(args[at + 1..].iter().cloned());
+        }
+    }
+    let mut full = vec!["-w"];
+    full.extend(check.iter().map(String::as_str));
+    run(netns, Backend::Legacy, &full, None).await.is_ok()
 }
 
 async fn run(
@@ -129,16 +184,35 @@ pub async fn choose_backend(netns: &Netns, forced: Option<bool>) -> Result<Backe
 }
 
 async fn run_save(netns: &Netns) -> Result<String, RulesError> {
-    let mut command = netns.command("iptables-legacy-save");
+    save(netns, "iptables-legacy-save", &[]).await
+}
+
+/// `PROGRAM ARGS` in the target (`iptables-legacy-save` or `iptables-nft-save`).
+async fn save(netns: &Netns, program: &'static str, args: &[&str]) -> Result<String, RulesError> {
+    let mut command = netns.command(program);
+    command.args(args);
     command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .stdin(Stdio::null());
     let output = command.output().await.map_err(|source| RulesError::Spawn {
-        command: "iptables-legacy-save".into(),
+        command: program.into(),
         source,
     })?;
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The service mesh whose rules the target's nat table holds (either iptables backend).
+pub async fn detect_mesh(netns: &Netns) -> Option<Mesh> {
+    for program in ["iptables-legacy-save", "iptables-nft-save"] {
+        if on_path(program)
+            && let Ok(listing) = save(netns, program, &["-t", "nat"]).await
+            && let Some(mesh) = plan::detect_mesh(&listing)
+        {
+            return Some(mesh);
+        }
+    }
+    None
 }
 
 /// Every tether table or chain in the target, in both backends.

@@ -38,6 +38,72 @@ impl fmt::Display for Backend {
     }
 }
 
+/// A service mesh found in the target: its sidecar owns the nat table and holds the plaintext.
+///
+/// Under a mesh the client's bytes that reach the pod are the mesh's (mTLS); the plaintext exists
+/// only on the sidecar's hop to the app, over `lo`, sent by the sidecar's user. So the steal
+/// rules catch that hop in nat OUTPUT (`-o lo`, the sidecar's uid) instead of PREROUTING, and the
+/// agent hands requests it leaves to the app from the sidecar's own source address, so the mesh's
+/// rules let them through as they let the sidecar's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mesh {
+    /// Istio sidecar (REDIRECT mode): Envoy runs as uid 1337, hands inbound to the app from
+    /// 127.0.0.6.
+    Istio,
+    /// Linkerd: the proxy runs as uid 2102; proxy-init lets all `lo` traffic through.
+    Linkerd,
+}
+
+impl Mesh {
+    /// The sidecar's user.
+    pub fn proxy_uid(self) -> u32 {
+        match self {
+            Mesh::Istio => 1337,
+            Mesh::Linkerd => 2102,
+        }
+    }
+
+    /// The source address the sidecar hands inbound connections to the app from, when the
+    /// mesh's rules let only that through untouched.
+    pub fn inbound_source(self) -> Option<std::net::Ipv4Addr> {
+        match self {
+            Mesh::Istio => Some(std::net::Ipv4Addr::new(127, 0, 0, 6)),
+            Mesh::Linkerd => None,
+        }
+    }
+}
+
+impl fmt::Display for Mesh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mesh::Istio => "Istio",
+            Mesh::Linkerd => "Linkerd",
+        })
+    }
+}
+
+/// The mesh whose chains appear in an `iptables-save` listing of the nat table.
+pub fn detect_mesh(listing: &str) -> Option<Mesh> {
+    let chains: Vec<&str> = listing
+        .lines()
+        .filter_map(|line| line.strip_prefix(':'))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    if chains
+        .iter()
+        .any(|c| matches!(*c, "ISTIO_INBOUND" | "ISTIO_OUTPUT" | "ISTIO_IN_REDIRECT"))
+    {
+        Some(Mesh::Istio)
+    } else if chains
+        .iter()
+        .any(|c| matches!(*c, "PROXY_INIT_REDIRECT" | "PROXY_INIT_OUTPUT"))
+    {
+        Some(Mesh::Linkerd)
+    } else {
+        None
+    }
+}
+
 /// Identifies an agent instance: its guard's pid and start time (clock ticks after boot, from
 /// `/proc/PID/stat`), both in hex. Together they never repeat while the machine is up, so a sweep
 /// can tell a dead owner from a live one even after pid reuse.
@@ -74,6 +140,8 @@ pub struct SessionRules {
     pub session: String,
     /// The steal listener's port in the target.
     pub listen_port: u16,
+    /// The mesh in the target, if any: the rules then catch its sidecar's hop to the app.
+    pub mesh: Option<Mesh>,
 }
 
 const NFT_PREFIX: &str = "tether_";
@@ -92,30 +160,68 @@ impl SessionRules {
         }
     }
 
-    /// nft: the table with an empty port set. Legacy: the chain and the jumps to it.
+    /// nft: the table with an empty port set. Legacy: the chain and the jumps to it. Without a
+    /// mesh, connections are caught where they enter (prerouting) and where local clients open
+    /// them (output); under a mesh, only on the sidecar's hop to the app (output, `lo`, its uid).
     pub fn setup(&self) -> Plan {
         let name = self.name();
         match self.backend {
-            Backend::Nft => Plan::Nft(format!(
-                "table ip {name} {{\n\
-                 \x20 set ports {{ type inet_service; flags timeout; }}\n\
-                 \x20 chain prerouting {{\n\
-                 \x20   type nat hook prerouting priority -101; policy accept;\n\
-                 \x20   fib daddr type local tcp dport @ports tcp flags & (syn | ack) == syn redirect to :{port}\n\
-                 \x20 }}\n\
-                 \x20 chain output {{\n\
-                 \x20   type nat hook output priority -101; policy accept;\n\
-                 \x20   meta mark != {mark:#x} fib daddr type local tcp dport @ports tcp flags & (syn | ack) == syn redirect to :{port}\n\
-                 \x20 }}\n\
-                 }}\n",
-                port = self.listen_port,
-                mark = AGENT_MARK,
-            )),
-            Backend::Legacy => Plan::Iptables(vec![
-                args(&["-t", "nat", "-N", &name]),
-                args(&["-t", "nat", "-I", "PREROUTING", "1", "-j", &name]),
-                args(&["-t", "nat", "-I", "OUTPUT", "1", "-j", &name]),
-            ]),
+            Backend::Nft => {
+                let redirect = format!(
+                    "fib daddr type local tcp dport @ports tcp flags & (syn | ack) == syn redirect to :{}",
+                    self.listen_port
+                );
+                let mark = format!("meta mark != {AGENT_MARK:#x}");
+                let (prerouting, output) = match self.mesh {
+                    None => (Some(redirect.clone()), format!("{mark} {redirect}")),
+                    Some(mesh) => (
+                        None,
+                        format!(
+                            "{mark} oifname \"lo\" meta skuid {} {redirect}",
+                            mesh.proxy_uid()
+                        ),
+                    ),
+                };
+                // Declared over a flushed table: applying it twice leaves one copy of each rule
+                // (the port set and its elements stay).
+                let mut script = format!(
+                    "add table ip {name}\nflush table ip {name}\ntable ip {name} {{\n\x20 set ports {{ type inet_service; flags timeout; }}\n"
+                );
+                if let Some(rule) = prerouting {
+                    script.push_str(&format!(
+                        "\x20 chain prerouting {{\n\x20   type nat hook prerouting priority -101; policy accept;\n\x20   {rule}\n\x20 }}\n"
+                    ));
+                }
+                script.push_str(&format!(
+                    "\x20 chain output {{\n\x20   type nat hook output priority -101; policy accept;\n\x20   {output}\n\x20 }}\n}}\n"
+                ));
+                Plan::Nft(script)
+            }
+            Backend::Legacy => {
+                let mut commands = vec![args(&["-t", "nat", "-N", &name])];
+                match self.mesh {
+                    None => {
+                        commands.push(args(&["-t", "nat", "-I", "PREROUTING", "1", "-j", &name]));
+                        commands.push(args(&["-t", "nat", "-I", "OUTPUT", "1", "-j", &name]));
+                    }
+                    Some(mesh) => commands.push(args(&[
+                        "-t",
+                        "nat",
+                        "-I",
+                        "OUTPUT",
+                        "1",
+                        "-o",
+                        "lo",
+                        "-m",
+                        "owner",
+                        "--uid-owner",
+                        &mesh.proxy_uid().to_string(),
+                        "-j",
+                        &name,
+                    ])),
+                }
+                Plan::Iptables(commands)
+            }
         }
     }
 
@@ -202,10 +308,16 @@ impl SessionRules {
 }
 
 /// Commands for one backend: an nft script (run as one transaction) or iptables argument lists.
+///
+/// Both are idempotent when applied: the nft setup flushes the session's table before declaring
+/// its rules, and an iptables `-N`/`-I`/`-A` is skipped when the chain or rule exists already, so
+/// setting a session up twice adds nothing twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     Nft(String),
     Iptables(Vec<Vec<String>>),
+    /// Remove a legacy chain: every jump to it (as listed), then the chain.
+    LegacyRemoveChain(String),
 }
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -215,13 +327,27 @@ fn args(list: &[&str]) -> Vec<String> {
 fn teardown(backend: Backend, name: &str) -> Plan {
     match backend {
         Backend::Nft => Plan::Nft(format!("delete table ip {name}\n")),
-        Backend::Legacy => Plan::Iptables(vec![
-            args(&["-t", "nat", "-D", "PREROUTING", "-j", name]),
-            args(&["-t", "nat", "-D", "OUTPUT", "-j", name]),
-            args(&["-t", "nat", "-F", name]),
-            args(&["-t", "nat", "-X", name]),
-        ]),
+        Backend::Legacy => Plan::LegacyRemoveChain(name.to_owned()),
     }
+}
+
+/// The `-D` commands that remove every jump to `chain` found in an `iptables-save -t nat`
+/// listing, whatever its matches (the jumps differ with and without a mesh).
+pub fn legacy_jump_removals(listing: &str, chain: &str) -> Vec<Vec<String>> {
+    listing
+        .lines()
+        .filter_map(|line| line.strip_prefix("-A "))
+        .filter(|rule| {
+            rule.split_whitespace()
+                .collect::<Vec<_>>()
+                .ends_with(&["-j", chain])
+        })
+        .map(|rule| {
+            let mut command = args(&["-t", "nat", "-D"]);
+            command.extend(rule.split_whitespace().map(str::to_owned));
+            command
+        })
+        .collect()
 }
 
 /// A table or chain some agent left in the target, found in a ruleset listing.

@@ -162,3 +162,72 @@ async fn two_agents_on_one_pod_keep_to_their_own_rules() {
     assert!(get(80)[0].starts_with("original 80"));
     assert_eq!(get(81), ["second 81"; 3]);
 }
+
+/// Setting a session's rules up twice (and adding a port twice) adds nothing twice, with or
+/// without a mesh, in both backends; the teardown leaves the nat table as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn setting_up_twice_adds_nothing_twice_and_teardown_restores_the_table() {
+    if !require_root("setting_up_twice_adds_nothing_twice_and_teardown_restores_the_table") {
+        return;
+    }
+    use tether_agent::{
+        netns::Netns,
+        rules::{self, Backend, Mesh, Owner, SessionRules},
+    };
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    let netns = Netns::resolve(&format!("netns/{}", pod.netns)).unwrap();
+    let listing = |backend: Backend| {
+        let args: &[&str] = match backend {
+            Backend::Nft => &["nft", "list", "ruleset"],
+            Backend::Legacy => &["iptables-legacy-save", "-t", "nat"],
+        };
+        block_in_place(|| net.exec_ok(&pod.netns, args))
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.rfind(" [") {
+                Some(at) if l.starts_with(':') => l[..at].to_owned(),
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+    };
+    for backend in [Backend::Nft, Backend::Legacy] {
+        for mesh in [None, Some(Mesh::Istio)] {
+            let before = listing(backend);
+            let session = SessionRules {
+                backend,
+                owner: Owner::current(),
+                session: format!("twice{}", u8::from(mesh.is_some())),
+                listen_port: 41000,
+                mesh,
+            };
+            for _ in 0..2 {
+                rules::apply(&netns, &session.setup()).await.unwrap();
+                rules::apply(&netns, &session.add_port(8080)).await.unwrap();
+            }
+            let after = listing(backend);
+            let redirects = after.iter().filter(|l| l.contains("41000")).count();
+            let jumps = after
+                .iter()
+                .filter(|l| l.contains(&format!("-j {}", session.name())))
+                .count();
+            let expected_jumps = match (backend, mesh) {
+                (Backend::Nft, _) => 0,
+                (Backend::Legacy, None) => 2,
+                (Backend::Legacy, Some(_)) => 1,
+            };
+            let expected_redirects = match (backend, mesh) {
+                (Backend::Nft, None) => 2, // prerouting and output
+                _ => 1,
+            };
+            assert_eq!(
+                (redirects, jumps),
+                (expected_redirects, expected_jumps),
+                "{backend} {mesh:?}:\n{}",
+                after.join("\n")
+            );
+            rules::apply(&netns, &session.teardown()).await.unwrap();
+            assert_eq!(listing(backend), before, "{backend} {mesh:?}");
+        }
+    }
+}

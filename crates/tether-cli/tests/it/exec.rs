@@ -87,7 +87,7 @@ impl Exec {
     }
 
     /// SIGINT to tether alone (as a supervisor would send it), then its exit code (bounded).
-    fn interrupt(&mut self) -> Option<i32> {
+    pub(crate) fn interrupt(&mut self) -> Option<i32> {
         nix_kill(self.child.id(), "-INT");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

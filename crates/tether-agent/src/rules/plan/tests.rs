@@ -11,6 +11,7 @@ fn rules(backend: Backend) -> SessionRules {
         },
         session: "0123456789abcdef".into(),
         listen_port: 40000,
+        mesh: None,
     }
 }
 
@@ -84,23 +85,16 @@ fn legacy_teardown_removes_exactly_what_setup_and_ports_added() {
     let Plan::Iptables(setup) = r.setup() else {
         panic!()
     };
-    let Plan::Iptables(teardown) = r.teardown() else {
-        panic!()
-    };
-    // Every jump inserted is deleted with the same match, then the chain goes.
-    for jump in setup.iter().filter(|a| a.contains(&"-I".to_owned())) {
-        let hook = &jump[3];
-        assert!(
-            teardown
-                .iter()
-                .any(|t| t[2] == "-D" && &t[3] == hook && t.ends_with(&["-j".into(), r.name()])),
-            "{hook}"
-        );
-    }
-    assert_eq!(
-        teardown.last().unwrap(),
-        &vec!["-t", "nat", "-X", &r.name()]
-    );
+    // The teardown deletes the jumps it finds listed (see
+    // `legacy_teardown_removes_whatever_jumps_the_listing_shows`), then the chain.
+    assert_eq!(r.teardown(), Plan::LegacyRemoveChain(r.name()));
+    // What setup inserts, a listing shows as `-A` lines, which the teardown turns into `-D`.
+    let listing: String = setup
+        .iter()
+        .filter(|a| a.contains(&"-I".to_owned()))
+        .map(|jump| format!("-A {} -j {}\n", jump[3], r.name()))
+        .collect();
+    assert_eq!(legacy_jump_removals(&listing, &r.name()).len(), 2);
     let Plan::Iptables(add) = r.add_port(80) else {
         panic!()
     };
@@ -136,4 +130,91 @@ fn leftovers_are_found_in_listings() {
     assert!(!legacy_has_rules(
         "*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"
     ));
+}
+
+/// The nat table of a pod with an Istio sidecar (istio-iptables, REDIRECT mode).
+const ISTIO_NAT: &str = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:TTH_3fffff_ffffffff_012345 - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -o lo -m owner --uid-owner 1337 -j TTH_3fffff_ffffffff_012345
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
+COMMIT
+";
+
+#[test]
+fn meshes_are_recognised_by_their_chains() {
+    assert_eq!(detect_mesh(ISTIO_NAT), Some(Mesh::Istio));
+    let linkerd = "*nat\n:PROXY_INIT_REDIRECT - [0:0]\n:PROXY_INIT_OUTPUT - [0:0]\nCOMMIT\n";
+    assert_eq!(detect_mesh(linkerd), Some(Mesh::Linkerd));
+    assert_eq!(
+        detect_mesh("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"),
+        None
+    );
+}
+
+#[test]
+fn under_a_mesh_only_the_sidecars_hop_to_the_app_is_caught() {
+    let mut r = rules(Backend::Nft);
+    r.mesh = Some(Mesh::Istio);
+    let Plan::Nft(script) = r.setup() else {
+        panic!()
+    };
+    assert_eq!(
+        script.matches("hook").count(),
+        1,
+        "no prerouting chain: {script}"
+    );
+    assert!(
+        script.contains("oifname \"lo\" meta skuid 1337 fib daddr type local tcp dport @ports"),
+        "{script}"
+    );
+    let mut r = rules(Backend::Legacy);
+    r.mesh = Some(Mesh::Linkerd);
+    let Plan::Iptables(commands) = r.setup() else {
+        panic!()
+    };
+    let jumps: Vec<String> = commands
+        .iter()
+        .map(|c| c.join(" "))
+        .filter(|c| c.contains("-j TTH_"))
+        .collect();
+    assert_eq!(
+        jumps,
+        ["-t nat -I OUTPUT 1 -o lo -m owner --uid-owner 2102 -j TTH_3fffff_ffffffff_012345"]
+    );
+}
+
+#[test]
+fn the_nft_setup_can_be_applied_twice() {
+    let Plan::Nft(script) = rules(Backend::Nft).setup() else {
+        panic!()
+    };
+    let name = rules(Backend::Nft).name();
+    assert!(
+        script.starts_with(&format!("add table ip {name}\nflush table ip {name}\n")),
+        "{script}"
+    );
+}
+
+#[test]
+fn legacy_teardown_removes_whatever_jumps_the_listing_shows() {
+    let removals = legacy_jump_removals(ISTIO_NAT, "TTH_3fffff_ffffffff_012345");
+    let shown: Vec<String> = removals.iter().map(|c| c.join(" ")).collect();
+    assert_eq!(
+        shown,
+        ["-t nat -D OUTPUT -o lo -m owner --uid-owner 1337 -j TTH_3fffff_ffffffff_012345"]
+    );
+    assert!(legacy_jump_removals(ISTIO_NAT, "ISTIO_OUTPUT").len() == 1);
 }

@@ -1,0 +1,235 @@
+//! Steal under a service mesh (issue 9): the Istio sidecar fixture of the testkit — the real
+//! istio-iptables nat rules and a stand-in Envoy as uid 1337 — with each iptables backend.
+
+use std::process::Command;
+
+use tether_testkit::{Network, require_root};
+
+use crate::exec::{Exec, free_port, pod_url, tokio_app};
+
+fn curl(net: &Network, url: &str, headers: &[&str]) -> String {
+    let mut args = vec!["curl", "-s", "-m", "5", url];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    net.exec_ok(net.client(), &args).trim().to_owned()
+}
+
+/// A filtered steal under the Istio fixture: marked requests reach the local app, the rest the app
+/// behind the sidecar; 500 keep-alive and 500 one-shot requests are all answered; the pod's nat
+/// table is exactly what it was once the session ends.
+fn filtered_steal_under_istio(backend: &str) {
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    net.install_istio(&pod, backend);
+    let url = pod_url(&pod);
+    assert_eq!(
+        curl(&net, &url, &[]),
+        "original 80 GET /hello",
+        "the fixture serves through its sidecar before tether"
+    );
+    let before = net.nat_rules(&pod, backend);
+
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    for _ in 0..3 {
+        let marked = curl(&net, &url, &["X-Dev: alice"]);
+        // Taken on the sidecar's hop to the app: the local app sees the sidecar (127.0.0.6) as
+        // the peer, as the pod's app does under Istio.
+        assert!(
+            marked.starts_with("local-tokio ") && marked.ends_with("from 127.0.0.6"),
+            "{marked}\n{}",
+            exec.seen_lines()
+        );
+        assert_eq!(curl(&net, &url, &[]), "original 80 GET /hello");
+    }
+    for keepalive in [true, false] {
+        let answers = net.http_requests(&url, 500, keepalive);
+        let wrong: Vec<&String> = answers
+            .iter()
+            .filter(|a| !a.starts_with("original 80 GET /hello?n="))
+            .collect();
+        assert!(
+            answers.len() == 500 && wrong.is_empty(),
+            "keep-alive {keepalive}: {} answers, unexpected: {:?}",
+            answers.len(),
+            wrong.iter().take(5).collect::<Vec<_>>()
+        );
+    }
+    assert!(exec.interrupt().is_some(), "{}", exec.seen_lines());
+    assert_eq!(
+        net.nat_rules(&pod, backend),
+        before,
+        "the nat table after the session is the one before it"
+    );
+    assert_eq!(
+        curl(&net, &url, &["X-Dev: alice"]),
+        "original 80 GET /hello"
+    );
+}
+
+#[test]
+fn filtered_steal_under_istio_with_iptables_legacy() {
+    if require_root("filtered_steal_under_istio_with_iptables_legacy") {
+        filtered_steal_under_istio("legacy");
+    }
+}
+
+#[test]
+fn filtered_steal_under_istio_with_iptables_nft() {
+    if require_root("filtered_steal_under_istio_with_iptables_nft") {
+        filtered_steal_under_istio("nft");
+    }
+}
+
+/// A local app that appends every path it gets to `seen`, one per line, and answers `local`.
+fn recording_app(port: u16, seen: &std::path::Path) -> String {
+    format!(
+        "import http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   protocol_version = 'HTTP/1.1'\n\
+         \x20   def do_GET(self):\n\
+         \x20       open('{seen}', 'a').write(self.path + '\\n')\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', '5'); self.end_headers(); self.wfile.write(b'local')\n\
+         \x20   def log_message(self, *a): pass\n\
+         http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n",
+        seen = seen.display()
+    )
+}
+
+/// Whole-port steal and mirror under the Istio fixture, then an agent killed with SIGKILL: its
+/// guard's cleanup leaves the nat table exactly as it was.
+fn whole_port_mirror_and_kill_under_istio(backend: &str) {
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    net.install_istio(&pod, backend);
+    let url = pod_url(&pod);
+    let before = net.nat_rules(&pod, backend);
+
+    // Whole-port steal: everything (probes aside) reaches the local app.
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[],
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    let answers = net.http_requests(&url, 20, true);
+    assert!(
+        answers.len() == 20 && answers.iter().all(|a| a.starts_with("local-tokio ")),
+        "{answers:?}"
+    );
+    assert!(exec.interrupt().is_some());
+    assert_eq!(net.nat_rules(&pod, backend), before);
+
+    // Mirror: each request is copied once — from the sidecar's plaintext hop on `lo`, not a
+    // second time from the pod's interface (where a real mesh's bytes are encrypted).
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let mut exec = Exec::start_with(
+        &pod,
+        "mirror",
+        port,
+        &[],
+        &["python3", "-c", &recording_app(port, &seen)],
+    );
+    exec.wait_for("target port 80");
+    let base = format!("http://{}:80", pod.ip);
+    for path in ["/m1", "/m2", "/m3"] {
+        assert_eq!(
+            curl(&net, &format!("{base}{path}"), &[]),
+            format!("original 80 GET {path}")
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let copies = loop {
+        let copies = std::fs::read_to_string(&seen).unwrap_or_default();
+        if ["/m1", "/m2", "/m3"].iter().all(|p| copies.contains(p)) {
+            break copies;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copies missing after 10 s: {copies:?}\n{}",
+            exec.seen_lines()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // A duplicate would have arrived with its original (same capture, same order of events).
+    assert!(exec.interrupt().is_some());
+    let copies = std::fs::read_to_string(&seen).unwrap_or(copies);
+    let mut lines: Vec<&str> = copies.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["/m1", "/m2", "/m3"], "each request copied once");
+
+    // SIGKILL of the agent's worker: the guard removes the rules.
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[],
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    // (The nft backend keeps its rules in a table of its own, which iptables-nft-save does not
+    // list: look for tether's rules in both places.)
+    let present = || {
+        net.nat_rules(&pod, backend).contains("TTH_") || !crate::exec::rules(&net, &pod).is_empty()
+    };
+    assert!(present(), "the steal's rules are in place");
+    let pattern = format!("agent --target netns/{} .*--worker-of", pod.netns);
+    let pids = Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).trim().to_owned();
+    assert!(!pids.is_empty(), "the agent worker runs");
+    Command::new("kill")
+        .arg("-9")
+        .args(pids.split_whitespace())
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while present() || net.nat_rules(&pod, backend) != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rules still there 10 s after the worker was killed:\n{}",
+            net.nat_rules(&pod, backend)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(exec);
+    assert_eq!(curl(&net, &url, &[]), "original 80 GET /hello");
+}
+
+#[test]
+fn whole_port_mirror_and_kill_under_istio_with_iptables_legacy() {
+    if require_root("whole_port_mirror_and_kill_under_istio_with_iptables_legacy") {
+        whole_port_mirror_and_kill_under_istio("legacy");
+    }
+}
+
+#[test]
+fn whole_port_mirror_and_kill_under_istio_with_iptables_nft() {
+    if require_root("whole_port_mirror_and_kill_under_istio_with_iptables_nft") {
+        whole_port_mirror_and_kill_under_istio("nft");
+    }
+}
