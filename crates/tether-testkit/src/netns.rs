@@ -220,6 +220,36 @@ impl Network {
 -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 COMMIT
 ";
+        self.install_mesh(
+            pod,
+            backend,
+            rules,
+            &["1337", "15006", "15001", "127.0.0.6"],
+        );
+    }
+
+    /// Gives `pod` a Linkerd proxy: proxy-init's nat rules (`PROXY_INIT_REDIRECT` to 4143,
+    /// `PROXY_INIT_OUTPUT` letting uid 2102 and all `lo` traffic through, the rest to 4140) and the
+    /// stand-in sidecar as uid 2102 on 4143/4140. Not modelled: mTLS, the proxy's protocol
+    /// detection.
+    pub fn install_linkerd(&self, pod: &Pod, backend: &str) {
+        let rules = "\
+*nat
+:PROXY_INIT_REDIRECT - [0:0]
+:PROXY_INIT_OUTPUT - [0:0]
+-A PREROUTING -j PROXY_INIT_REDIRECT
+-A OUTPUT -j PROXY_INIT_OUTPUT
+-A PROXY_INIT_REDIRECT -p tcp -m multiport --dports 4190,4191,4567,4568 -j RETURN
+-A PROXY_INIT_REDIRECT -p tcp -j REDIRECT --to-ports 4143
+-A PROXY_INIT_OUTPUT -m owner --uid-owner 2102 -j RETURN
+-A PROXY_INIT_OUTPUT -o lo -j RETURN
+-A PROXY_INIT_OUTPUT -p tcp -j REDIRECT --to-ports 4140
+COMMIT
+";
+        self.install_mesh(pod, backend, rules, &["2102", "4143", "4140"]);
+    }
+
+    fn install_mesh(&self, pod: &Pod, backend: &str, rules: &str, sidecar: &[&str]) {
         let restore = format!("iptables-{backend}-restore");
         let mut child = Command::new("ip")
             .args(["netns", "exec", &pod.netns, &restore, "--noflush"])
@@ -236,9 +266,12 @@ COMMIT
             String::from_utf8_lossy(&output.stderr)
         );
         let script = apps_dir().join("sidecar.py");
-        self.spawn(&pod.netns, &["python3", script.to_str().unwrap()]);
-        self.wait_listening(&pod.netns, 15006);
-        self.wait_listening(&pod.netns, 15001);
+        let mut args = vec!["python3", script.to_str().unwrap()];
+        args.extend(sidecar);
+        self.spawn(&pod.netns, &args);
+        for port in &sidecar[1..3] {
+            self.wait_listening(&pod.netns, port.parse().unwrap());
+        }
     }
 
     /// The pod's nat table as `iptables-<backend>-save` prints it, without packet counters.

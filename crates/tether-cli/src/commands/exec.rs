@@ -230,6 +230,7 @@ fn show(event: Event, ui: Ui) {
         }
         Event::StaysLocal { local, reason } => tracing::info!(%local, "stays local: {reason}"),
         Event::Warning(message) => ui.warn(&message),
+        Event::Notice(message) => ui.info(&message),
         Event::LinkClosed => ui.warn(
             "the link to the agent closed; the command keeps running without the target's traffic",
         ),

@@ -56,6 +56,8 @@ pub(crate) enum Event {
     StaysLocal { local: SocketAddr, reason: String },
     /// A warning the user must see (from the agent or the proxy).
     Warning(String),
+    /// Something the agent did that the user should know (not a problem).
+    Notice(String),
     /// The link to the agent closed.
     LinkClosed,
 }
@@ -108,6 +110,9 @@ struct Shared {
     next_stream: AtomicU64,
     /// Also steal kubelet probes (`probes.steal`).
     steal_probes: bool,
+    /// Close the connections already open to a port when its steal starts
+    /// (`agent.flush_connections`).
+    flush_connections: bool,
     out: mpsc::Sender<Body>,
     next_request: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
@@ -156,6 +161,7 @@ impl Proxy {
             pending_outgoing: Mutex::default(),
             next_stream: AtomicU64::new(1),
             steal_probes: config.probes.steal,
+            flush_connections: config.agent.flush_connections,
             out,
             next_request: AtomicU64::new(1),
             pending: Mutex::default(),
@@ -280,6 +286,9 @@ impl Shared {
                 let _ = self
                     .events
                     .send(Event::Warning(format!("agent: {}", log.message)));
+            }
+            Some(Body::Log(log)) if log.level() == LogLevel::Info => {
+                let _ = self.events.send(Event::Notice(log.message));
             }
             Some(Body::Error(error)) => {
                 let _ = self
@@ -457,7 +466,7 @@ impl Shared {
             } as i32,
             http_filter: ports::wire_filter(&self.incoming.http_filter, remote_port),
             steal_probes: self.steal_probes,
-            ..Default::default()
+            flush_connections: steal && self.flush_connections,
         };
         match self.request(request::Op::PortSubscribe(subscribe)).await {
             Ok(_) => {

@@ -233,3 +233,85 @@ fn whole_port_mirror_and_kill_under_istio_with_iptables_nft() {
         whole_port_mirror_and_kill_under_istio("nft");
     }
 }
+
+/// `flush_connections` under the Istio fixture: a keep-alive connection opened before the steal
+/// (client → sidecar → app) gets its next request stolen after one reconnect; the app's side of
+/// the sidecar's hop is what gets closed.
+#[test]
+fn flush_connections_moves_a_keepalive_client_under_istio() {
+    if !require_root("flush_connections_moves_a_keepalive_client_under_istio") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    net.install_istio(&pod, "nft");
+    let mut client = net.keepalive_client(net.client(), &pod_url(&pod));
+    assert_eq!(client.get("/before"), "original 80 GET /before");
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[("TETHER_AGENT__FLUSH_CONNECTIONS", "true")],
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    let moved = client.get("/after");
+    assert!(
+        moved.starts_with("reconnected: local-tokio "),
+        "{moved}\n{}",
+        exec.seen_lines()
+    );
+    // Now on a stolen connection: it stays there.
+    assert!(client.get("/again").starts_with("local-tokio "));
+    exec.wait_for("flush_connections: closed");
+}
+
+/// A filtered steal under the Linkerd fixture: the proxy's hop to the app (uid 2102, `lo`) is
+/// where requests are taken; the rest reach the app.
+#[test]
+fn filtered_steal_under_linkerd() {
+    if !require_root("filtered_steal_under_linkerd") {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    net.start_http_app(&pod, "original", &[80]);
+    net.install_linkerd(&pod, "legacy");
+    let url = pod_url(&pod);
+    assert_eq!(curl(&net, &url, &[]), "original 80 GET /hello");
+    let before = net.nat_rules(&pod, "legacy");
+    let port = free_port();
+    let app = tokio_app(port);
+    let mut exec = Exec::start_with(
+        &pod,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^x-dev: alice$",
+        )],
+        &app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    exec.wait_for(&format!(":{port} ("));
+    for _ in 0..3 {
+        let marked = curl(&net, &url, &["X-Dev: alice"]);
+        assert!(
+            marked.starts_with("local-tokio "),
+            "{marked}\n{}",
+            exec.seen_lines()
+        );
+        assert_eq!(curl(&net, &url, &[]), "original 80 GET /hello");
+    }
+    let answers = net.http_requests(&url, 100, true);
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.starts_with("original 80 GET /hello")),
+        "{answers:?}"
+    );
+    assert!(exec.interrupt().is_some());
+    assert_eq!(net.nat_rules(&pod, "legacy"), before);
+}

@@ -1,13 +1,17 @@
-# A stand-in for an Istio sidecar (Envoy in REDIRECT mode), for tests: the same traffic path, no
-# mTLS and no policy. Listens on 15006 (inbound: the pod's nat PREROUTING redirects every TCP
-# connection here) and 15001 (outbound: nat OUTPUT redirects the app's connections here), runs as
-# uid/gid 1337 (the mesh's rules let that user's traffic through), and forwards each connection
-# to its original destination (SO_ORIGINAL_DST) — inbound from source 127.0.0.6 over lo, as Envoy
-# hands plaintext to the app.
-# Usage (as root, inside the pod's namespace): python3 sidecar.py [UID]
+# A stand-in for a mesh sidecar (Istio's Envoy in REDIRECT mode, Linkerd's proxy), for tests: the
+# same traffic path, no mTLS and no policy. Listens on the inbound port (the pod's nat PREROUTING
+# redirects every TCP connection there) and the outbound port (nat OUTPUT redirects the app's
+# connections there), runs as the mesh's uid/gid (the mesh's rules let that user's traffic
+# through), and forwards each connection to its original destination (SO_ORIGINAL_DST) —
+# inbound from SOURCE if given (Istio: 127.0.0.6), over lo, as the sidecar hands plaintext to the
+# app.
+# Usage (as root, inside the pod's namespace):
+#   python3 sidecar.py UID INBOUND_PORT OUTBOUND_PORT [SOURCE]
+#   Istio: 1337 15006 15001 127.0.0.6; Linkerd: 2102 4143 4140
 import os, socket, struct, sys, threading
 
-UID = int(sys.argv[1]) if len(sys.argv) > 1 else 1337
+UID, INBOUND, OUTBOUND = (int(a) for a in sys.argv[1:4])
+SOURCE = sys.argv[4] if len(sys.argv) > 4 else None
 SO_ORIGINAL_DST = 80
 
 
@@ -64,9 +68,9 @@ def listen(port):
     return s
 
 
-inbound, outbound = listen(15006), listen(15001)
+inbound, outbound = listen(INBOUND), listen(OUTBOUND)
 # Sockets opened from here on belong to the mesh's user.
 os.setgid(UID)
 os.setuid(UID)
 threading.Thread(target=serve, args=(outbound, None), daemon=True).start()
-serve(inbound, "127.0.0.6")
+serve(inbound, SOURCE)
