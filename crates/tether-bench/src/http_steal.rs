@@ -12,10 +12,12 @@ use tether_testkit::{Network, Pod};
 
 /// One wrk run's figures.
 #[derive(Debug, Clone, Copy)]
-struct Figures {
-    p50_ms: f64,
-    p99_ms: f64,
-    requests_per_s: f64,
+pub(crate) struct Figures {
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) requests_per_s: f64,
+    /// Requests completed in the run.
+    pub(crate) requests: u64,
 }
 
 /// Milliseconds from wrk's `1.23ms` / `456.78us` / `1.02s`.
@@ -40,14 +42,20 @@ fn parse_wrk(output: &str) -> Option<Figures> {
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
     };
+    let requests = output
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())?;
     Some(Figures {
         p50_ms: millis(&field("50%")?)?,
         p99_ms: millis(&field("99%")?)?,
         requests_per_s: field("Requests/sec:")?.parse().ok()?,
+        requests,
     })
 }
 
-fn wrk(
+pub(crate) fn wrk(
     net: &Network,
     url: &str,
     seconds: u32,
@@ -75,10 +83,10 @@ fn wrk(
 }
 
 /// `tether exec` stealing the pod's port 80 into a local `serve-http`; stopped on drop.
-struct Steal(Child);
+pub(crate) struct Steal(pub(crate) Child);
 
 impl Steal {
-    fn start(
+    pub(crate) fn start(
         tether: &std::path::Path,
         pod: &Pod,
         filter: Option<&str>,
@@ -138,7 +146,12 @@ impl Drop for Steal {
 }
 
 /// The command of the app that answers on `port`.
-fn app_command(tether: &std::path::Path, name: &str, port: u16, python: bool) -> Vec<String> {
+pub(crate) fn app_command(
+    tether: &std::path::Path,
+    name: &str,
+    port: u16,
+    python: bool,
+) -> Vec<String> {
     if python {
         // Quiet: it logs every request to stderr.
         let quiet = format!("exec python3 -m http.server --bind 0.0.0.0 {port} 2>/dev/null");
@@ -157,7 +170,7 @@ fn app_command(tether: &std::path::Path, name: &str, port: u16, python: bool) ->
     }
 }
 
-fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     (
         values[values.len() / 2],

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 
 mod fs_remote;
 mod http_steal;
+mod suite;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -70,6 +71,22 @@ enum Bench {
         #[arg(long, default_value_t = 100)]
         megabytes: u64,
     },
+    /// Issue 10: every scenario (P1 steal latency, P2 throughput, P3 mirror under load, P4 layer
+    /// overhead, P5 start-up, memory) with its baselines in one run; writes the raw figures as
+    /// JSON and the tables into BENCHMARKS.md. Needs root; about 10 minutes (`--quick`: under 2,
+    /// for CI, and BENCHMARKS.md is left alone).
+    All {
+        /// Short runs that check the suite works, not the numbers.
+        #[arg(long)]
+        quick: bool,
+        /// Where bench-results.json and suite.md go.
+        #[arg(long, default_value = "target/bench")]
+        out_dir: PathBuf,
+        /// The BENCHMARKS.md whose generated section is replaced (default: ./BENCHMARKS.md for a
+        /// full run, none with --quick).
+        #[arg(long)]
+        benchmarks: Option<PathBuf>,
+    },
     /// One timed loop of a workload (run by `layer-overhead`, with and without the layer).
     #[command(hide = true)]
     Workload {
@@ -91,6 +108,17 @@ fn main() -> anyhow::Result<()> {
             close,
         } => http_steal::run(rounds, seconds, connections, app == "python", close),
         Bench::FsRemote { rounds, megabytes } => fs_remote::run(rounds, megabytes),
+        Bench::All {
+            quick,
+            out_dir,
+            benchmarks,
+        } => suite::run(
+            quick,
+            &out_dir,
+            benchmarks
+                .or_else(|| suite::default_benchmarks(quick))
+                .as_deref(),
+        ),
         Bench::Workload { kind, iters } => {
             println!("{}", workload(&kind, iters)?);
             Ok(())
@@ -213,14 +241,15 @@ fn stats(mut values: Vec<f64>) -> Stats {
     }
 }
 
-fn layer_overhead(reps: usize, iters: u32) -> anyhow::Result<()> {
+/// One P4 workload: its label, and ns/op without and with the layer, one value per repetition.
+pub(crate) type LayerRow = (&'static str, Vec<f64>, Vec<f64>);
+
+/// P4's measurements.
+pub(crate) fn layer_rows(reps: usize, iters: u32) -> anyhow::Result<Vec<LayerRow>> {
     let layer = layer_path()?;
     let socket = stand_in_proxy()?;
     let with_layer = Some((&layer, &socket));
-    println!(
-        "| workload | without layer (ns/op, median [min–max]) | with layer (ns/op, median [min–max]) | ratio (goal ≤ 1.05) |"
-    );
-    println!("|---|---|---|---|");
+    let mut rows = Vec::new();
     for (kind, label) in [
         ("file", "open + close of a local file"),
         ("connect", "loopback connect + accept + close"),
@@ -233,6 +262,17 @@ fn layer_overhead(reps: usize, iters: u32) -> anyhow::Result<()> {
             base.push(run_once(kind, iters, None)?);
             with.push(run_once(kind, iters, with_layer)?);
         }
+        rows.push((label, base, with));
+    }
+    Ok(rows)
+}
+
+fn layer_overhead(reps: usize, iters: u32) -> anyhow::Result<()> {
+    println!(
+        "| workload | without layer (ns/op, median [min–max]) | with layer (ns/op, median [min–max]) | ratio (goal ≤ 1.05) |"
+    );
+    println!("|---|---|---|---|");
+    for (label, base, with) in layer_rows(reps, iters)? {
         let (b, w) = (stats(base), stats(with));
         println!(
             "| {label} | {:.0} [{:.0}–{:.0}] | {:.0} [{:.0}–{:.0}] | {:.3} |",

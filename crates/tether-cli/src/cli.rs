@@ -107,6 +107,10 @@ Example:
         port: u16,
         #[arg(long, default_value = "0.0.0.0")]
         bind: std::net::IpAddr,
+        /// Keep the number of requests served in this file (rewritten every 100 ms), for
+        /// benchmarks.
+        #[arg(long)]
+        count_file: Option<PathBuf>,
     },
 }
 

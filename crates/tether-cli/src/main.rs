@@ -32,9 +32,12 @@ fn main() {
             eprintln!("error: {error:#}");
             1
         }),
-        Command::ServeHttp { name, port, bind } => {
-            run_async(commands::serve_http::run(name, bind, port))
-        }
+        Command::ServeHttp {
+            name,
+            port,
+            bind,
+            count_file,
+        } => run_async(commands::serve_http::run(name, bind, port, count_file)),
     };
     std::process::exit(code);
 }

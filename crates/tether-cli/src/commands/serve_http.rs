@@ -2,26 +2,57 @@
 //! tests' tokio app). Answers every request with `NAME PORT METHOD PATH from PEER`; keeps
 //! connections alive unless the client sends `Connection: close`. Not a general HTTP server: it reads request heads only (no bodies).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, TcpStream},
 };
 
-pub(crate) async fn run(name: String, bind: IpAddr, port: u16) -> anyhow::Result<i32> {
+pub(crate) async fn run(
+    name: String,
+    bind: IpAddr,
+    port: u16,
+    count_file: Option<PathBuf>,
+) -> anyhow::Result<i32> {
     let listener = TcpListener::bind(SocketAddr::new(bind, port)).await?;
     eprintln!("{name}: listening on {}", listener.local_addr()?);
+    let served = Arc::new(AtomicU64::new(0));
+    if let Some(path) = count_file {
+        let served = Arc::clone(&served);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let count = served.load(Ordering::Relaxed).to_string();
+                let _ = std::fs::write(&path, count);
+            }
+        });
+    }
     loop {
         let (stream, peer) = listener.accept().await?;
         let name = name.clone();
+        let served = Arc::clone(&served);
         tokio::spawn(async move {
-            let _ = serve(stream, peer, &name, port).await;
+            let _ = serve(stream, peer, &name, port, &served).await;
         });
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, port: u16) -> std::io::Result<()> {
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: &str,
+    port: u16,
+    served: &AtomicU64,
+) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -45,6 +76,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, name: &str, port: u16) -> st
             body.len()
         );
         write.write_all(answer.as_bytes()).await?;
+        served.fetch_add(1, Ordering::Relaxed);
         if close {
             break;
         }

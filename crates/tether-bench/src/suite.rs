@@ -1,0 +1,807 @@
+//! `tether-bench all`: every scenario with its baselines, interleaved, in one run (issue 10).
+//! Writes the raw figures as JSON and the tables as Markdown, and replaces the generated part of
+//! BENCHMARKS.md (between its `suite:begin`/`suite:end` markers).
+//!
+//! Scenarios: P1 steal latency (keep-alive and a new connection per request, 1 and 64
+//! connections: direct, a two-relay socat chain, tether whole-port and filtered steal), P2 steal
+//! throughput (iperf3, 1 and 16 streams: direct, relay chain, tether), P3 mirror under load, P4
+//! layer overhead, P5 `tether exec` start-up, and the agent's and proxy's memory. P6 (reconnect
+//! time) needs the resilience issue and is listed as not measured.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use tether_testkit::{Network, Pod};
+
+use crate::http_steal::{Figures, Steal, app_command, median, wrk};
+
+/// How long and how often each measurement runs.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Sizes {
+    rounds: usize,
+    wrk_seconds: u32,
+    iperf_seconds: u32,
+    mirror_seconds: u32,
+    layer_reps: usize,
+    layer_iters: u32,
+    startups: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                rounds: 1,
+                wrk_seconds: 1,
+                iperf_seconds: 1,
+                mirror_seconds: 2,
+                layer_reps: 3,
+                layer_iters: 2_000,
+                startups: 3,
+            }
+        } else {
+            Sizes {
+                rounds: 3,
+                wrk_seconds: 4,
+                iperf_seconds: 4,
+                mirror_seconds: 30,
+                layer_reps: 31,
+                layer_iters: 20_000,
+                startups: 10,
+            }
+        }
+    }
+}
+
+/// A figure as median [min–max].
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: Vec<f64>) -> Spread {
+        let (median, min, max) = median(values);
+        Spread { median, min, max }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let digits = if self.median >= 100.0 { 0 } else { 2 };
+        write!(
+            f,
+            "{:.d$} [{:.d$}–{:.d$}]",
+            self.median,
+            self.min,
+            self.max,
+            d = digits
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct LatencyRow {
+    connection: &'static str,
+    connections: u32,
+    path: &'static str,
+    p50_ms: Spread,
+    p99_ms: Spread,
+    requests_per_s: Spread,
+    p50_ratio: f64,
+    p99_ratio: f64,
+    throughput_ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct ThroughputRow {
+    streams: u32,
+    path: &'static str,
+    gbit_per_s: Spread,
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Mirror {
+    seconds: u32,
+    requests_without: u64,
+    requests_with: u64,
+    requests_per_s_with: f64,
+    seen_by_local_process: u64,
+    share_seen: f64,
+    p99_ms_without: f64,
+    p99_ms_with: f64,
+    p99_ratio: f64,
+    agent_cpu_percent: f64,
+    agent_peak_rss_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct LayerRow {
+    workload: &'static str,
+    without_ns: Spread,
+    with_ns: Spread,
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Startup {
+    runs: usize,
+    direct_ms: Spread,
+    tether_ms: Spread,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Memory {
+    proxy_idle_mib: f64,
+    agent_idle_mib: f64,
+    proxy_peak_p1_mib: f64,
+    agent_peak_p1_mib: f64,
+    proxy_peak_p2_mib: f64,
+    agent_peak_p2_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    date: String,
+    machine: String,
+    quick: bool,
+    sizes: Sizes,
+    p1_latency: Vec<LatencyRow>,
+    p2_throughput: Vec<ThroughputRow>,
+    p3_mirror: Mirror,
+    p4_layer: Vec<LayerRow>,
+    p5_startup: Startup,
+    memory: Memory,
+    p6_reconnect: &'static str,
+}
+
+pub(crate) fn run(quick: bool, out_dir: &Path, benchmarks: Option<&Path>) -> anyhow::Result<()> {
+    if !tether_testkit::require_root("tether-bench all") {
+        bail!("run it as root: it builds network namespaces");
+    }
+    for tool in ["wrk", "iperf3", "socat"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("{tool} is missing: scripts/install-deps installs it");
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let tether = exe.parent().context("no directory")?.join("tether");
+    if !tether.is_file() {
+        bail!(
+            "{} is missing: cargo build --release -p tether -p tether-bench",
+            tether.display()
+        );
+    }
+    let sizes = Sizes::new(quick);
+    let started = Instant::now();
+    let mut memory = Memory::default();
+
+    eprintln!("P4: layer overhead");
+    let p4_layer = layer(sizes)?;
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    eprintln!("P5: exec start-up");
+    let p5_startup = startup(&tether, &pod, sizes, &mut memory)?;
+    eprintln!("P1: steal latency");
+    let p1_latency = latency(&net, &pod, &tether, sizes, &mut memory)?;
+    eprintln!("P2: steal throughput");
+    let p2_throughput = throughput(&net, &pod, &tether, sizes, &mut memory)?;
+    eprintln!("P3: mirror under load");
+    let p3_mirror = mirror(&net, &pod, &tether, sizes)?;
+    drop(net);
+
+    let results = Results {
+        date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine: machine(),
+        quick,
+        sizes,
+        p1_latency,
+        p2_throughput,
+        p3_mirror,
+        p4_layer,
+        p5_startup,
+        memory,
+        p6_reconnect: "not measured yet: reconnect and resume come with the resilience issue (#8)",
+    };
+    std::fs::create_dir_all(out_dir)?;
+    let json = out_dir.join("bench-results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    let markdown = render(&results, started.elapsed());
+    std::fs::write(out_dir.join("suite.md"), &markdown)?;
+    println!("{markdown}");
+    eprintln!("raw figures: {}", json.display());
+    if let Some(path) = benchmarks {
+        update_benchmarks(path, &markdown)?;
+        eprintln!("updated {}", path.display());
+    }
+    Ok(())
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|m| m.trim().to_owned()))
+        .unwrap_or_default();
+    format!(
+        "{cpus} CPUs ({model}), {memory} memory, Linux {}",
+        command_output("uname", &["-r"])
+    )
+}
+
+/// Resident memory (`VmRSS` or the peak `VmHWM`) of a process, in MiB.
+fn rss_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The agent worker serving `pod`.
+fn agent_worker(pod: &Pod) -> Option<u32> {
+    let pattern = format!("agent --target netns/{} .*--worker-of", pod.netns);
+    command_output("pgrep", &["-f", &pattern])
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// CPU seconds (user + system) a process used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `tether exec` against `pod` running `command`, with its settings, until `remote_port` is taken.
+struct Exec(Child);
+
+impl Exec {
+    fn start(
+        tether: &Path,
+        pod: &Pod,
+        mode: &str,
+        mapping: (u16, u16),
+        settings: &[(&str, &str)],
+        command: &[String],
+    ) -> anyhow::Result<Exec> {
+        let mut child = Command::new(tether)
+            .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
+            .args(command)
+            .env("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode)
+            .env(
+                "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
+                format!("[[{}, {}]]", mapping.0, mapping.1),
+            )
+            .envs(settings.iter().copied())
+            .env_remove("TETHER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let needle = format!("target port {}", mapping.1);
+        let mut said = Vec::new();
+        loop {
+            match lines.next() {
+                Some(Ok(line)) if line.contains(&needle) => break,
+                Some(Ok(line)) => said.push(line),
+                _ => bail!("tether exec stopped early; it said:\n{}", said.join("\n")),
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Exec(child))
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn layer(sizes: Sizes) -> anyhow::Result<Vec<LayerRow>> {
+    Ok(crate::layer_rows(sizes.layer_reps, sizes.layer_iters)?
+        .into_iter()
+        .map(|(workload, without, with)| {
+            let (without, with) = (Spread::of(without), Spread::of(with));
+            LayerRow {
+                workload,
+                ratio: with.median / without.median,
+                without_ns: without,
+                with_ns: with,
+            }
+        })
+        .collect())
+}
+
+fn startup(tether: &Path, pod: &Pod, sizes: Sizes, memory: &mut Memory) -> anyhow::Result<Startup> {
+    let time_to_line = |command: &mut Command| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
+        let elapsed = start.elapsed().as_secs_f64() * 1000.0;
+        child.wait()?;
+        anyhow::ensure!(line.trim() == "ready", "unexpected output {line:?}");
+        Ok(elapsed)
+    };
+    let (mut direct, mut through) = (Vec::new(), Vec::new());
+    for _ in 0..sizes.startups {
+        direct.push(time_to_line(Command::new("/bin/echo").arg("ready"))?);
+        through.push(time_to_line(
+            Command::new(tether)
+                .args([
+                    "exec",
+                    "--target",
+                    &format!("netns/{}", pod.netns),
+                    "--",
+                    "/bin/echo",
+                    "ready",
+                ])
+                .env_remove("TETHER_CONFIG"),
+        )?);
+    }
+    // Idle memory: a session with nothing to do.
+    let mut idle = Command::new(tether)
+        .args([
+            "exec",
+            "--target",
+            &format!("netns/{}", pod.netns),
+            "--",
+            "sleep",
+            "30",
+        ])
+        .env_remove("TETHER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(idle.stderr.take().context("no stderr")?).lines();
+    for line in lines.by_ref() {
+        if line?.contains("running sleep") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    memory.proxy_idle_mib = rss_mib(idle.id(), "VmRSS:");
+    memory.agent_idle_mib = agent_worker(pod).map_or(0.0, |pid| rss_mib(pid, "VmRSS:"));
+    let _ = Command::new("kill")
+        .args(["-TERM", &idle.id().to_string()])
+        .status();
+    let _ = idle.wait();
+    Ok(Startup {
+        runs: sizes.startups,
+        direct_ms: Spread::of(direct),
+        tether_ms: Spread::of(through),
+    })
+}
+
+fn latency(
+    net: &Network,
+    pod: &Pod,
+    tether: &Path,
+    sizes: Sizes,
+    memory: &mut Memory,
+) -> anyhow::Result<Vec<LatencyRow>> {
+    let pod_app = app_command(tether, "pod", 80, false);
+    net.spawn(
+        &pod.netns,
+        &pod_app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    net.spawn(
+        &pod.netns,
+        &[
+            "socat",
+            "TCP-LISTEN:82,fork,reuseaddr,backlog=1024",
+            "TCP:127.0.0.1:80",
+        ],
+    );
+    net.spawn(
+        &pod.netns,
+        &[
+            "socat",
+            "TCP-LISTEN:81,fork,reuseaddr,backlog=1024",
+            "TCP:127.0.0.1:82",
+        ],
+    );
+    for port in [80, 81, 82] {
+        net.wait_listening(&pod.netns, port);
+    }
+    let url = |port: u16| format!("http://{}:{port}/", pod.ip);
+    let paths = [
+        "direct",
+        "socat relay chain (2 hops)",
+        "tether whole-port steal",
+        "tether filtered steal",
+    ];
+    let mut rows = Vec::new();
+    for (close, connections) in [(false, 1), (false, 64), (true, 1), (true, 64)] {
+        let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); 4];
+        for _ in 0..sizes.rounds {
+            let seconds = sizes.wrk_seconds;
+            runs[0].push(wrk(net, &url(80), seconds, connections, None, close)?);
+            runs[1].push(wrk(net, &url(81), seconds, connections, None, close)?);
+            for (i, filter) in [(2, None), (3, Some("^x-dev: bench$"))] {
+                let steal = Steal::start(tether, pod, filter, false)?;
+                let header = filter.map(|_| "X-Dev: bench");
+                runs[i].push(wrk(net, &url(80), seconds, connections, header, close)?);
+                memory.proxy_peak_p1_mib = memory
+                    .proxy_peak_p1_mib
+                    .max(rss_mib(steal.0.id(), "VmHWM:"));
+                if let Some(agent) = agent_worker(pod) {
+                    memory.agent_peak_p1_mib =
+                        memory.agent_peak_p1_mib.max(rss_mib(agent, "VmHWM:"));
+                }
+            }
+        }
+        let spreads: Vec<(Spread, Spread, Spread)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    Spread::of(r.iter().map(|f| f.p50_ms).collect()),
+                    Spread::of(r.iter().map(|f| f.p99_ms).collect()),
+                    Spread::of(r.iter().map(|f| f.requests_per_s).collect()),
+                )
+            })
+            .collect();
+        let base = spreads[0];
+        for (path, (p50, p99, rps)) in paths.iter().zip(spreads) {
+            rows.push(LatencyRow {
+                connection: if close {
+                    "new per request"
+                } else {
+                    "keep-alive"
+                },
+                connections,
+                path,
+                p50_ratio: p50.median / base.0.median,
+                p99_ratio: p99.median / base.1.median,
+                throughput_ratio: rps.median / base.2.median,
+                p50_ms: p50,
+                p99_ms: p99,
+                requests_per_s: rps,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// iperf3's received rate in Gbit/s, from its JSON report.
+fn iperf(net: &Network, pod: &Pod, port: u16, seconds: u32, streams: u32) -> anyhow::Result<f64> {
+    let output = net.exec(
+        net.client(),
+        &[
+            "iperf3",
+            "-c",
+            &pod.ip.to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("iperf3 said: {}", String::from_utf8_lossy(&output.stdout)))?;
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bps| bps / 1e9)
+        .with_context(|| format!("no rate in iperf3's report: {}", report["error"]))
+}
+
+fn throughput(
+    net: &Network,
+    pod: &Pod,
+    tether: &Path,
+    sizes: Sizes,
+    memory: &mut Memory,
+) -> anyhow::Result<Vec<ThroughputRow>> {
+    net.spawn(&pod.netns, &["iperf3", "-s", "-p", "5201"]);
+    net.spawn(
+        &pod.netns,
+        &[
+            "socat",
+            "TCP-LISTEN:5203,fork,reuseaddr",
+            "TCP:127.0.0.1:5201",
+        ],
+    );
+    net.spawn(
+        &pod.netns,
+        &[
+            "socat",
+            "TCP-LISTEN:5202,fork,reuseaddr",
+            "TCP:127.0.0.1:5203",
+        ],
+    );
+    for port in [5201, 5202, 5203] {
+        net.wait_listening(&pod.netns, port);
+    }
+    let paths = [
+        "direct",
+        "socat relay chain (2 hops)",
+        "tether whole-port steal",
+    ];
+    let mut rows = Vec::new();
+    for streams in [1, 16] {
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        for _ in 0..sizes.rounds {
+            runs[0].push(iperf(net, pod, 5201, sizes.iperf_seconds, streams)?);
+            runs[1].push(iperf(net, pod, 5202, sizes.iperf_seconds, streams)?);
+            let local = tether_testkit::netns::free_port();
+            let server = vec!["iperf3".into(), "-s".into(), "-p".into(), local.to_string()];
+            let exec = Exec::start(tether, pod, "steal", (local, 5201), &[], &server)?;
+            runs[2].push(iperf(net, pod, 5201, sizes.iperf_seconds, streams)?);
+            memory.proxy_peak_p2_mib = memory.proxy_peak_p2_mib.max(rss_mib(exec.0.id(), "VmHWM:"));
+            if let Some(agent) = agent_worker(pod) {
+                memory.agent_peak_p2_mib = memory.agent_peak_p2_mib.max(rss_mib(agent, "VmHWM:"));
+            }
+        }
+        let spreads: Vec<Spread> = runs.into_iter().map(Spread::of).collect();
+        let base = spreads[0].median;
+        for (path, spread) in paths.iter().zip(spreads) {
+            rows.push(ThroughputRow {
+                streams,
+                path,
+                ratio: spread.median / base,
+                gbit_per_s: spread,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn mirror(net: &Network, pod: &Pod, tether: &Path, sizes: Sizes) -> anyhow::Result<Mirror> {
+    let url = format!("http://{}:80/", pod.ip);
+    let seconds = sizes.mirror_seconds;
+    let without = wrk(net, &url, seconds, 16, None, false)?;
+    let dir = tempfile::tempdir()?;
+    let count_file = dir.path().join("count");
+    let local = tether_testkit::netns::free_port();
+    let mut app = app_command(tether, "local", local, false);
+    app.extend(["--count-file".into(), count_file.display().to_string()]);
+    let exec = Exec::start(tether, pod, "mirror", (local, 80), &[], &app)?;
+    let agent = agent_worker(pod).context("no agent worker")?;
+    let cpu_before = cpu_seconds(agent);
+    let with = wrk(net, &url, seconds, 16, None, false)?;
+    let cpu = cpu_seconds(agent) - cpu_before;
+    let agent_peak = rss_mib(agent, "VmHWM:");
+    // Copies arrive after the answers: wait until the count stops moving (bounded).
+    let read = || -> u64 {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = read();
+        if now == seen || Instant::now() > deadline {
+            seen = now;
+            break;
+        }
+        seen = now;
+    }
+    drop(exec);
+    Ok(Mirror {
+        seconds,
+        requests_without: without.requests,
+        requests_with: with.requests,
+        requests_per_s_with: with.requests_per_s,
+        seen_by_local_process: seen,
+        share_seen: seen as f64 / with.requests as f64,
+        p99_ms_without: without.p99_ms,
+        p99_ms_with: with.p99_ms,
+        p99_ratio: with.p99_ms / without.p99_ms,
+        agent_cpu_percent: cpu / f64::from(seconds) * 100.0,
+        agent_peak_rss_mib: agent_peak,
+    })
+}
+
+fn goal(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+fn render(r: &Results, took: Duration) -> String {
+    let mut md = String::new();
+    let mut line = |text: String| {
+        md.push_str(&text);
+        md.push('\n');
+    };
+    line(format!(
+        "Generated by `sudo ./target/release/tether-bench all{}` on {} ({}; {} interleaved round(s); took {:.0} s). Figures are medians [min–max].\n",
+        if r.quick { " --quick" } else { "" },
+        r.date,
+        r.machine,
+        r.sizes.rounds,
+        took.as_secs_f64()
+    ));
+    line("### P1 — steal latency (HTTP, wrk in the client namespace; goals for tether: p50 ≤ 1.5×, p99 ≤ 2× direct)\n".into());
+    line("| connection | conns | path | p50 ms | p99 ms | requests/s | p50 × | p99 × | throughput × |".into());
+    line("|---|---|---|---|---|---|---|---|---|".into());
+    for row in &r.p1_latency {
+        line(format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+            row.connection,
+            row.connections,
+            row.path,
+            row.p50_ms,
+            row.p99_ms,
+            row.requests_per_s,
+            row.p50_ratio,
+            row.p99_ratio,
+            row.throughput_ratio
+        ));
+    }
+    let tether_rows: Vec<&LatencyRow> = r
+        .p1_latency
+        .iter()
+        .filter(|row| row.path.starts_with("tether"))
+        .collect();
+    let p1_met = tether_rows
+        .iter()
+        .all(|row| row.p50_ratio <= 1.5 && row.p99_ratio <= 2.0);
+    line(format!(
+        "\nP1 goals: {} (worst tether p50 {:.2}×, p99 {:.2}×).\n",
+        goal(p1_met),
+        tether_rows.iter().map(|r| r.p50_ratio).fold(0.0, f64::max),
+        tether_rows.iter().map(|r| r.p99_ratio).fold(0.0, f64::max)
+    ));
+    line(format!(
+        "### P2 — steal throughput (iperf3, {} s per run; goal ≥ 0.7× direct)\n",
+        r.sizes.iperf_seconds
+    ));
+    line("| streams | path | Gbit/s | × direct |".into());
+    line("|---|---|---|---|".into());
+    for row in &r.p2_throughput {
+        line(format!(
+            "| {} | {} | {} | {:.2} |",
+            row.streams, row.path, row.gbit_per_s, row.ratio
+        ));
+    }
+    let p2_met = r
+        .p2_throughput
+        .iter()
+        .filter(|row| row.path.starts_with("tether"))
+        .all(|row| row.ratio >= 0.7);
+    line(format!("\nP2 goal: {}.\n", goal(p2_met)));
+    let m = &r.p3_mirror;
+    line(format!(
+        "### P3 — mirror under load (wrk -c16 for {} s against the pod's app, with and without a mirror into a local process)\n",
+        m.seconds
+    ));
+    line("| figure | value | goal |".into());
+    line("|---|---|---|".into());
+    line(format!(
+        "| load reached | {:.0} requests/s (as much as wrk drives here) | 5,000 req/s or the machine's most |",
+        m.requests_per_s_with
+    ));
+    line(format!(
+        "| requests seen by the local process | {} of {} ({:.1}%) | 100% — {} |",
+        m.seen_by_local_process,
+        m.requests_with,
+        m.share_seen * 100.0,
+        goal(m.share_seen >= 0.999)
+    ));
+    line(format!(
+        "| pod app p99, with / without mirror | {:.2} / {:.2} ms ({:.2}×) | ≤ 1.05× — {} |",
+        m.p99_ms_with,
+        m.p99_ms_without,
+        m.p99_ratio,
+        goal(m.p99_ratio <= 1.05)
+    ));
+    line(format!(
+        "| agent CPU | {:.0}% of one core | — |",
+        m.agent_cpu_percent
+    ));
+    line(format!(
+        "| agent peak RSS | {:.1} MiB | — |\n",
+        m.agent_peak_rss_mib
+    ));
+    line("### P4 — the preloaded layer on calls it passes through (goal ≤ 1.05×)\n".into());
+    line("| workload | without (ns/op) | with (ns/op) | × |".into());
+    line("|---|---|---|---|".into());
+    for row in &r.p4_layer {
+        line(format!(
+            "| {} | {} | {} | {:.3} — {} |",
+            row.workload,
+            row.without_ns,
+            row.with_ns,
+            row.ratio,
+            goal(row.ratio <= 1.05)
+        ));
+    }
+    let s = &r.p5_startup;
+    line(format!(
+        "\n### P5 — `tether exec` start-up to the command running (local target; goal ≤ 300 ms p50)\n\n| runs | command alone (ms) | through tether exec (ms) | goal |\n|---|---|---|---|\n| {} | {} | {} | {} |\n",
+        s.runs,
+        s.direct_ms,
+        s.tether_ms,
+        goal(s.tether_ms.median <= 300.0)
+    ));
+    let mem = &r.memory;
+    line("### Memory (resident, MiB)\n".into());
+    line("| process | idle | peak under P1 | peak under P2 |".into());
+    line("|---|---|---|---|".into());
+    line(format!(
+        "| local proxy (`tether exec`) | {:.1} | {:.1} | {:.1} |",
+        mem.proxy_idle_mib, mem.proxy_peak_p1_mib, mem.proxy_peak_p2_mib
+    ));
+    line(format!(
+        "| agent worker | {:.1} | {:.1} | {:.1} |\n",
+        mem.agent_idle_mib, mem.agent_peak_p1_mib, mem.agent_peak_p2_mib
+    ));
+    line(format!("### P6 — reconnect time\n\n{}.", r.p6_reconnect));
+    md
+}
+
+const BEGIN: &str =
+    "<!-- suite:begin (generated by tether-bench all; edits here are overwritten) -->";
+const END: &str = "<!-- suite:end -->";
+
+/// Replaces the generated section of BENCHMARKS.md (appending one if there is none).
+fn update_benchmarks(path: &Path, generated: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let section = format!("{BEGIN}\n{generated}{END}");
+    let updated = match (text.find(BEGIN), text.find(END)) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{section}{}", &text[..start], &text[end + END.len()..])
+        }
+        _ => format!("{text}\n## The suite (all scenarios, one run)\n\n{section}\n"),
+    };
+    std::fs::write(path, updated)?;
+    Ok(())
+}
+
+/// Where the suite writes by default: the repository's BENCHMARKS.md for a full run, nothing for
+/// `--quick` (CI checks the suite works, not the numbers).
+pub(crate) fn default_benchmarks(quick: bool) -> Option<PathBuf> {
+    (!quick).then(|| PathBuf::from("BENCHMARKS.md"))
+}
