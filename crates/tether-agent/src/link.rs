@@ -97,7 +97,9 @@ where
 
 /// Writes the frames `out` yields to `sink`: numbers the session's frames (`seq`, from 1; link-
 /// local kinds carry 0) and acknowledges, in every frame, the peer's highest `seq` seen so far
-/// (`received`, kept by the reader). Ends when `out` closes or the link fails.
+/// (`received`, kept by the reader). Frames already queued are written together and flushed
+/// once (one write for a burst instead of one per frame). Ends when `out` closes or the link
+/// fails.
 pub fn spawn_writer<S>(
     mut sink: S,
     mut out: tokio::sync::mpsc::Receiver<Body>,
@@ -106,9 +108,11 @@ pub fn spawn_writer<S>(
 where
     S: futures_util::Sink<Frame> + Unpin + Send + 'static,
 {
+    /// Frames written before a flush, at most (a burst never waits for more than this).
+    const BATCH: usize = 64;
     tokio::spawn(async move {
         let mut sent = 0u64;
-        while let Some(body) = out.recv().await {
+        let mut frame = |body: Body| {
             let seq = if body.is_link_local() {
                 0
             } else {
@@ -116,16 +120,28 @@ where
                 sent
             };
             let ack = received.load(std::sync::atomic::Ordering::Relaxed);
-            if sink
-                .send(Frame {
-                    seq,
-                    ack,
-                    body: Some(body),
-                })
-                .await
-                .is_err()
-            {
-                break;
+            Frame {
+                seq,
+                ack,
+                body: Some(body),
+            }
+        };
+        while let Some(body) = out.recv().await {
+            if sink.feed(frame(body)).await.is_err() {
+                return;
+            }
+            for _ in 1..BATCH {
+                match out.try_recv() {
+                    Ok(body) => {
+                        if sink.feed(frame(body)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
             }
         }
     })

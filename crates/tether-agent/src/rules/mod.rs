@@ -67,15 +67,28 @@ pub async fn apply(netns: &Netns, plan: &Plan) -> Result<(), RulesError> {
             }) {
                 return Ok(());
             }
-            let mut commands = plan::legacy_jump_removals(&listing, chain);
-            commands.push(["-t", "nat", "-F", chain].map(str::to_owned).to_vec());
-            commands.push(["-t", "nat", "-X", chain].map(str::to_owned).to_vec());
-            for args in commands {
+            // Every removal is tried even if one fails; the first failure is reported.
+            let mut first_error = None;
+            for args in plan::legacy_jump_removals(&listing, chain) {
                 let mut full = vec!["-w"];
                 full.extend(args.iter().map(String::as_str));
-                run(netns, Backend::Legacy, &full, None).await?;
+                if let Err(e) = run(netns, Backend::Legacy, &full, None).await {
+                    first_error.get_or_insert(e);
+                }
             }
-            Ok(())
+            for action in ["-F", "-X"] {
+                if let Err(e) = run(
+                    netns,
+                    Backend::Legacy,
+                    &["-w", "-t", "nat", action, chain],
+                    None,
+                )
+                .await
+                {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
         }
     }
 }
@@ -193,24 +206,45 @@ async fn save(netns: &Netns, program: &'static str, args: &[&str]) -> Result<Str
     command.args(args);
     command
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .stdin(Stdio::null());
     let output = command.output().await.map_err(|source| RulesError::Spawn {
         command: program.into(),
         source,
     })?;
+    if !output.status.success() {
+        return Err(RulesError::Failed {
+            command: format!("{program} {}", args.join(" ")),
+            target: netns.label.clone(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The service mesh whose rules the target's nat table holds (either iptables backend).
+/// The service mesh whose rules the target holds, in either iptables backend. Listings only: no
+/// `-t nat` (asking for a table by name creates it, and may load `iptable_nat` on the node).
 pub async fn detect_mesh(netns: &Netns) -> Option<Mesh> {
-    for program in ["iptables-legacy-save", "iptables-nft-save"] {
-        if on_path(program)
-            && let Ok(listing) = save(netns, program, &["-t", "nat"]).await
+    let mut looked = false;
+    for (program, args) in [
+        ("iptables-legacy-save", &[][..]),
+        ("nft", &["list", "ruleset"][..]),
+        ("iptables-nft-save", &[][..]),
+    ] {
+        if !on_path(program) {
+            continue;
+        }
+        looked = true;
+        if let Ok(listing) = save(netns, program, args).await
             && let Some(mesh) = plan::detect_mesh(&listing)
         {
             return Some(mesh);
         }
+    }
+    if !looked {
+        tracing::warn!(
+            "cannot look for a service mesh (no iptables-save or nft in the agent's image); steals assume there is none"
+        );
     }
     None
 }

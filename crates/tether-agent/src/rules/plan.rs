@@ -44,7 +44,9 @@ impl fmt::Display for Backend {
 /// only on the sidecar's hop to the app, over `lo`, sent by the sidecar's user. So the steal
 /// rules catch that hop in nat OUTPUT (`-o lo`, the sidecar's uid) instead of PREROUTING, and the
 /// agent hands requests it leaves to the app from the sidecar's own source address, so the mesh's
-/// rules let them through as they let the sidecar's.
+/// rules let them through as they let the sidecar's. Under Istio the hop is also told by its
+/// source, 127.0.0.6: Envoy's *outbound* connections to the pod itself (a call to its own
+/// Service) also leave on `lo` as uid 1337, but carry mTLS and must reach Envoy's inbound side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mesh {
     /// Istio sidecar (REDIRECT mode): Envoy runs as uid 1337, hands inbound to the app from
@@ -82,22 +84,17 @@ impl fmt::Display for Mesh {
     }
 }
 
-/// The mesh whose chains appear in an `iptables-save` listing of the nat table.
+/// The mesh whose chains appear in a listing: `iptables-save` (`:ISTIO_OUTPUT - [0:0]`, `-j
+/// ISTIO_OUTPUT`) or `nft list ruleset` (`chain ISTIO_OUTPUT {`, for rules made by iptables-nft).
 pub fn detect_mesh(listing: &str) -> Option<Mesh> {
-    let chains: Vec<&str> = listing
-        .lines()
-        .filter_map(|line| line.strip_prefix(':'))
-        .filter_map(|line| line.split_whitespace().next())
-        .collect();
-    if chains
-        .iter()
-        .any(|c| matches!(*c, "ISTIO_INBOUND" | "ISTIO_OUTPUT" | "ISTIO_IN_REDIRECT"))
-    {
+    let words = || {
+        listing
+            .split_whitespace()
+            .map(|w| w.trim_start_matches(':'))
+    };
+    if words().any(|w| matches!(w, "ISTIO_INBOUND" | "ISTIO_OUTPUT" | "ISTIO_IN_REDIRECT")) {
         Some(Mesh::Istio)
-    } else if chains
-        .iter()
-        .any(|c| matches!(*c, "PROXY_INIT_REDIRECT" | "PROXY_INIT_OUTPUT"))
-    {
+    } else if words().any(|w| matches!(w, "PROXY_INIT_REDIRECT" | "PROXY_INIT_OUTPUT")) {
         Some(Mesh::Linkerd)
     } else {
         None
@@ -177,8 +174,11 @@ impl SessionRules {
                     Some(mesh) => (
                         None,
                         format!(
-                            "{mark} oifname \"lo\" meta skuid {} {redirect}",
-                            mesh.proxy_uid()
+                            "{mark} oifname \"lo\" meta skuid {}{} {redirect}",
+                            mesh.proxy_uid(),
+                            mesh.inbound_source()
+                                .map(|s| format!(" ip saddr {s}"))
+                                .unwrap_or_default()
                         ),
                     ),
                 };
@@ -204,21 +204,24 @@ impl SessionRules {
                         commands.push(args(&["-t", "nat", "-I", "PREROUTING", "1", "-j", &name]));
                         commands.push(args(&["-t", "nat", "-I", "OUTPUT", "1", "-j", &name]));
                     }
-                    Some(mesh) => commands.push(args(&[
-                        "-t",
-                        "nat",
-                        "-I",
-                        "OUTPUT",
-                        "1",
-                        "-o",
-                        "lo",
-                        "-m",
-                        "owner",
-                        "--uid-owner",
-                        &mesh.proxy_uid().to_string(),
-                        "-j",
-                        &name,
-                    ])),
+                    Some(mesh) => {
+                        let uid = mesh.proxy_uid().to_string();
+                        let mut jump = args(&["-t", "nat", "-I", "OUTPUT", "1"]);
+                        if let Some(source) = mesh.inbound_source() {
+                            jump.extend(args(&["-s", &format!("{source}/32")]));
+                        }
+                        jump.extend(args(&[
+                            "-o",
+                            "lo",
+                            "-m",
+                            "owner",
+                            "--uid-owner",
+                            &uid,
+                            "-j",
+                            &name,
+                        ]));
+                        commands.push(jump);
+                    }
                 }
                 Plan::Iptables(commands)
             }

@@ -201,10 +201,15 @@ async fn setting_up_twice_adds_nothing_twice_and_teardown_restores_the_table() {
                 listen_port: 41000,
                 mesh,
             };
-            for _ in 0..2 {
-                rules::apply(&netns, &session.setup()).await.unwrap();
-                rules::apply(&netns, &session.add_port(8080)).await.unwrap();
-            }
+            rules::apply(&netns, &session.setup()).await.unwrap();
+            rules::apply(&netns, &session.add_port(8080)).await.unwrap();
+            // Set up again: the port added before is still redirected.
+            rules::apply(&netns, &session.setup()).await.unwrap();
+            assert!(
+                listing(backend).iter().any(|l| l.contains("8080")),
+                "{backend} {mesh:?}: a second setup dropped the port"
+            );
+            rules::apply(&netns, &session.add_port(8080)).await.unwrap();
             let after = listing(backend);
             let redirects = after.iter().filter(|l| l.contains("41000")).count();
             let jumps = after

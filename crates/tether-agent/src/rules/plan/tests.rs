@@ -177,7 +177,7 @@ fn under_a_mesh_only_the_sidecars_hop_to_the_app_is_caught() {
         "no prerouting chain: {script}"
     );
     assert!(
-        script.contains("oifname \"lo\" meta skuid 1337 fib daddr type local tcp dport @ports"),
+        script.contains("oifname \"lo\" meta skuid 1337 ip saddr 127.0.0.6 fib daddr type local tcp dport @ports"),
         "{script}"
     );
     let mut r = rules(Backend::Legacy);
