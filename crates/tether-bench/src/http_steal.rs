@@ -18,6 +18,8 @@ pub(crate) struct Figures {
     pub(crate) requests_per_s: f64,
     /// Requests completed in the run.
     pub(crate) requests: u64,
+    /// wrk's socket errors (connect, read, write, timeout), summed.
+    pub(crate) errors: u64,
 }
 
 /// Milliseconds from wrk's `1.23ms` / `456.78us` / `1.02s`.
@@ -47,7 +49,17 @@ fn parse_wrk(output: &str) -> Option<Figures> {
         .find(|l| l.contains("requests in"))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())?;
+    // "Socket errors: connect 0, read 0, write 0, timeout 0" (absent when there were none).
+    let errors = output
+        .lines()
+        .find(|l| l.trim_start().starts_with("Socket errors:"))
+        .map_or(0, |l| {
+            l.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse::<u64>().ok())
+                .sum()
+        });
     Some(Figures {
+        errors,
         p50_ms: millis(&field("50%")?)?,
         p99_ms: millis(&field("99%")?)?,
         requests_per_s: field("Requests/sec:")?.parse().ok()?,
