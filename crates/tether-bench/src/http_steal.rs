@@ -157,6 +157,30 @@ impl Drop for Steal {
     }
 }
 
+/// Starts the pod's app on port 80 and a two-relay socat chain to it on port 81 (81 → 82 → 80),
+/// and waits until all three listen: the direct path and the relay baseline of the steal
+/// benchmarks.
+pub(crate) fn start_pod_paths(net: &Network, pod: &Pod, tether: &std::path::Path, python: bool) {
+    let pod_app = app_command(tether, "pod", 80, python);
+    net.spawn(
+        &pod.netns,
+        &pod_app.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for (listen, to) in [(82, 80), (81, 82)] {
+        net.spawn(
+            &pod.netns,
+            &[
+                "socat",
+                &format!("TCP-LISTEN:{listen},fork,reuseaddr,backlog=1024"),
+                &format!("TCP:127.0.0.1:{to}"),
+            ],
+        );
+    }
+    for port in [80, 81, 82] {
+        net.wait_listening(&pod.netns, port);
+    }
+}
+
 /// The command of the app that answers on `port`.
 pub(crate) fn app_command(
     tether: &std::path::Path,
@@ -211,30 +235,7 @@ pub(crate) fn run(
     }
     let net = Network::new(1);
     let pod = net.pod(0).clone();
-    let pod_app = app_command(&tether, "pod", 80, python);
-    net.spawn(
-        &pod.netns,
-        &pod_app.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    net.spawn(
-        &pod.netns,
-        &[
-            "socat",
-            "TCP-LISTEN:82,fork,reuseaddr,backlog=1024",
-            "TCP:127.0.0.1:80",
-        ],
-    );
-    net.spawn(
-        &pod.netns,
-        &[
-            "socat",
-            "TCP-LISTEN:81,fork,reuseaddr,backlog=1024",
-            "TCP:127.0.0.1:82",
-        ],
-    );
-    for port in [80, 81, 82] {
-        net.wait_listening(&pod.netns, port);
-    }
+    start_pod_paths(&net, &pod, &tether, python);
     let url = |port: u16| format!("http://{}:{port}/", pod.ip);
     let names = [
         "(a) direct to the pod's app",

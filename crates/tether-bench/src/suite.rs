@@ -438,30 +438,7 @@ fn latency(
     sizes: Sizes,
     memory: &mut Memory,
 ) -> anyhow::Result<Vec<LatencyRow>> {
-    let pod_app = app_command(tether, "pod", 80, false);
-    net.spawn(
-        &pod.netns,
-        &pod_app.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    net.spawn(
-        &pod.netns,
-        &[
-            "socat",
-            "TCP-LISTEN:82,fork,reuseaddr,backlog=1024",
-            "TCP:127.0.0.1:80",
-        ],
-    );
-    net.spawn(
-        &pod.netns,
-        &[
-            "socat",
-            "TCP-LISTEN:81,fork,reuseaddr,backlog=1024",
-            "TCP:127.0.0.1:82",
-        ],
-    );
-    for port in [80, 81, 82] {
-        net.wait_listening(&pod.netns, port);
-    }
+    crate::http_steal::start_pod_paths(net, pod, tether, false);
     let url = |port: u16| format!("http://{}:{port}/", pod.ip);
     let paths = [
         "direct",

@@ -684,15 +684,9 @@ pub unsafe extern "C" fn preadv(
     count: c_int,
     offset: libc::off_t,
 ) -> libc::ssize_t {
-    with_remote(fd, |file| match u64::try_from(offset) {
-        // SAFETY: the caller's iovecs.
-        Ok(offset) => read_vectors_at(file, unsafe { vectors(iov, count) }, offset),
-        Err(_) => fail(libc::EINVAL, -1),
-    })
-    // SAFETY: arguments passed through.
-    .unwrap_or_else(|| unsafe { real::preadv(fd, iov, count, offset) })
+    // SAFETY: the caller's arguments.
+    unsafe { preadv_impl(fd, iov, count, offset, real::preadv) }
 }
-
 /// # Safety
 /// As libc's `preadv64`.
 #[unsafe(no_mangle)]
@@ -702,13 +696,28 @@ pub unsafe extern "C" fn preadv64(
     count: c_int,
     offset: libc::off64_t,
 ) -> libc::ssize_t {
+    // SAFETY: the caller's arguments.
+    unsafe { preadv_impl(fd, iov, count, offset, real::preadv64) }
+}
+
+/// `preadv` and `preadv64`.
+///
+/// # Safety
+/// As libc's `preadv`.
+unsafe fn preadv_impl(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    offset: i64,
+    local: unsafe fn(c_int, *const libc::iovec, c_int, i64) -> libc::ssize_t,
+) -> libc::ssize_t {
     with_remote(fd, |file| match u64::try_from(offset) {
         // SAFETY: the caller's iovecs.
         Ok(offset) => read_vectors_at(file, unsafe { vectors(iov, count) }, offset),
         Err(_) => fail(libc::EINVAL, -1),
     })
     // SAFETY: arguments passed through.
-    .unwrap_or_else(|| unsafe { real::preadv64(fd, iov, count, offset) })
+    .unwrap_or_else(|| unsafe { local(fd, iov, count, offset) })
 }
 
 /// # Safety
@@ -720,16 +729,9 @@ pub unsafe extern "C" fn pwritev(
     count: c_int,
     offset: libc::off_t,
 ) -> libc::ssize_t {
-    // SAFETY: the caller's iovecs.
-    let data = || gather(unsafe { vectors(iov, count) });
-    with_remote(fd, |file| match u64::try_from(offset) {
-        Ok(offset) => ssize(write_remote(file, &data(), Some(offset))),
-        Err(_) => fail(libc::EINVAL, -1),
-    })
-    // SAFETY: arguments passed through.
-    .unwrap_or_else(|| unsafe { real::pwritev(fd, iov, count, offset) })
+    // SAFETY: the caller's arguments.
+    unsafe { pwritev_impl(fd, iov, count, offset, real::pwritev) }
 }
-
 /// # Safety
 /// As libc's `pwritev64`.
 #[unsafe(no_mangle)]
@@ -739,6 +741,21 @@ pub unsafe extern "C" fn pwritev64(
     count: c_int,
     offset: libc::off64_t,
 ) -> libc::ssize_t {
+    // SAFETY: the caller's arguments.
+    unsafe { pwritev_impl(fd, iov, count, offset, real::pwritev64) }
+}
+
+/// `pwritev` and `pwritev64`.
+///
+/// # Safety
+/// As libc's `pwritev`.
+unsafe fn pwritev_impl(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    offset: i64,
+    local: unsafe fn(c_int, *const libc::iovec, c_int, i64) -> libc::ssize_t,
+) -> libc::ssize_t {
     // SAFETY: the caller's iovecs.
     let data = || gather(unsafe { vectors(iov, count) });
     with_remote(fd, |file| match u64::try_from(offset) {
@@ -746,7 +763,7 @@ pub unsafe extern "C" fn pwritev64(
         Err(_) => fail(libc::EINVAL, -1),
     })
     // SAFETY: arguments passed through.
-    .unwrap_or_else(|| unsafe { real::pwritev64(fd, iov, count, offset) })
+    .unwrap_or_else(|| unsafe { local(fd, iov, count, offset) })
 }
 
 /// True when `fd` is a file read or written through the layer: the kernel's in-place copies
@@ -891,16 +908,9 @@ pub unsafe extern "C" fn pwrite(
     n: libc::size_t,
     offset: libc::off_t,
 ) -> libc::ssize_t {
-    // SAFETY: the caller's buffer of `n` bytes.
-    let data = || unsafe { in_slice(buf, n) };
-    with_remote(fd, |file| match u64::try_from(offset) {
-        Ok(offset) => ssize(write_remote(file, data(), Some(offset))),
-        Err(_) => fail(libc::EINVAL, -1),
-    })
-    // SAFETY: arguments passed through.
-    .unwrap_or_else(|| unsafe { real::pwrite(fd, buf, n, offset) })
+    // SAFETY: the caller's arguments.
+    unsafe { pwrite_impl(fd, buf, n, offset, real::pwrite) }
 }
-
 /// # Safety
 /// As libc's `pwrite64`.
 #[unsafe(no_mangle)]
@@ -910,6 +920,21 @@ pub unsafe extern "C" fn pwrite64(
     n: libc::size_t,
     offset: libc::off64_t,
 ) -> libc::ssize_t {
+    // SAFETY: the caller's arguments.
+    unsafe { pwrite_impl(fd, buf, n, offset, real::pwrite64) }
+}
+
+/// `pwrite` and `pwrite64` (the same on 64-bit Linux).
+///
+/// # Safety
+/// As libc's `pwrite`.
+unsafe fn pwrite_impl(
+    fd: c_int,
+    buf: *const c_void,
+    n: libc::size_t,
+    offset: i64,
+    local: unsafe fn(c_int, *const c_void, libc::size_t, i64) -> libc::ssize_t,
+) -> libc::ssize_t {
     // SAFETY: the caller's buffer of `n` bytes.
     let data = || unsafe { in_slice(buf, n) };
     with_remote(fd, |file| match u64::try_from(offset) {
@@ -917,7 +942,7 @@ pub unsafe extern "C" fn pwrite64(
         Err(_) => fail(libc::EINVAL, -1),
     })
     // SAFETY: arguments passed through.
-    .unwrap_or_else(|| unsafe { real::pwrite64(fd, buf, n, offset) })
+    .unwrap_or_else(|| unsafe { local(fd, buf, n, offset) })
 }
 
 fn seek_remote(file: &mut RemoteFile, offset: i64, whence: c_int) -> i64 {

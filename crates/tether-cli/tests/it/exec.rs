@@ -251,6 +251,22 @@ fn socat_app(port: u16) -> Vec<String> {
     ]
 }
 
+/// A local python app on `port` that appends every path it gets to `seen`, one per line, and
+/// answers `local`.
+pub(crate) fn recording_app(port: u16, seen: &std::path::Path) -> String {
+    format!(
+        "import http.server\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   protocol_version = 'HTTP/1.1'\n\
+         \x20   def do_GET(self):\n\
+         \x20       open('{seen}', 'a').write(self.path + '\\n')\n\
+         \x20       self.send_response(200); self.send_header('Content-Length', '5'); self.end_headers(); self.wfile.write(b'local')\n\
+         \x20   def log_message(self, *a): pass\n\
+         http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n",
+        seen = seen.display()
+    )
+}
+
 pub(crate) fn tokio_app(port: u16) -> Vec<String> {
     vec![
         env!("CARGO_BIN_EXE_tether").into(),

@@ -443,18 +443,7 @@ fn a_filtered_mirror_copies_only_matching_requests() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let seen = dir.path().join("seen");
-    // Writes every path it gets to `seen`, one per line.
-    let app = format!(
-        "import http.server\n\
-         class H(http.server.BaseHTTPRequestHandler):\n\
-         \x20   protocol_version = 'HTTP/1.1'\n\
-         \x20   def do_GET(self):\n\
-         \x20       open('{seen}', 'a').write(self.path + '\\n')\n\
-         \x20       self.send_response(200); self.send_header('Content-Length', '5'); self.end_headers(); self.wfile.write(b'local')\n\
-         \x20   def log_message(self, *a): pass\n\
-         http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n",
-        seen = seen.display()
-    );
+    let app = crate::exec::recording_app(port, &seen);
     let mut exec = Exec::start_with(
         &pod,
         "mirror",

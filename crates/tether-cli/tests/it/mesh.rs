@@ -96,21 +96,6 @@ fn filtered_steal_under_istio_with_iptables_nft() {
     }
 }
 
-/// A local app that appends every path it gets to `seen`, one per line, and answers `local`.
-fn recording_app(port: u16, seen: &std::path::Path) -> String {
-    format!(
-        "import http.server\n\
-         class H(http.server.BaseHTTPRequestHandler):\n\
-         \x20   protocol_version = 'HTTP/1.1'\n\
-         \x20   def do_GET(self):\n\
-         \x20       open('{seen}', 'a').write(self.path + '\\n')\n\
-         \x20       self.send_response(200); self.send_header('Content-Length', '5'); self.end_headers(); self.wfile.write(b'local')\n\
-         \x20   def log_message(self, *a): pass\n\
-         http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n",
-        seen = seen.display()
-    )
-}
-
 /// Whole-port steal and mirror under the Istio fixture, then an agent killed with SIGKILL: its
 /// guard's cleanup leaves the nat table exactly as it was.
 fn whole_port_mirror_and_kill_under_istio(backend: &str) {
@@ -150,7 +135,7 @@ fn whole_port_mirror_and_kill_under_istio(backend: &str) {
         "mirror",
         port,
         &[],
-        &["python3", "-c", &recording_app(port, &seen)],
+        &["python3", "-c", &crate::exec::recording_app(port, &seen)],
     );
     exec.wait_for("target port 80");
     let base = format!("http://{}:80", pod.ip);
