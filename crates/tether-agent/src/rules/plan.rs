@@ -48,39 +48,61 @@ impl fmt::Display for Backend {
 /// source, 127.0.0.6: Envoy's *outbound* connections to the pod itself (a call to its own
 /// Service) also leave on `lo` as uid 1337, but carry mTLS and must reach Envoy's inbound side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mesh {
-    /// Istio sidecar (REDIRECT mode): Envoy runs as uid 1337, hands inbound to the app from
+pub struct Mesh {
+    pub kind: MeshKind,
+    /// The sidecar's user, from the mesh's own `--uid-owner N -j RETURN` rule (the mesh's
+    /// default when the listing does not show one).
+    pub proxy_uid: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshKind {
+    /// Istio sidecar (REDIRECT mode): Envoy (uid 1337 by default) hands inbound to the app from
     /// 127.0.0.6.
     Istio,
-    /// Linkerd: the proxy runs as uid 2102; proxy-init lets all `lo` traffic through.
+    /// Linkerd: the proxy (uid 2102 by default); proxy-init lets all `lo` traffic through.
     Linkerd,
 }
 
 impl Mesh {
+    /// Istio with its default sidecar uid.
+    pub fn istio() -> Mesh {
+        Mesh {
+            kind: MeshKind::Istio,
+            proxy_uid: 1337,
+        }
+    }
+
+    /// Linkerd with its default proxy uid.
+    pub fn linkerd() -> Mesh {
+        Mesh {
+            kind: MeshKind::Linkerd,
+            proxy_uid: 2102,
+        }
+    }
+
     /// The sidecar's user.
     pub fn proxy_uid(self) -> u32 {
-        match self {
-            Mesh::Istio => 1337,
-            Mesh::Linkerd => 2102,
-        }
+        self.proxy_uid
     }
 
     /// The source address the sidecar hands inbound connections to the app from, when the
     /// mesh's rules let only that through untouched.
     pub fn inbound_source(self) -> Option<std::net::Ipv4Addr> {
-        match self {
-            Mesh::Istio => Some(std::net::Ipv4Addr::new(127, 0, 0, 6)),
-            Mesh::Linkerd => None,
+        match self.kind {
+            MeshKind::Istio => Some(std::net::Ipv4Addr::new(127, 0, 0, 6)),
+            MeshKind::Linkerd => None,
         }
     }
 }
 
 impl fmt::Display for Mesh {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Mesh::Istio => "Istio",
-            Mesh::Linkerd => "Linkerd",
-        })
+        let name = match self.kind {
+            MeshKind::Istio => "Istio",
+            MeshKind::Linkerd => "Linkerd",
+        };
+        write!(f, "{name} (sidecar uid {})", self.proxy_uid)
     }
 }
 
@@ -92,13 +114,27 @@ pub fn detect_mesh(listing: &str) -> Option<Mesh> {
             .split_whitespace()
             .map(|w| w.trim_start_matches(':'))
     };
-    if words().any(|w| matches!(w, "ISTIO_INBOUND" | "ISTIO_OUTPUT" | "ISTIO_IN_REDIRECT")) {
-        Some(Mesh::Istio)
-    } else if words().any(|w| matches!(w, "PROXY_INIT_REDIRECT" | "PROXY_INIT_OUTPUT")) {
-        Some(Mesh::Linkerd)
-    } else {
-        None
+    let (mut mesh, chain) =
+        if words().any(|w| matches!(w, "ISTIO_INBOUND" | "ISTIO_OUTPUT" | "ISTIO_IN_REDIRECT")) {
+            (Mesh::istio(), "ISTIO_OUTPUT")
+        } else if words().any(|w| matches!(w, "PROXY_INIT_REDIRECT" | "PROXY_INIT_OUTPUT")) {
+            (Mesh::linkerd(), "PROXY_INIT_OUTPUT")
+        } else {
+            return None;
+        };
+    // The sidecar's own exemption: `-A ISTIO_OUTPUT -m owner --uid-owner N -j RETURN`.
+    let uid = listing
+        .lines()
+        .filter(|line| line.starts_with(&format!("-A {chain} ")) && line.ends_with("-j RETURN"))
+        .find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = words.iter().position(|w| *w == "--uid-owner")?;
+            (words[at - 1] != "!").then(|| words.get(at + 1)?.parse().ok())?
+        });
+    if let Some(uid) = uid {
+        mesh.proxy_uid = uid;
     }
+    Some(mesh)
 }
 
 /// Identifies an agent instance: its guard's pid and start time (clock ticks after boot, from

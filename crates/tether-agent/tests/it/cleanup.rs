@@ -192,7 +192,7 @@ async fn setting_up_twice_adds_nothing_twice_and_teardown_restores_the_table() {
             .collect::<Vec<_>>()
     };
     for backend in [Backend::Nft, Backend::Legacy] {
-        for mesh in [None, Some(Mesh::Istio)] {
+        for mesh in [None, Some(Mesh::istio())] {
             let before = listing(backend);
             let session = SessionRules {
                 backend,

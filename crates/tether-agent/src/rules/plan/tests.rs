@@ -155,9 +155,12 @@ COMMIT
 
 #[test]
 fn meshes_are_recognised_by_their_chains() {
-    assert_eq!(detect_mesh(ISTIO_NAT), Some(Mesh::Istio));
+    assert_eq!(detect_mesh(ISTIO_NAT), Some(Mesh::istio()));
     let linkerd = "*nat\n:PROXY_INIT_REDIRECT - [0:0]\n:PROXY_INIT_OUTPUT - [0:0]\nCOMMIT\n";
-    assert_eq!(detect_mesh(linkerd), Some(Mesh::Linkerd));
+    assert_eq!(detect_mesh(linkerd), Some(Mesh::linkerd()));
+    // A sidecar user other than the default, read from the mesh's own exemption rule.
+    let custom = "*nat\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1400 -j RETURN\n-A ISTIO_OUTPUT -m owner --uid-owner 1400 -j RETURN\nCOMMIT\n";
+    assert_eq!(detect_mesh(custom).map(|m| m.proxy_uid), Some(1400));
     assert_eq!(
         detect_mesh("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"),
         None
@@ -167,7 +170,7 @@ fn meshes_are_recognised_by_their_chains() {
 #[test]
 fn under_a_mesh_only_the_sidecars_hop_to_the_app_is_caught() {
     let mut r = rules(Backend::Nft);
-    r.mesh = Some(Mesh::Istio);
+    r.mesh = Some(Mesh::istio());
     let Plan::Nft(script) = r.setup() else {
         panic!()
     };
@@ -181,7 +184,7 @@ fn under_a_mesh_only_the_sidecars_hop_to_the_app_is_caught() {
         "{script}"
     );
     let mut r = rules(Backend::Legacy);
-    r.mesh = Some(Mesh::Linkerd);
+    r.mesh = Some(Mesh::linkerd());
     let Plan::Iptables(commands) = r.setup() else {
         panic!()
     };
