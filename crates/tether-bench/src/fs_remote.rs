@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use tether_testkit::Network;
 
 /// The workload: seconds for the line-by-line read, microseconds per stat, and the line count
@@ -72,14 +72,7 @@ pub(crate) fn run(rounds: usize, megabytes: u64) -> anyhow::Result<()> {
     if !tether_testkit::require_root("tether-bench fs-remote") {
         bail!("run it as root: it builds namespaces");
     }
-    let exe = std::env::current_exe()?;
-    let tether = exe.parent().context("no directory")?.join("tether");
-    if !tether.is_file() {
-        bail!(
-            "{} is missing: cargo build --release -p tether -p tether-bench",
-            tether.display()
-        );
-    }
+    let tether = crate::tether_binary()?;
     let net = Network::new(1);
     let dir = format!("/var/lib/tether-bench-{}", std::process::id());
     std::fs::create_dir_all(&dir)?;

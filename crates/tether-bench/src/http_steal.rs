@@ -94,67 +94,77 @@ pub(crate) fn wrk(
     parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
 }
 
-/// `tether exec` stealing the pod's port 80 into a local `serve-http`; stopped on drop.
-pub(crate) struct Steal(pub(crate) Child);
+/// `tether exec` against `pod` running `command`, with its settings, until `remote_port` is taken.
+pub(crate) struct Exec(pub(crate) Child);
 
-impl Steal {
+impl Exec {
     pub(crate) fn start(
         tether: &std::path::Path,
         pod: &Pod,
-        filter: Option<&str>,
-        python: bool,
-    ) -> anyhow::Result<Steal> {
-        let port = tether_testkit::netns::free_port();
-        let mut command = Command::new(tether);
-        command
-            .args([
-                "exec",
-                "--target",
-                &format!("netns/{}", pod.netns),
-                "--steal",
-                "--",
-            ])
-            .args(app_command(tether, "local", port, python))
+        mode: &str,
+        mapping: (u16, u16),
+        settings: &[(&str, &str)],
+        command: &[String],
+    ) -> anyhow::Result<Exec> {
+        let mut child = Command::new(tether)
+            .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
+            .args(command)
+            .env("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode)
             .env(
                 "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
-                format!("[[{port}, 80]]"),
+                format!("[[{}, {}]]", mapping.0, mapping.1),
             )
+            .envs(settings.iter().copied())
+            .env_remove("TETHER_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(filter) = filter {
-            command.env(
-                "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
-                filter,
-            );
-        }
-        let mut child = command.spawn()?;
+            .stderr(Stdio::piped())
+            .spawn()?;
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
+        let needle = format!("target port {}", mapping.1);
         let mut said = Vec::new();
         loop {
             match lines.next() {
-                Some(Ok(line)) if line.contains("target port 80") => break,
+                Some(Ok(line)) if line.contains(&needle) => break,
                 Some(Ok(line)) => said.push(line),
-                _ => bail!(
-                    "tether exec stopped before taking the port; it said:\n{}",
-                    said.join("\n")
-                ),
+                _ => bail!("tether exec stopped early; it said:\n{}", said.join("\n")),
             }
         }
-        // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(Steal(child))
+        Ok(Exec(child))
     }
 }
 
-impl Drop for Steal {
+impl Drop for Exec {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status();
         let _ = self.0.wait();
     }
+}
+
+/// `tether exec` stealing the pod's port 80 into a local app (`filter`: a header filter);
+/// stopped on drop.
+pub(crate) fn steal(
+    tether: &std::path::Path,
+    pod: &Pod,
+    filter: Option<&str>,
+    python: bool,
+) -> anyhow::Result<Exec> {
+    let port = tether_testkit::netns::free_port();
+    let settings: Vec<(&str, &str)> = filter
+        .map(|f| {
+            (
+                "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+                f,
+            )
+        })
+        .into_iter()
+        .collect();
+    let app = app_command(tether, "local", port, python);
+    Exec::start(tether, pod, "steal", (port, 80), &settings, &app)
 }
 
 /// Starts the pod's app on port 80 and a two-relay socat chain to it on port 81 (81 → 82 → 80),
@@ -225,14 +235,7 @@ pub(crate) fn run(
     if !tether_testkit::require_root("tether-bench http-steal") {
         bail!("run it as root: it builds network namespaces");
     }
-    let exe = std::env::current_exe()?;
-    let tether = exe.parent().context("no directory")?.join("tether");
-    if !tether.is_file() {
-        bail!(
-            "{} is missing: cargo build --release -p tether -p tether-bench",
-            tether.display()
-        );
-    }
+    let tether = crate::tether_binary()?;
     let net = Network::new(1);
     let pod = net.pod(0).clone();
     start_pod_paths(&net, &pod, &tether, python);
@@ -249,11 +252,11 @@ pub(crate) fn run(
         results[0].push(wrk(&net, &url(80), seconds, connections, None, close)?);
         results[1].push(wrk(&net, &url(81), seconds, connections, None, close)?);
         {
-            let _steal = Steal::start(&tether, &pod, None, python)?;
+            let _steal = steal(&tether, &pod, None, python)?;
             results[2].push(wrk(&net, &url(80), seconds, connections, None, close)?);
         }
         {
-            let _steal = Steal::start(&tether, &pod, Some("^x-dev: bench$"), python)?;
+            let _steal = steal(&tether, &pod, Some("^x-dev: bench$"), python)?;
             results[3].push(wrk(
                 &net,
                 &url(80),

@@ -156,6 +156,19 @@ fn workload(kind: &str, iters: u32) -> anyhow::Result<f64> {
     Ok(started.elapsed().as_nanos() as f64 / f64::from(iters))
 }
 
+/// The release `tether` next to this benchmark binary.
+pub(crate) fn tether_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let tether = exe.parent().context("no directory")?.join("tether");
+    if !tether.is_file() {
+        bail!(
+            "{} is missing: cargo build --release -p tether -p tether-bench",
+            tether.display()
+        );
+    }
+    Ok(tether)
+}
+
 fn layer_path() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no directory")?;

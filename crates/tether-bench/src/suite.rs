@@ -11,7 +11,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use tether_testkit::{Network, Pod};
 
-use crate::http_steal::{Figures, Steal, app_command, median, wrk};
+use crate::http_steal::{Exec, Figures, app_command, median, steal, wrk};
 
 /// How long and how often each measurement runs.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -177,14 +177,7 @@ pub(crate) fn run(quick: bool, out_dir: &Path, benchmarks: Option<&Path>) -> any
             bail!("{tool} is missing: scripts/install-deps installs it");
         }
     }
-    let exe = std::env::current_exe()?;
-    let tether = exe.parent().context("no directory")?.join("tether");
-    if !tether.is_file() {
-        bail!(
-            "{} is missing: cargo build --release -p tether -p tether-bench",
-            tether.display()
-        );
-    }
+    let tether = crate::tether_binary()?;
     let sizes = Sizes::new(quick);
     let started = Instant::now();
     let mut memory = Memory::default();
@@ -301,57 +294,6 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// `tether exec` against `pod` running `command`, with its settings, until `remote_port` is taken.
-struct Exec(Child);
-
-impl Exec {
-    fn start(
-        tether: &Path,
-        pod: &Pod,
-        mode: &str,
-        mapping: (u16, u16),
-        settings: &[(&str, &str)],
-        command: &[String],
-    ) -> anyhow::Result<Exec> {
-        let mut child = Command::new(tether)
-            .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
-            .args(command)
-            .env("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode)
-            .env(
-                "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
-                format!("[[{}, {}]]", mapping.0, mapping.1),
-            )
-            .envs(settings.iter().copied())
-            .env_remove("TETHER_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let needle = format!("target port {}", mapping.1);
-        let mut said = Vec::new();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.contains(&needle) => break,
-                Some(Ok(line)) => said.push(line),
-                _ => bail!("tether exec stopped early; it said:\n{}", said.join("\n")),
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Exec(child))
-    }
-}
-
-impl Drop for Exec {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
 fn layer(sizes: Sizes) -> anyhow::Result<Vec<LayerRow>> {
     Ok(crate::layer_rows(sizes.layer_reps, sizes.layer_iters)?
         .into_iter()
@@ -454,7 +396,7 @@ fn latency(
             runs[0].push(wrk(net, &url(80), seconds, connections, None, close)?);
             runs[1].push(wrk(net, &url(81), seconds, connections, None, close)?);
             for (i, filter) in [(2, None), (3, Some("^x-dev: bench$"))] {
-                let steal = Steal::start(tether, pod, filter, false)?;
+                let steal = steal(tether, pod, filter, false)?;
                 let header = filter.map(|_| "X-Dev: bench");
                 runs[i].push(wrk(net, &url(80), seconds, connections, header, close)?);
                 memory.proxy_peak_p1_mib = memory
