@@ -11,6 +11,7 @@
 //! Entry points: [`AgentArgs`] (shared by the `tether-agent` binary and the hidden
 //! `tether agent` subcommand), [`run`], and [`Agent`] + [`serve`] for embedding in tests.
 
+pub mod carrier;
 mod dns;
 pub mod flow;
 mod flush;

@@ -6,15 +6,15 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use bytes::Bytes;
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::SinkExt as _;
 use tether_protocol::{
-    Body, ErrorCode, ErrorInfo, Frame, HandshakeError, IncomingConnection, MAX_DATA_CHUNK, Pong,
+    Body, ErrorCode, ErrorInfo, Frame, HandshakeError, IncomingConnection, MAX_DATA_CHUNK,
     PortSubscribe, Request, Response, StreamData, StreamEnd, StreamReset, Subscribed,
     SubscriptionMode, Welcome, WindowUpdate, check_hello, hello_error, request, response,
 };
@@ -26,6 +26,7 @@ use tokio::{
 };
 
 use crate::{
+    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Settings},
     dns::Dns,
     flow::{RecvCredit, SendWindow},
     fs::{Files, Root},
@@ -58,6 +59,8 @@ pub struct Agent {
     dns: std::sync::OnceLock<Result<Dns, String>>,
     /// The service mesh in the target, found at start from its rules.
     pub(crate) mesh: Option<rules::Mesh>,
+    /// Live sessions, by id: where a resuming link goes.
+    sessions: Mutex<HashMap<String, Control>>,
 }
 
 impl Agent {
@@ -102,6 +105,7 @@ impl Agent {
             root,
             dns: std::sync::OnceLock::new(),
             mesh,
+            sessions: Mutex::default(),
         }))
     }
 
@@ -177,61 +181,127 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
 
 async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkError> {
     stream.set_nodelay(true)?;
-    let mut link = link::exchange_preface(stream).await?;
+    let mut link = link::exchange_preface(Box::new(stream) as Box<dyn Io>).await?;
     let first = link::next_frame(&mut link).await?;
-    let checked = match &first.body {
-        Some(Body::Hello(hello)) => check_hello(hello, &agent.token),
+    let hello = match first.body {
+        Some(Body::Hello(hello)) => match check_hello(&hello, &agent.token) {
+            Ok(()) => Ok(hello),
+            Err(refusal) => Err(refusal),
+        },
         Some(other) => Err(HandshakeError::NotHello(other.kind())),
         None => Err(HandshakeError::NotHello("unknown")),
     };
-    if let Err(refusal) = checked {
-        link.send(hello_error(&refusal)).await?;
-        link.close().await?;
-        return Err(LinkError::Refused(refusal.to_string()));
-    }
-    let session_id = new_session_id();
-    tracing::info!(%session_id, "session started");
-    let welcome = Welcome {
-        session_id: session_id.clone(),
-        agent: concat!("tether-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
-        resumed: false,
-        received: 0,
-        capabilities: Vec::new(),
+    let hello = match hello {
+        Ok(hello) => hello,
+        Err(refusal) => {
+            link.send(hello_error(&refusal)).await?;
+            link.close().await?;
+            return Err(LinkError::Refused(refusal.to_string()));
+        }
     };
-    link.send(Frame {
-        seq: 0,
-        ack: 0,
-        body: Some(Body::Welcome(welcome)),
-    })
-    .await?;
+    let welcome = |session_id: &str, resumed: bool| Welcome {
+        session_id: session_id.to_owned(),
+        agent: concat!("tether-agent/", env!("CARGO_PKG_VERSION")).to_owned(),
+        resumed,
+        received: 0,
+        capabilities: vec!["resume".to_owned()],
+    };
+    if let Some(resume) = &hello.resume {
+        // A client back after a dropped link: hand the link to its session's carrier.
+        let attacher = agent
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&resume.session_id)
+            .cloned();
+        let attach = Attach {
+            link,
+            peer_received: resume.received,
+            welcome: Some(welcome(&resume.session_id, true)),
+        };
+        let refused = match attacher {
+            Some(control) => match control.attach(attach).await {
+                Ok(()) => {
+                    tracing::info!(session_id = %resume.session_id, "session resumed on a new link");
+                    return Ok(());
+                }
+                Err(attach) => attach.link,
+            },
+            None => attach.link,
+        };
+        let mut link = refused;
+        let expired = ErrorInfo {
+            code: ErrorCode::SessionExpired as i32,
+            message: format!(
+                "session {} is over (its reconnect grace expired or the agent restarted)",
+                resume.session_id
+            ),
+            in_reply_to_seq: 0,
+            errno: 0,
+        };
+        link.send(Frame {
+            seq: 0,
+            ack: 0,
+            body: Some(Body::Error(expired)),
+        })
+        .await?;
+        link.close().await?;
+        return Err(LinkError::Refused(format!(
+            "session {} is unknown",
+            resume.session_id
+        )));
+    }
 
-    let (sink, mut frames) = link.split();
-    let (out_tx, out_rx) = mpsc::channel::<Body>(1024);
-    let received = Arc::new(AtomicU64::new(0));
-    let writer = link::spawn_writer(sink, out_rx, Arc::clone(&received));
+    let session_id = new_session_id();
+    let settings = Settings::from_options(hello.link.as_ref());
+    tracing::info!(%session_id, client = %hello.client, grace = ?settings.grace, "session started");
+    let (carrier, endpoints) = Carrier::spawn(
+        settings,
+        Attach {
+            link,
+            peer_received: 0,
+            welcome: Some(welcome(&session_id, false)),
+        },
+    );
+    agent
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .insert(session_id.clone(), carrier.control());
+    run_session(Arc::clone(&agent), session_id.clone(), carrier, endpoints).await;
+    agent
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .remove(&session_id);
+    Ok(())
+}
 
-    let mut session = Session::new(agent, session_id.clone(), out_tx);
-    let result = loop {
+/// Serves one session until the client says goodbye or the carrier gives up on it.
+async fn run_session(agent: Arc<Agent>, id: String, mut carrier: Carrier, endpoints: Endpoints) {
+    let Endpoints { out, mut incoming } = endpoints;
+    let mut session = Session::new(agent, id.clone(), out, carrier.connected());
+    let status = carrier.status();
+    let reason = loop {
         tokio::select! {
-            frame = frames.next() => match frame {
-                None => break Ok(()),
-                Some(Err(error)) => break Err(LinkError::Io(error)),
-                Some(Ok(frame)) => {
-                    if frame.seq != 0 {
-                        received.store(frame.seq, Ordering::Relaxed);
-                    }
+            frame = incoming.recv() => match frame {
+                None => break match &status.borrow().state {
+                    LinkState::Ended { reason } => reason.clone(),
+                    _ => "the link ended".to_owned(),
+                },
+                Some(frame) => {
                     if !session.on_frame(frame).await {
-                        break Ok(());
+                        break "the client said goodbye".to_owned();
                     }
                 }
             },
-                        Some(stolen) = session.stolen_rx.recv() => session.on_stolen(stolen),
+            Some(stolen) = session.stolen_rx.recv() => session.on_stolen(stolen),
         }
     };
     session.end().await;
-    writer.abort();
-    tracing::info!(%session_id, "session ended");
-    result
+    drop(session);
+    carrier.close().await;
+    tracing::info!(session_id = %id, %reason, "session ended");
 }
 
 /// What the client sends into one stream.
@@ -301,6 +371,9 @@ struct Session {
     mirrors: HashMap<u16, mirror::Capture>,
     /// Files the client opened in the target.
     files: Arc<Files>,
+    /// False while the session has no link: new stolen connections and requests then go to the
+    /// original app.
+    connected: Arc<AtomicBool>,
 }
 
 struct ActiveRules {
@@ -310,7 +383,12 @@ struct ActiveRules {
 }
 
 impl Session {
-    fn new(agent: Arc<Agent>, id: String, out: mpsc::Sender<Body>) -> Session {
+    fn new(
+        agent: Arc<Agent>,
+        id: String,
+        out: mpsc::Sender<Body>,
+        connected: Arc<AtomicBool>,
+    ) -> Session {
         let (stolen_tx, stolen_rx) = mpsc::channel(256);
         Session {
             agent,
@@ -326,6 +404,7 @@ impl Session {
             rules: None,
             mirrors: HashMap::new(),
             files: Arc::default(),
+            connected,
         }
     }
 
@@ -336,7 +415,6 @@ impl Session {
     /// Handles one frame; false ends the session.
     async fn on_frame(&mut self, frame: Frame) -> bool {
         match frame.body {
-            Some(Body::Ping(ping)) => self.send(Body::Pong(Pong { nonce: ping.nonce })).await,
             Some(Body::Goodbye(_)) => return false,
             Some(Body::WindowUpdate(update)) => {
                 self.streams
@@ -604,6 +682,14 @@ impl Session {
     }
 
     fn on_stolen(&mut self, stolen: Stolen) {
+        if !self.connected.load(Ordering::Acquire) {
+            // No client to answer it now: the original app does, as if nothing were stolen.
+            tracing::debug!(session = %self.id, peer = %stolen.peer, "no link: connection left to the original app");
+            let netns = self.agent.netns.clone();
+            self.stream_tasks
+                .spawn(crate::steal::passthrough(stolen, netns));
+            return;
+        }
         let route = self
             .routes
             .get(&stolen.original.port())
@@ -614,6 +700,7 @@ impl Session {
             next_stream: Arc::clone(&self.next_stream),
             streams: Arc::clone(&self.streams),
             netns: self.agent.netns.clone(),
+            connected: Arc::clone(&self.connected),
         };
         self.stream_tasks.spawn(route_stolen(stolen, route, ctx));
     }

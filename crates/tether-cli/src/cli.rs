@@ -135,6 +135,23 @@ pub(crate) struct ExecArgs {
     /// Steal incoming traffic instead of mirroring it (same as feature.network.incoming.mode=steal).
     #[arg(long)]
     pub steal: bool,
+    /// Use an agent that is already running (`tether agent --listen ADDR --token-file FILE`)
+    /// instead of starting one. The target still says what kind of target it serves.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "agent_token_file",
+        help_heading = "Advanced"
+    )]
+    pub agent_addr: Option<std::net::SocketAddr>,
+    /// The session token of the agent given with --agent-addr.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "agent_addr",
+        help_heading = "Advanced"
+    )]
+    pub agent_token_file: Option<PathBuf>,
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -186,6 +186,14 @@ impl<'s> Walker<'s> {
             .map(|b| self.resolve(b))
             .filter(|b| self.branch_accepts_type(b, value))
             .collect();
+        // An enum with documented variants is one `const` branch per variant: the value's own
+        // branch, or none (the error then lists every allowed value).
+        if fitting.iter().any(|b| b.get("const").is_some()) {
+            return fitting
+                .iter()
+                .find(|b| b.get("const").is_none_or(|c| c == value))
+                .copied();
+        }
         if let (Value::Object(members), true) = (value, fitting.len() > 1) {
             let with_keys = fitting.iter().find(|b| {
                 b.get("required")
@@ -324,11 +332,21 @@ impl<'s> Walker<'s> {
                 allowed.iter().map(show).collect::<Vec<_>>().join(", ")
             );
         }
+        if let Some(constant) = schema.get("const") {
+            return show(constant);
+        }
         if let Some(branches) = schema
             .get("anyOf")
             .or_else(|| schema.get("oneOf"))
             .and_then(Value::as_array)
         {
+            let constants: Option<Vec<String>> = branches
+                .iter()
+                .map(|b| self.resolve(b).get("const").map(show))
+                .collect();
+            if let Some(constants) = constants {
+                return format!("one of {}", constants.join(", "));
+            }
             return branches
                 .iter()
                 .map(|b| self.describe(b))

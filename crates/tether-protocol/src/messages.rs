@@ -160,6 +160,28 @@ pub struct Hello {
     /// Optional features the client understands (e.g. `"resume"`, `"http2"`).
     #[prost(string, repeated, tag = "4")]
     pub capabilities: Vec<String>,
+    /// How the session survives a dropped link; absent: the session ends with its first link.
+    #[prost(message, optional, tag = "5")]
+    pub link: Option<LinkOptions>,
+}
+
+/// The client's link settings, so both sides ping, give up and wait alike.
+#[derive(Clone, PartialEq, prost::Message)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct LinkOptions {
+    /// Each side pings this often (milliseconds; 0: the agent's default).
+    #[prost(uint64, tag = "1")]
+    pub keepalive_interval_ms: u64,
+    /// A side that hears nothing for this long declares the link dead (milliseconds).
+    #[prost(uint64, tag = "2")]
+    pub keepalive_timeout_ms: u64,
+    /// How long the agent keeps the session without a link, waiting for the client to resume it
+    /// (milliseconds). When it expires the session ends and its rules are removed.
+    #[prost(uint64, tag = "3")]
+    pub grace_ms: u64,
+    /// Bytes each side keeps for replay (frames sent, not yet acknowledged).
+    #[prost(uint64, tag = "4")]
+    pub buffer_bytes: u64,
 }
 
 /// Re-attach to a session that outlived its link.

@@ -46,10 +46,27 @@ impl AgentProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProcess {
+        AgentProcess::spawn(Command::new(binary), target, extra_args, env)
+    }
+
+    /// The agent as the `tether` binary runs it (`tether agent …`), as a user would start one
+    /// for `tether exec --agent-addr`.
+    pub fn start_tether(tether: &Path, target: &str, extra_args: &[&str]) -> AgentProcess {
+        let mut command = Command::new(tether);
+        command.arg("agent");
+        AgentProcess::spawn(command, target, extra_args, &[])
+    }
+
+    fn spawn(
+        mut command: Command,
+        target: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let token = format!("{:032x}", rand_u128());
         let mut token_file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut token_file, token.as_bytes()).unwrap();
-        let mut child = Command::new(binary)
+        let mut child = command
             .args([
                 "--target",
                 target,
@@ -69,7 +86,7 @@ impl AgentProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("cannot start the agent {command:?}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -104,6 +121,11 @@ impl AgentProcess {
             output.status.code(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+
+    /// The file holding the session token.
+    pub fn token_file(&self) -> &Path {
+        self._token_file.path()
     }
 
     pub fn guard_pid(&self) -> u32 {

@@ -454,7 +454,8 @@ impl Drop for Network {
     }
 }
 
-fn apps_dir() -> &'static Path {
+/// Where the test apps (`link_load.py`, `http_app.py`, …) live.
+pub fn apps_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/apps"))
 }
 

@@ -58,6 +58,8 @@ pub(crate) struct HttpContext {
     pub(crate) next_stream: Arc<AtomicU64>,
     pub(crate) streams: Arc<Streams>,
     pub(crate) netns: Netns,
+    /// False while the session has no link: requests then go to the original app.
+    pub(crate) connected: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The agent's connection to the original app for one stolen connection's left requests.
@@ -104,9 +106,10 @@ impl Router {
     ) -> Result<Response<AnyBody>, Infallible> {
         let (original, ctx) = (self.original, &self.ctx);
         Ok(
-            if self
-                .route
-                .takes(request.method(), request.uri(), request.headers())
+            if ctx.connected.load(std::sync::atomic::Ordering::Acquire)
+                && self
+                    .route
+                    .takes(request.method(), request.uri(), request.headers())
             {
                 to_local(request, original, self.peer, self.connection_id, ctx).await
             } else if is_upgrade(request.headers()) {

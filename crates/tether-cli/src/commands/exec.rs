@@ -7,12 +7,14 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::Stdio,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-use tether_config::{Config, Target};
+use tether_agent::carrier::{Io, Settings};
+use tether_config::{Config, Target, model::OnLinkLost};
 use tokio::{
     io::AsyncBufReadExt as _,
     net::TcpStream,
@@ -22,7 +24,10 @@ use tokio::{
 
 use crate::{
     cli::ExecArgs,
-    proxy::{Event, Proxy},
+    proxy::{
+        Event, Proxy,
+        link::{Connect, Dialer, StillThere},
+    },
     ui::Ui,
 };
 
@@ -112,7 +117,7 @@ fn is_root() -> bool {
 
 async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     let target = local_target(config)?;
-    if !is_root() {
+    if args.agent_addr.is_none() && !is_root() {
         bail!(
             "local targets need root (network namespaces and iptables): run `sudo tether exec …`"
         );
@@ -121,33 +126,64 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     let dir = tempfile::Builder::new().prefix("tether-").tempdir()?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
 
-    let step = ui.step(&format!("starting the agent for {target}"));
-    let started = Instant::now();
-    let mut agent = match start_agent(&target, config, dir.path()).await {
-        Ok(agent) => agent,
+    let mut agent = match &args.agent_addr {
+        Some(addr) => {
+            let file = args
+                .agent_token_file
+                .as_deref()
+                .context("--agent-addr needs --agent-token-file")?;
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?
+                .trim()
+                .to_owned();
+            AgentChild {
+                child: None,
+                addr: *addr,
+                token,
+            }
+        }
+        None => {
+            let step = ui.step(&format!("starting the agent for {target}"));
+            let started = Instant::now();
+            match start_agent(&target, config, dir.path()).await {
+                Ok(agent) => {
+                    step.done(&format!("ready in {} ms", started.elapsed().as_millis()));
+                    agent
+                }
+                Err(error) => {
+                    step.fail(&format!("{error:#}"));
+                    return Ok(TETHER_FAILED);
+                }
+            }
+        }
+    };
+
+    let step = ui.step("opening the session");
+    let dialer = Arc::new(dialer(&agent, &target, config));
+    let (link, welcome) = match dialer.open().await {
+        Ok(opened) => opened,
         Err(error) => {
-            step.fail(&format!("{error:#}"));
+            step.fail(&error.to_string());
+            agent.stop().await;
             return Ok(TETHER_FAILED);
         }
     };
-    step.done(&format!("ready in {} ms", started.elapsed().as_millis()));
-
-    let step = ui.step("opening the session");
-    let stream = TcpStream::connect(agent.addr).await?;
-    stream.set_nodelay(true)?;
-    let hello = tether_protocol::Hello {
-        token: agent.token.clone(),
-        client: concat!("tether/", env!("CARGO_PKG_VERSION")).into(),
-        ..Default::default()
-    };
-    let (link, welcome) = tether_agent::link::client_handshake(stream, hello).await?;
     step.done(&format!("session {}", welcome.session_id));
 
     let socket = dir.path().join("layer.sock");
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // A bare network namespace has no files of its own (they are this host's): files stay local.
     let target_files = target.starts_with("pid/");
-    let proxy = Proxy::start(link, config, target_files, &socket, events_tx).await?;
+    let proxy = Proxy::start(
+        dialer,
+        link,
+        &welcome,
+        config,
+        target_files,
+        &socket,
+        events_tx,
+    )
+    .await?;
 
     let env = if config.feature.env.enabled || !config.feature.env.overrides.is_empty() {
         let target_env = match proxy.environment().await {
@@ -202,7 +238,15 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
             }
             _ = terminate.recv() => forward(child_pid, nix::sys::signal::Signal::SIGTERM),
             _ = hangup.recv() => forward(child_pid, nix::sys::signal::Signal::SIGHUP),
-            Some(event) = events.recv() => show(event, ui),
+            Some(event) = events.recv() => {
+                if let Event::SessionLost { .. } = event
+                    && config.on_link_lost == OnLinkLost::Stop
+                {
+                    ui.warn("stopping the command (on_link_lost: stop)");
+                    forward(child_pid, nix::sys::signal::Signal::SIGTERM);
+                }
+                show(event, ui);
+            }
         }
     };
     while let Ok(event) = events.try_recv() {
@@ -231,10 +275,91 @@ fn show(event: Event, ui: Ui) {
         Event::StaysLocal { local, reason } => tracing::info!(%local, "stays local: {reason}"),
         Event::Warning(message) => ui.warn(&message),
         Event::Notice(message) => ui.info(&message),
-        Event::LinkClosed => ui.warn(
-            "the link to the agent closed; the command keeps running without the target's traffic",
-        ),
+        Event::LinkLost { reason } => {
+            ui.warn(&format!("link to agent lost ({reason}); reconnecting…"));
+        }
+        Event::Reconnecting {
+            attempt,
+            next,
+            error,
+        } => {
+            // Short outages need no running commentary; long ones show they are being worked on.
+            if next >= Duration::from_secs(1) {
+                ui.info(&format!(
+                    "still reconnecting: attempt {attempt} failed ({error}); next try in {:.1} s",
+                    next.as_secs_f64()
+                ));
+            } else {
+                tracing::info!(attempt, ?next, %error, "reconnect attempt failed");
+            }
+        }
+        Event::LinkResumed { after, attempts } => ui.info(&format!(
+            "resumed after {:.1} s ({attempts} attempt{}); nothing lost",
+            after.as_secs_f64(),
+            if attempts == 1 { "" } else { "s" }
+        )),
+        Event::SessionLost { reason } => ui.warn(&format!(
+            "the session with the agent is over: {reason}; the command runs on without the target"
+        )),
     }
+}
+
+/// How to reach the agent now and after every drop.
+fn dialer(agent: &AgentChild, target: &str, config: &Config) -> Dialer {
+    let addr = agent.addr;
+    let connect: Connect = Arc::new(move || {
+        Box::pin(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream) as Box<dyn Io>)
+        })
+    });
+    let agent_pid = agent.child.as_ref().and_then(tokio::process::Child::id);
+    let target_owned = target.to_owned();
+    let still_there: StillThere = Arc::new(move || {
+        if let Some(pid) = agent_pid
+            && !process_alive(pid)
+        {
+            return Err(format!("the agent (pid {pid}) exited"));
+        }
+        let there = match target_owned.split_once('/') {
+            Some(("netns", name)) => Path::new("/run/netns").join(name).exists(),
+            Some(("pid", pid)) => pid.parse().is_ok_and(process_alive),
+            _ => true,
+        };
+        if there {
+            Ok(())
+        } else {
+            Err(format!("the target {target_owned} is gone"))
+        }
+    });
+    Dialer {
+        connect,
+        token: agent.token.clone(),
+        settings: Settings {
+            keepalive_interval: config.keepalive.interval.get(),
+            keepalive_timeout: config.keepalive.timeout.get(),
+            grace: Some(config.reconnect.grace.get()),
+            buffer: usize::try_from(config.resume.buffer).unwrap_or(usize::MAX),
+        },
+        initial: config.reconnect.initial.get(),
+        max_delay: config.reconnect.max_delay.get(),
+        still_there,
+    }
+}
+
+/// How long one connection attempt to the agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Alive and not a zombie (`/proc/PID/stat`'s state after the command name).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
 }
 
 fn forward(pid: Option<u32>, signal: nix::sys::signal::Signal) {
@@ -280,9 +405,9 @@ fn spawn_command(
         })
 }
 
-/// The agent tether started for this run.
+/// The agent of this run: started by tether, or given with `--agent-addr`.
 struct AgentChild {
-    child: tokio::process::Child,
+    child: Option<tokio::process::Child>,
     addr: std::net::SocketAddr,
     token: String,
 }
@@ -342,20 +467,27 @@ async fn start_agent(target: &str, config: &Config, dir: &Path) -> anyhow::Resul
         .as_str()
         .and_then(|a| a.parse().ok())
         .context("the agent's readiness line has no address")?;
-    Ok(AgentChild { child, addr, token })
+    Ok(AgentChild {
+        child: Some(child),
+        addr,
+        token,
+    })
 }
 
 impl AgentChild {
     /// SIGTERM, then wait (bounded) for the guard to remove the rules and exit.
     async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        if let Some(pid) = child.id() {
             forward(Some(pid), nix::sys::signal::Signal::SIGTERM);
         }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .is_err()
         {
-            let _ = self.child.kill().await;
+            let _ = child.kill().await;
         }
     }
 }

@@ -13,6 +13,7 @@
 //! warning. Not yet: resume after a reconnect.
 
 mod context;
+pub(crate) mod link;
 pub(crate) mod ports;
 
 use std::{
@@ -27,7 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
+use tether_agent::carrier::{Attach, Carrier, Endpoints, LinkState};
 use tether_config::model::IncomingConfig;
 use tether_layer::channel::{Answer, Request as LayerRequest};
 use tether_protocol::{
@@ -58,8 +59,18 @@ pub(crate) enum Event {
     Warning(String),
     /// Something the agent did that the user should know (not a problem).
     Notice(String),
-    /// The link to the agent closed.
-    LinkClosed,
+    /// The link dropped; reconnecting.
+    LinkLost { reason: String },
+    /// A reconnect attempt failed; the next one follows after `next`.
+    Reconnecting {
+        attempt: u32,
+        next: Duration,
+        error: String,
+    },
+    /// The session runs on a new link; nothing was lost.
+    LinkResumed { after: Duration, attempts: u32 },
+    /// The session with the agent is over (it cannot be resumed, or the agent ended it).
+    SessionLost { reason: String },
 }
 
 type AppSender = hyper::client::conn::http1::SendRequest<
@@ -114,6 +125,8 @@ struct Shared {
     /// (`agent.flush_connections`).
     flush_connections: bool,
     out: mpsc::Sender<Body>,
+    /// True while the session has a link.
+    connected: Arc<std::sync::atomic::AtomicBool>,
     next_request: AtomicU64,
     pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     /// By target port.
@@ -132,14 +145,17 @@ struct Shared {
 #[derive(Debug)]
 pub(crate) struct Proxy {
     tasks: JoinSet<()>,
-    writer: tokio::task::JoinHandle<()>,
+    carrier: Carrier,
     shared: Arc<Shared>,
 }
 
 impl Proxy {
-    /// Starts serving the layer on `socket` over the already authenticated `link`.
+    /// Starts serving the layer on `socket` over the session just opened on `link`; when the
+    /// link drops, `dialer` reconnects and the session resumes.
     pub(crate) async fn start(
-        link: tether_agent::link::FramedLink<TcpStream>,
+        dialer: Arc<link::Dialer>,
+        link: tether_agent::carrier::Link,
+        welcome: &tether_protocol::Welcome,
         config: &tether_config::Config,
         target_files: bool,
         socket: &Path,
@@ -151,8 +167,15 @@ impl Proxy {
         let outgoing_v6 = tokio::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
             .await
             .ok();
-        let (sink, mut frames) = link.split();
-        let (out, out_rx) = mpsc::channel::<Body>(1024);
+        let (carrier, endpoints) = Carrier::spawn(
+            dialer.settings,
+            Attach {
+                link,
+                peer_received: 0,
+                welcome: None,
+            },
+        );
+        let Endpoints { out, mut incoming } = endpoints;
         let shared = Arc::new(Shared {
             incoming: config.feature.network.incoming.clone(),
             policy: context::policy_spec(config, target_files),
@@ -163,6 +186,7 @@ impl Proxy {
             steal_probes: config.probes.steal,
             flush_connections: config.agent.flush_connections,
             out,
+            connected: carrier.connected(),
             next_request: AtomicU64::new(1),
             pending: Mutex::default(),
             listeners: Mutex::default(),
@@ -173,15 +197,29 @@ impl Proxy {
             events,
         });
         let mut tasks = JoinSet::new();
-        // The proxy does not track the agent's sequence numbers yet (resume comes later): ack 0.
-        let writer = tether_agent::link::spawn_writer(sink, out_rx, Arc::default());
         let reader = Arc::clone(&shared);
+        let mut status = carrier.status();
         tasks.spawn(async move {
-            while let Some(Ok(frame)) = frames.next().await {
+            while let Some(frame) = incoming.recv().await {
                 reader.on_frame(frame);
             }
-            let _ = reader.events.send(Event::LinkClosed);
+            let reason = match &status.borrow_and_update().state {
+                LinkState::Ended { reason } => reason.clone(),
+                _ => "the link closed".to_owned(),
+            };
+            let _ = reader.events.send(Event::SessionLost { reason });
         });
+        if dialer.settings.grace.is_some() {
+            let received = carrier.received_counter();
+            tasks.spawn(link::reconnect_forever(
+                Arc::clone(&dialer),
+                welcome.session_id.clone(),
+                carrier.control(),
+                carrier.status(),
+                move || received.load(Ordering::Acquire),
+                shared.events.clone(),
+            ));
+        }
         let server = Arc::clone(&shared);
         tasks.spawn(async move {
             while let Ok((stream, _)) = layer_listener.accept().await {
@@ -193,7 +231,7 @@ impl Proxy {
         }
         Ok(Proxy {
             tasks,
-            writer,
+            carrier,
             shared,
         })
     }
@@ -218,16 +256,12 @@ impl Proxy {
         let goodbye = Body::Goodbye(tether_protocol::Goodbye {
             reason: "the command exited".into(),
         });
-        let _ = self.shared.out.send(goodbye).await;
-        // Let the writer flush the goodbye (bounded).
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while self.shared.out.capacity() < self.shared.out.max_capacity() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
         self.tasks.abort_all();
-        self.writer.abort();
+        if self.shared.connected.load(Ordering::Acquire) {
+            let _ = self.shared.out.send(goodbye).await;
+        }
+        // Writes what is queued (the goodbye last) on the current link, bounded.
+        self.carrier.close().await;
     }
 }
 
@@ -276,11 +310,6 @@ impl Shared {
                 let mirror = head.mode() == SubscriptionMode::Mirror;
                 let (rx, queued) = self.open_stream(head.stream_id, mirror);
                 tokio::spawn(Arc::clone(self).deliver_http(head, rx, mirror.then_some(queued)));
-            }
-            Some(Body::Ping(ping)) => {
-                let _ = self
-                    .out
-                    .try_send(Body::Pong(tether_protocol::Pong { nonce: ping.nonce }));
             }
             Some(Body::Log(log)) if log.level() >= LogLevel::Warn => {
                 let _ = self
@@ -351,13 +380,25 @@ impl Shared {
             .send(Body::Request(Request { id, op: Some(op) }))
             .await
             .map_err(|_| lost())?;
-        let response = tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .map_err(|_| ErrorInfo {
-                message: "the agent did not answer within 30 s".into(),
-                ..Default::default()
-            })?
-            .map_err(|_| lost())?;
+        // 30 s of link time: while the link is down the request waits for the resume.
+        let mut rx = std::pin::pin!(rx);
+        let mut waited = Duration::ZERO;
+        let response = loop {
+            const STEP: Duration = Duration::from_secs(1);
+            match tokio::time::timeout(STEP, &mut rx).await {
+                Ok(answer) => break answer.map_err(|_| lost())?,
+                Err(_) if self.connected.load(Ordering::Acquire) => {
+                    waited += STEP;
+                    if waited >= Duration::from_secs(30) {
+                        return Err(ErrorInfo {
+                            message: "the agent did not answer within 30 s".into(),
+                            ..Default::default()
+                        });
+                    }
+                }
+                Err(_) => {}
+            }
+        };
         match response.result {
             Some(response::Result::Error(error)) => Err(error),
             Some(result) => Ok(result),

@@ -34,16 +34,27 @@ impl Exec {
         env: &[(&str, &str)],
         command: &[&str],
     ) -> Exec {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
-            .args(command)
-            .env("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode)
-            .env(
+        let mut all_env = vec![
+            ("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode.to_owned()),
+            (
                 "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
                 format!("[[{local_port}, 80]]"),
-            )
+            ),
+        ];
+        all_env.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let target = format!("netns/{}", pod.netns);
+        Exec::spawn(&["--target", &target], &all_env, command)
+    }
+
+    /// `tether exec ARGS -- COMMAND` with `env` (and nothing of the caller's TETHER_CONFIG).
+    pub(crate) fn spawn(args: &[&str], env: &[(&str, String)], command: &[&str]) -> Exec {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("exec")
+            .args(args)
+            .arg("--")
+            .args(command)
             .env_remove("TETHER_CONFIG")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -65,13 +76,18 @@ impl Exec {
 
     /// Waits (at most 20 s) for a stderr line containing `needle`: tether's readiness signals.
     pub(crate) fn wait_for(&mut self, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_for_within(needle, Duration::from_secs(20));
+    }
+
+    /// Waits (at most `limit`) for a stderr line containing `needle`.
+    pub(crate) fn wait_for_within(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
         while !self.seen.iter().any(|l| l.contains(needle)) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => self.seen.push(line),
                 Err(_) => panic!(
-                    "no line with {needle:?} in 20 s; tether said:\n{}",
+                    "no line with {needle:?} in {limit:?}; tether said:\n{}",
                     self.seen.join("\n")
                 ),
             }
@@ -84,6 +100,38 @@ impl Exec {
             self.seen.push(line);
         }
         self.seen.join("\n")
+    }
+
+    /// True while tether runs.
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits (at most `limit`) for tether to exit on its own; its exit code.
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status.code();
+            }
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => assert!(
+                    Instant::now() < deadline,
+                    "tether did not exit within {limit:?}; it said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Lines said so far that contain `needle`.
+    pub(crate) fn count(&mut self, needle: &str) -> usize {
+        self.seen_lines();
+        self.seen.iter().filter(|l| l.contains(needle)).count()
     }
 
     /// SIGINT to tether alone (as a supervisor would send it), then its exit code (bounded).

@@ -195,3 +195,20 @@ fn an_unknown_extension_or_missing_file_is_a_clear_error() {
         "{err:?}"
     );
 }
+
+#[test]
+fn every_variant_of_a_documented_enum_is_accepted_and_a_wrong_one_lists_them() {
+    // schemars writes an enum whose variants carry docs as one `const` branch per variant.
+    for good in ["keep", "stop"] {
+        let text = format!("{{\"on_link_lost\": \"{good}\"}}");
+        let config = crate::load("c.json", &text).expect("valid").config;
+        assert_eq!(format!("{:?}", config.on_link_lost).to_lowercase(), good);
+    }
+    let found = problems("c.json", "{\"on_link_lost\": \"restart\"}");
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].message.contains("keep") && found[0].message.contains("stop"),
+        "{}",
+        found[0].message
+    );
+}

@@ -2,7 +2,7 @@
 //! agent. Change the expected bytes only together with a protocol major version bump.
 
 use bytes::Bytes;
-use tether_protocol::{Body, Frame, Hello, Preface, StreamData};
+use tether_protocol::{Body, Frame, Hello, LinkOptions, Preface, Resume, StreamData};
 
 use crate::{decode_one, encode};
 
@@ -43,6 +43,7 @@ fn hello_frame_bytes() {
             client: "c".into(),
             resume: None,
             capabilities: vec!["resume".into()],
+            link: None,
         })),
     };
     let expected: &[u8] = &[
@@ -51,6 +52,40 @@ fn hello_frame_bytes() {
         0x0a, 0x03, b't', b'0', b'k', // token
         0x12, 0x01, b'c', // client
         0x22, 0x06, b'r', b'e', b's', b'u', b'm', b'e', // capabilities[0]
+    ];
+    assert_eq!(&encode(&frame)[..], expected);
+    assert_eq!(decode_one(expected.into()), frame);
+}
+
+#[test]
+fn hello_with_link_options_bytes() {
+    let frame = Frame {
+        seq: 0,
+        ack: 0,
+        body: Some(Body::Hello(Hello {
+            token: "t".into(),
+            client: String::new(),
+            resume: Some(Resume {
+                session_id: "s".into(),
+                received: 7,
+            }),
+            capabilities: Vec::new(),
+            link: Some(LinkOptions {
+                keepalive_interval_ms: 5000,
+                keepalive_timeout_ms: 0,
+                grace_ms: 600_000,
+                buffer_bytes: 0,
+            }),
+        })),
+    };
+    let expected: &[u8] = &[
+        0, 0, 0, 21, // payload length
+        0x52, 0x13, // field 10 (hello), 19 bytes
+        0x0a, 0x01, b't', // token
+        0x1a, 0x05, 0x0a, 0x01, b's', 0x10, 0x07, // resume { session_id, received }
+        0x2a, 0x07, // link, 7 bytes
+        0x08, 0x88, 0x27, // keepalive_interval_ms 5000
+        0x18, 0xc0, 0xcf, 0x24, // grace_ms 600000
     ];
     assert_eq!(&encode(&frame)[..], expected);
     assert_eq!(decode_one(expected.into()), frame);

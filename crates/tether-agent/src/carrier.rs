@@ -1,0 +1,911 @@
+//! A session's frames over successive links, so a dropped link is a non-event.
+//!
+//! The [`Carrier`] sits between a session (the agent's or the local proxy's) and whatever link
+//! currently carries it. The session sends [`Body`]s and receives [`Frame`]s as if the link never
+//! broke; the carrier
+//!
+//! - numbers the session's frames (`seq`, from 1) and keeps each one until the peer acknowledges
+//!   it ([`Replay`], bounded by [`Settings::buffer`]: when full, the session waits);
+//! - acknowledges the peer's frames in every frame it writes (and with an `Ack` frame every
+//!   [`ACK_EVERY`] frames when it has nothing else to say), delivers them in order, once, and
+//!   drops duplicates by `seq`;
+//! - pings every [`Settings::keepalive_interval`] and declares the link dead when nothing at all
+//!   arrived for [`Settings::keepalive_timeout`] (a half-dead link looks exactly like that);
+//! - on a new link ([`Attach`]), resends every kept frame the peer did not receive, in order,
+//!   before anything new;
+//! - gives up after [`Settings::grace`] without a link (or at once when there is no grace: a
+//!   session without resume ends with its link). Then `incoming` closes and the session ends.
+//!
+//! Finding a new link is not its business: the local proxy reconnects (`proxy::link`), the
+//! agent's accept loop hands over links whose hello resumes this session.
+//!
+//! Tasks: one driver owns the session's queue and the replay buffer; each link gets a reader and
+//! a writer task, so neither side can deadlock by writing into a full socket while not reading.
+//! A reader marks a frame received only after the session took it: a link that dies in between
+//! leaves the frame unacknowledged and the peer sends it again.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tether_protocol::{Ack, Body, Frame, LinkOptions, Ping, Pong, Welcome};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{Notify, mpsc, oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use crate::link::FramedLink;
+
+/// Anything a link can run over: TCP, a Kubernetes port-forward stream, a test's cutting proxy.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// A link after its preface, over any [`Io`].
+pub type Link = FramedLink<Box<dyn Io>>;
+
+/// A reader that received this many frames without writing any acknowledges them with an
+/// `Ack` frame, so a peer that only sends can free its replay buffer.
+pub const ACK_EVERY: u64 = 32;
+
+/// Frames written at most before a flush.
+const WRITE_BATCH: usize = 64;
+
+/// How a session lives through link trouble. Both sides use the client's settings (sent in
+/// [`Hello::link`](tether_protocol::Hello::link)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// How long the session waits for a new link; `None`: it ends with its link (no resume).
+    pub grace: Option<Duration>,
+    /// Bytes of unacknowledged frames kept for replay, at most.
+    pub buffer: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_timeout: Duration::from_secs(15),
+            grace: None,
+            buffer: 64 << 20,
+        }
+    }
+}
+
+impl Settings {
+    /// The settings a client asked for; zero fields take the defaults, and a hello without
+    /// link options gets a session that ends with its link.
+    pub fn from_options(options: Option<&LinkOptions>) -> Settings {
+        let default = Settings::default();
+        let Some(options) = options else {
+            return default;
+        };
+        let millis = |ms: u64, default: Duration| {
+            if ms == 0 {
+                default
+            } else {
+                Duration::from_millis(ms)
+            }
+        };
+        Settings {
+            keepalive_interval: millis(options.keepalive_interval_ms, default.keepalive_interval),
+            keepalive_timeout: millis(options.keepalive_timeout_ms, default.keepalive_timeout),
+            grace: (options.grace_ms > 0).then(|| Duration::from_millis(options.grace_ms)),
+            buffer: if options.buffer_bytes == 0 {
+                default.buffer
+            } else {
+                usize::try_from(options.buffer_bytes).unwrap_or(usize::MAX)
+            },
+        }
+    }
+
+    pub fn to_options(self) -> LinkOptions {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        LinkOptions {
+            keepalive_interval_ms: ms(self.keepalive_interval),
+            keepalive_timeout_ms: ms(self.keepalive_timeout),
+            grace_ms: self.grace.map_or(0, ms),
+            buffer_bytes: self.buffer as u64,
+        }
+    }
+}
+
+/// A new link for the session.
+pub struct Attach {
+    pub link: Link,
+    /// The highest `seq` of ours the peer received (from its `Hello::resume` or `Welcome`).
+    pub peer_received: u64,
+    /// Agent side: the welcome to send first; the carrier fills in what it received.
+    pub welcome: Option<Welcome>,
+}
+
+impl std::fmt::Debug for Attach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attach")
+            .field("peer_received", &self.peer_received)
+            .field("welcome", &self.welcome)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    Up,
+    /// No link since `since`; the session waits (within its grace).
+    Down {
+        since: Instant,
+        reason: String,
+    },
+    /// The session is over: the grace expired, the link ended without resume, or it was closed.
+    Ended {
+        reason: String,
+    },
+}
+
+/// What `tether status` shows about the link.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: LinkState,
+    /// The last ping's round trip.
+    pub rtt: Option<Duration>,
+    /// Links the session ran over (1 + reconnects).
+    pub links: u64,
+    /// Frames kept for replay, and their size.
+    pub buffered_frames: usize,
+    pub buffered_bytes: usize,
+}
+
+/// The session's side of a carrier.
+/// Hands a carrier new links, or ends its session; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Control {
+    tx: mpsc::Sender<Command>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Attach(Attach),
+    End(String),
+}
+
+impl Control {
+    /// Gives the session a new link. `Err` gives the link back when the session is over.
+    pub async fn attach(&self, attach: Attach) -> Result<(), Attach> {
+        self.tx
+            .send(Command::Attach(attach))
+            .await
+            .map_err(|mpsc::error::SendError(command)| match command {
+                Command::Attach(attach) => attach,
+                Command::End(_) => unreachable!("an attach was sent"),
+            })
+    }
+
+    /// Ends the session now (e.g. the peer says it no longer exists).
+    pub async fn end(&self, reason: String) {
+        let _ = self.tx.send(Command::End(reason)).await;
+    }
+}
+
+#[derive(Debug)]
+pub struct Carrier {
+    control: Control,
+    status: watch::Receiver<Status>,
+    received: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
+    close: Option<oneshot::Sender<()>>,
+    driver: Option<JoinHandle<()>>,
+}
+
+/// Where the session sends and receives.
+#[derive(Debug)]
+pub struct Endpoints {
+    /// The session's frames to the peer (link-local kinds go out on the current link only).
+    pub out: mpsc::Sender<Body>,
+    /// The peer's session frames, in order, each once. Closes when the session is over.
+    pub incoming: mpsc::Receiver<Frame>,
+}
+
+impl Carrier {
+    /// Starts carrying a session over its first link.
+    pub fn spawn(settings: Settings, first: Attach) -> (Carrier, Endpoints) {
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        let (in_tx, in_rx) = mpsc::channel(1024);
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let (close_tx, close_rx) = oneshot::channel();
+        // Up from the start: the first link is attached before anything else happens.
+        let (status_tx, status_rx) = watch::channel(Status {
+            state: LinkState::Up,
+            rtt: None,
+            links: 0,
+            buffered_frames: 0,
+            buffered_bytes: 0,
+        });
+        let received = Arc::new(AtomicU64::new(0));
+        let connected = Arc::new(AtomicBool::new(false));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            settings,
+            out_rx,
+            in_tx,
+            control_rx,
+            close_rx,
+            replay: Arc::new(Mutex::new(Replay::default())),
+            space: Arc::new(Notify::new()),
+            received: Arc::clone(&received),
+            connected: Arc::clone(&connected),
+            status: status_tx,
+            link: None,
+            generation: 0,
+            events_tx,
+            events_rx,
+            epoch: Instant::now(),
+            rtt: None,
+            links: 0,
+            last_ping: Instant::now(),
+        };
+        let driver = tokio::spawn(driver.run(first));
+        (
+            Carrier {
+                control: Control { tx: control_tx },
+                status: status_rx,
+                received,
+                connected,
+                close: Some(close_tx),
+                driver: Some(driver),
+            },
+            Endpoints {
+                out: out_tx,
+                incoming: in_rx,
+            },
+        )
+    }
+
+    /// Where new links for this session go.
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// The highest `seq` received from the peer in order (what a resuming hello announces).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// The counter behind [`Carrier::received`], for a task that outlives this borrow.
+    pub fn received_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.received)
+    }
+
+    /// True while a link is up; shared, so hot paths can check it without a lock.
+    pub fn connected(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.connected)
+    }
+
+    /// Writes what the session queued so far on the current link (bounded wait), then ends.
+    pub async fn close(&mut self) {
+        if let Some(close) = self.close.take() {
+            let _ = close.send(());
+        }
+        if let Some(driver) = self.driver.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+        }
+    }
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        if let Some(driver) = &self.driver {
+            driver.abort();
+        }
+    }
+}
+
+/// Frames sent and not yet acknowledged, oldest first.
+#[derive(Debug, Default)]
+pub struct Replay {
+    frames: VecDeque<(u64, Body, usize)>,
+    bytes: usize,
+    /// The last `seq` handed out.
+    last: u64,
+    /// The highest `seq` the peer acknowledged.
+    acked: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "the peer asks to resume after frame {asked}, but frames up to {acked} were acknowledged and dropped"
+    )]
+    AlreadyDropped { asked: u64, acked: u64 },
+    #[error("the peer claims frame {asked}, but only {last} were sent")]
+    NeverSent { asked: u64, last: u64 },
+}
+
+impl Replay {
+    /// Numbers `body` and, when `keep`, keeps it for replay. Returns its `seq`.
+    pub fn push(&mut self, body: &Body, keep: bool) -> u64 {
+        self.last += 1;
+        if keep {
+            let size = body_size(body);
+            self.bytes += size;
+            self.frames.push_back((self.last, body.clone(), size));
+        }
+        self.last
+    }
+
+    /// Drops what the peer acknowledged. True when anything was dropped.
+    pub fn ack(&mut self, upto: u64) -> bool {
+        let upto = upto.min(self.last);
+        if upto <= self.acked {
+            return false;
+        }
+        self.acked = upto;
+        let mut dropped = false;
+        while let Some((seq, _, size)) = self.frames.front() {
+            if *seq > upto {
+                break;
+            }
+            self.bytes -= size;
+            self.frames.pop_front();
+            dropped = true;
+        }
+        dropped
+    }
+
+    /// The kept frames after `received` (what the peer lacks), in order.
+    pub fn after(&mut self, received: u64) -> Result<Vec<Frame>, ReplayError> {
+        if received > self.last {
+            return Err(ReplayError::NeverSent {
+                asked: received,
+                last: self.last,
+            });
+        }
+        if received < self.acked {
+            return Err(ReplayError::AlreadyDropped {
+                asked: received,
+                acked: self.acked,
+            });
+        }
+        self.ack(received);
+        Ok(self
+            .frames
+            .iter()
+            .map(|(seq, body, _)| Frame {
+                seq: *seq,
+                ack: 0,
+                body: Some(body.clone()),
+            })
+            .collect())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+/// What a kept frame costs: its encoded size plus bookkeeping.
+fn body_size(body: &Body) -> usize {
+    body.encoded_len() + 32
+}
+
+enum LinkEvent {
+    Dead(String),
+    Pong(u64),
+}
+
+/// The current link's tasks.
+struct LinkTasks {
+    writer_tx: mpsc::UnboundedSender<Frame>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    /// When the last frame arrived, in milliseconds since the driver's epoch.
+    last_rx: Arc<AtomicU64>,
+}
+
+impl LinkTasks {
+    /// Stops both tasks and waits until they are gone (so nothing of this link reaches the
+    /// session after this returns).
+    async fn stop(self) {
+        self.reader.abort();
+        self.writer.abort();
+        let _ = self.reader.await;
+        let _ = self.writer.await;
+    }
+
+    /// Closes the link after writing what is queued (bounded).
+    async fn finish(self) {
+        drop(self.writer_tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.writer).await;
+        self.reader.abort();
+    }
+}
+
+struct Driver {
+    settings: Settings,
+    out_rx: mpsc::Receiver<Body>,
+    in_tx: mpsc::Sender<Frame>,
+    control_rx: mpsc::Receiver<Command>,
+    close_rx: oneshot::Receiver<()>,
+    replay: Arc<Mutex<Replay>>,
+    /// Signalled when acknowledgements free replay space.
+    space: Arc<Notify>,
+    received: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
+    status: watch::Sender<Status>,
+    link: Option<LinkTasks>,
+    generation: u64,
+    events_tx: mpsc::UnboundedSender<(u64, LinkEvent)>,
+    events_rx: mpsc::UnboundedReceiver<(u64, LinkEvent)>,
+    epoch: Instant,
+    rtt: Option<Duration>,
+    links: u64,
+    last_ping: Instant,
+}
+
+impl Driver {
+    async fn run(mut self, first: Attach) {
+        self.attach(first).await;
+        let tick_every = self
+            .settings
+            .keepalive_interval
+            .min(self.settings.keepalive_timeout / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let LinkState::Ended { .. } = self.status.borrow().state {
+                break;
+            }
+            let full = self.replay.lock().expect("replay lock").bytes() >= self.settings.buffer;
+            tokio::select! {
+                biased;
+                _ = &mut self.close_rx => {
+                    self.close("closed by this side").await;
+                    break;
+                }
+                Some(command) = self.control_rx.recv() => match command {
+                    Command::Attach(attach) => self.attach(attach).await,
+                    Command::End(reason) => {
+                        if let Some(link) = self.link.take() {
+                            link.stop().await;
+                        }
+                        self.end(reason);
+                    }
+                },
+                Some((generation, event)) = self.events_rx.recv() => {
+                    if generation == self.generation {
+                        match event {
+                            LinkEvent::Dead(reason) => self.down(reason).await,
+                            LinkEvent::Pong(nonce) => {
+                                let sent = Duration::from_micros(nonce);
+                                self.rtt = self.epoch.elapsed().checked_sub(sent);
+                            }
+                        }
+                    }
+                }
+                body = self.out_rx.recv(), if !full => match body {
+                    Some(body) => self.send(body),
+                    None => {
+                        self.close("the session ended").await;
+                        break;
+                    }
+                },
+                () = self.space.notified(), if full => {}
+                _ = tick.tick() => self.keepalive().await,
+            }
+            self.publish();
+        }
+        self.connected.store(false, Ordering::Release);
+    }
+
+    fn send(&mut self, body: Body) {
+        let seq = if body.is_link_local() {
+            0
+        } else {
+            self.replay
+                .lock()
+                .expect("replay lock")
+                .push(&body, self.settings.grace.is_some())
+        };
+        if let Some(link) = &self.link {
+            let _ = link.writer_tx.send(Frame {
+                seq,
+                ack: 0,
+                body: Some(body),
+            });
+        }
+    }
+
+    async fn attach(&mut self, attach: Attach) {
+        if let Some(old) = self.link.take() {
+            old.stop().await;
+        }
+        let Attach {
+            link,
+            peer_received,
+            welcome,
+        } = attach;
+        let (mut sink, stream) = link.split();
+        if let Some(mut welcome) = welcome {
+            welcome.received = self.received.load(Ordering::Acquire);
+            let sent = tokio::time::timeout(
+                self.settings.keepalive_timeout,
+                sink.send(Frame {
+                    seq: 0,
+                    ack: 0,
+                    body: Some(Body::Welcome(welcome)),
+                }),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                self.down("the new link failed during the welcome".into())
+                    .await;
+                return;
+            }
+        }
+        let backlog = self
+            .replay
+            .lock()
+            .expect("replay lock")
+            .after(peer_received);
+        let backlog = match backlog {
+            Ok(backlog) => backlog,
+            Err(error) => {
+                self.end(format!("cannot resume the session: {error}"));
+                return;
+            }
+        };
+        self.generation += 1;
+        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+        for frame in backlog {
+            let _ = writer_tx.send(frame);
+        }
+        let last_rx = Arc::new(AtomicU64::new(self.now_ms()));
+        let writer = tokio::spawn(write_loop(
+            sink,
+            writer_rx,
+            Arc::clone(&self.received),
+            self.events_tx.clone(),
+            self.generation,
+        ));
+        let reader = tokio::spawn(
+            Reader {
+                in_tx: self.in_tx.clone(),
+                received: Arc::clone(&self.received),
+                replay: Arc::clone(&self.replay),
+                space: Arc::clone(&self.space),
+                writer_tx: writer_tx.clone(),
+                events: self.events_tx.clone(),
+                generation: self.generation,
+                last_rx: Arc::clone(&last_rx),
+                epoch: self.epoch,
+            }
+            .run(stream),
+        );
+        self.link = Some(LinkTasks {
+            writer_tx,
+            reader,
+            writer,
+            last_rx,
+        });
+        self.links += 1;
+        self.connected.store(true, Ordering::Release);
+        self.status.send_modify(|s| s.state = LinkState::Up);
+        self.ping();
+    }
+
+    async fn down(&mut self, reason: String) {
+        if let Some(link) = self.link.take() {
+            link.stop().await;
+        }
+        self.connected.store(false, Ordering::Release);
+        if self.settings.grace.is_none() {
+            self.end(format!("the link ended ({reason})"));
+            return;
+        }
+        tracing::debug!(%reason, "link down; waiting for a new one");
+        self.status.send_modify(|s| {
+            s.state = LinkState::Down {
+                since: Instant::now(),
+                reason,
+            }
+        });
+    }
+
+    fn end(&mut self, reason: String) {
+        self.connected.store(false, Ordering::Release);
+        self.status
+            .send_modify(|s| s.state = LinkState::Ended { reason });
+    }
+
+    /// Sends what the session queued, closes the link, ends.
+    async fn close(&mut self, reason: &str) {
+        while let Ok(body) = self.out_rx.try_recv() {
+            self.send(body);
+        }
+        if let Some(link) = self.link.take() {
+            link.finish().await;
+        }
+        self.end(reason.to_owned());
+    }
+
+    async fn keepalive(&mut self) {
+        let state = self.status.borrow().state.clone();
+        match state {
+            LinkState::Up => {
+                let Some(link) = &self.link else { return };
+                let silent = self
+                    .now_ms()
+                    .saturating_sub(link.last_rx.load(Ordering::Relaxed));
+                if silent > self.settings.keepalive_timeout.as_millis() as u64 {
+                    let reason = format!(
+                        "nothing arrived for {:.1} s",
+                        Duration::from_millis(silent).as_secs_f64()
+                    );
+                    self.down(reason).await;
+                } else if self.last_ping.elapsed() >= self.settings.keepalive_interval {
+                    self.ping();
+                }
+            }
+            LinkState::Down { since, .. } => {
+                if let Some(grace) = self.settings.grace
+                    && since.elapsed() >= grace
+                {
+                    self.end(format!(
+                        "no link for {} s (the reconnect grace)",
+                        grace.as_secs()
+                    ));
+                }
+            }
+            LinkState::Ended { .. } => {}
+        }
+    }
+
+    fn ping(&mut self) {
+        self.last_ping = Instant::now();
+        let nonce = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.send(Body::Ping(Ping { nonce }));
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn publish(&self) {
+        let (frames, bytes) = {
+            let replay = self.replay.lock().expect("replay lock");
+            (replay.len(), replay.bytes())
+        };
+        self.status.send_if_modified(|s| {
+            let changed = s.rtt != self.rtt
+                || s.links != self.links
+                || s.buffered_frames != frames
+                || s.buffered_bytes != bytes;
+            s.rtt = self.rtt;
+            s.links = self.links;
+            s.buffered_frames = frames;
+            s.buffered_bytes = bytes;
+            changed
+        });
+    }
+}
+
+/// Writes frames as they come, acknowledging in each what was received; a burst goes out in one
+/// flush. Closing the queue closes the link cleanly.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<Link, Frame>,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+    received: Arc<AtomicU64>,
+    events: mpsc::UnboundedSender<(u64, LinkEvent)>,
+    generation: u64,
+) {
+    let with_ack = |mut frame: Frame| {
+        frame.ack = received.load(Ordering::Acquire);
+        frame
+    };
+    let failed = |error: std::io::Error| {
+        let _ = events.send((
+            generation,
+            LinkEvent::Dead(format!("write failed: {error}")),
+        ));
+    };
+    while let Some(frame) = frames.recv().await {
+        if let Err(e) = sink.feed(with_ack(frame)).await {
+            return failed(e);
+        }
+        for _ in 1..WRITE_BATCH {
+            let Ok(frame) = frames.try_recv() else { break };
+            if let Err(e) = sink.feed(with_ack(frame)).await {
+                return failed(e);
+            }
+        }
+        if let Err(e) = sink.flush().await {
+            return failed(e);
+        }
+    }
+    let _ = sink.close().await;
+}
+
+struct Reader {
+    in_tx: mpsc::Sender<Frame>,
+    received: Arc<AtomicU64>,
+    replay: Arc<Mutex<Replay>>,
+    space: Arc<Notify>,
+    writer_tx: mpsc::UnboundedSender<Frame>,
+    events: mpsc::UnboundedSender<(u64, LinkEvent)>,
+    generation: u64,
+    last_rx: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl Reader {
+    async fn run(self, mut stream: futures_util::stream::SplitStream<Link>) {
+        let reason = self.read(&mut stream).await;
+        let _ = self.events.send((self.generation, LinkEvent::Dead(reason)));
+    }
+
+    /// Reads until the link fails; returns why.
+    async fn read(&self, stream: &mut futures_util::stream::SplitStream<Link>) -> String {
+        let mut unacked = 0u64;
+        loop {
+            let frame = match stream.next().await {
+                None => return "the peer closed the link".into(),
+                Some(Err(error)) => return format!("read failed: {error}"),
+                Some(Ok(frame)) => frame,
+            };
+            let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last_rx.store(now, Ordering::Relaxed);
+            if frame.ack > 0 && self.replay.lock().expect("replay lock").ack(frame.ack) {
+                self.space.notify_one();
+            }
+            match &frame.body {
+                Some(Body::Ping(ping)) => {
+                    let pong = Body::Pong(Pong { nonce: ping.nonce });
+                    let _ = self.writer_tx.send(Frame {
+                        seq: 0,
+                        ack: 0,
+                        body: Some(pong),
+                    });
+                    continue;
+                }
+                Some(Body::Pong(pong)) => {
+                    let _ = self
+                        .events
+                        .send((self.generation, LinkEvent::Pong(pong.nonce)));
+                    continue;
+                }
+                Some(body) if body.is_link_local() => continue,
+                _ => {}
+            }
+            let received = self.received.load(Ordering::Acquire);
+            if frame.seq == 0 {
+                return "the peer sent a session frame without a sequence number".into();
+            }
+            if frame.seq <= received {
+                // Sent again after a reconnect, but it had arrived: drop the duplicate.
+                continue;
+            }
+            if frame.seq != received + 1 {
+                return format!(
+                    "frame {} arrived after frame {received}: frames were lost",
+                    frame.seq
+                );
+            }
+            let seq = frame.seq;
+            if self.in_tx.send(frame).await.is_err() {
+                return "the session ended".into();
+            }
+            self.received.store(seq, Ordering::Release);
+            unacked += 1;
+            if unacked >= ACK_EVERY {
+                unacked = 0;
+                let _ = self.writer_tx.send(Frame {
+                    seq: 0,
+                    ack: 0,
+                    body: Some(Body::Ack(Ack {})),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_protocol::{StreamData, WindowUpdate};
+
+    use super::*;
+
+    fn data(n: u8) -> Body {
+        Body::StreamData(StreamData {
+            stream_id: 1,
+            data: bytes::Bytes::from(vec![n; 100]),
+        })
+    }
+
+    #[test]
+    fn replay_keeps_what_the_peer_did_not_acknowledge() {
+        let mut replay = Replay::default();
+        for n in 1..=5 {
+            assert_eq!(replay.push(&data(n), true), u64::from(n));
+        }
+        assert!(replay.ack(2));
+        assert!(!replay.ack(2), "an old ack frees nothing");
+        let again = replay.after(3).unwrap();
+        assert_eq!(
+            again.iter().map(|f| f.seq).collect::<Vec<_>>(),
+            vec![4, 5],
+            "only what the peer lacks, in order"
+        );
+        assert_eq!(replay.len(), 2);
+        assert!(replay.ack(5));
+        assert_eq!((replay.len(), replay.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn replay_refuses_a_resume_it_cannot_serve() {
+        let mut replay = Replay::default();
+        replay.push(&data(1), true);
+        replay.push(&data(2), true);
+        replay.ack(2);
+        assert_eq!(
+            replay.after(1),
+            Err(ReplayError::AlreadyDropped { asked: 1, acked: 2 })
+        );
+        assert_eq!(
+            replay.after(7),
+            Err(ReplayError::NeverSent { asked: 7, last: 2 })
+        );
+    }
+
+    #[test]
+    fn replay_counts_bytes_and_ignores_acks_beyond_what_was_sent() {
+        let mut replay = Replay::default();
+        let update = Body::WindowUpdate(WindowUpdate {
+            stream_id: 3,
+            increment: 10,
+        });
+        replay.push(&update, true);
+        replay.push(&data(9), false);
+        assert_eq!(replay.len(), 1, "a frame not kept is numbered only");
+        assert!(replay.bytes() > 0);
+        assert!(replay.ack(100));
+        assert_eq!(replay.after(2).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn settings_round_trip_through_the_hello() {
+        let settings = Settings {
+            keepalive_interval: Duration::from_millis(250),
+            keepalive_timeout: Duration::from_secs(2),
+            grace: Some(Duration::from_secs(30)),
+            buffer: 1 << 20,
+        };
+        assert_eq!(
+            Settings::from_options(Some(&settings.to_options())),
+            settings
+        );
+        assert_eq!(Settings::from_options(None).grace, None);
+        let zeros = LinkOptions::default();
+        assert_eq!(Settings::from_options(Some(&zeros)), Settings::default());
+    }
+}
