@@ -175,6 +175,7 @@ pub struct Control {
 enum Command {
     Attach(Attach),
     End(String),
+    Ping(oneshot::Sender<Duration>),
 }
 
 impl Control {
@@ -185,13 +186,21 @@ impl Control {
             .await
             .map_err(|mpsc::error::SendError(command)| match command {
                 Command::Attach(attach) => attach,
-                Command::End(_) => unreachable!("an attach was sent"),
+                _ => unreachable!("an attach was sent"),
             })
     }
 
     /// Ends the session now (e.g. the peer says it no longer exists).
     pub async fn end(&self, reason: String) {
         let _ = self.tx.send(Command::End(reason)).await;
+    }
+
+    /// Pings the peer now; the round trip, or `None` without a link or an answer within
+    /// `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Option<Duration> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Command::Ping(tx)).await.ok()?;
+        tokio::time::timeout(timeout, rx).await.ok()?.ok()
     }
 }
 
@@ -251,6 +260,7 @@ impl Carrier {
             rtt: None,
             links: 0,
             last_ping: Instant::now(),
+            ping_waiters: Vec::new(),
         };
         let driver = tokio::spawn(driver.run(first));
         (
@@ -460,6 +470,8 @@ struct Driver {
     rtt: Option<Duration>,
     links: u64,
     last_ping: Instant,
+    /// Explicit pings (`Control::ping`) waiting for their pong, by nonce.
+    ping_waiters: Vec<(u64, oneshot::Sender<Duration>)>,
 }
 
 impl Driver {
@@ -491,6 +503,12 @@ impl Driver {
                         }
                         self.end(reason);
                     }
+                    Command::Ping(reply) => {
+                        if self.link.is_some() {
+                            let nonce = self.ping();
+                            self.ping_waiters.push((nonce, reply));
+                        }
+                    }
                 },
                 Some((generation, event)) = self.events_rx.recv() => {
                     if generation == self.generation {
@@ -499,6 +517,11 @@ impl Driver {
                             LinkEvent::Pong(nonce) => {
                                 let sent = Duration::from_micros(nonce);
                                 self.rtt = self.epoch.elapsed().checked_sub(sent);
+                                if let Some(rtt) = self.rtt {
+                                    for (_, waiter) in self.ping_waiters.extract_if(.., |(n, _)| *n == nonce) {
+                                        let _ = waiter.send(rtt);
+                                    }
+                                }
                             }
                         }
                     }
@@ -681,10 +704,12 @@ impl Driver {
         }
     }
 
-    fn ping(&mut self) {
+    /// Sends a ping; its nonce is the send time (microseconds since the epoch).
+    fn ping(&mut self) -> u64 {
         self.last_ping = Instant::now();
         let nonce = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.send(Body::Ping(Ping { nonce }));
+        nonce
     }
 
     fn now_ms(&self) -> u64 {

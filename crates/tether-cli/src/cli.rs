@@ -78,7 +78,18 @@ tether's exit code is the command's exit code; Ctrl-C stops the command and clea
     /// Try tether on a local demo target: no cluster needed (needs root for network namespaces).
     Demo,
     /// Check that this machine (and, with a cluster, your permissions) can run tether.
-    Doctor,
+    Doctor {
+        #[command(subcommand)]
+        check: Option<DoctorCheck>,
+    },
+    /// Show the running sessions: target, link state, round trip, reconnects, buffered bytes.
+    #[command(after_help = "\
+Every `tether exec` on this machine answers (through a socket in $XDG_RUNTIME_DIR/tether, or
+/run/tether for root). With --output json: one object per session.
+
+Example:
+  sudo tether status")]
+    Status,
     /// Remove redirect rules left in a local target by tether agents that no longer run.
     #[command(after_help = "\
 Agents remove their own rules when they stop, even when killed (their guard process does it), and
@@ -111,6 +122,19 @@ Example:
         /// benchmarks.
         #[arg(long)]
         count_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DoctorCheck {
+    /// Measure the round trip to the agent over a running session (pings on its link).
+    Latency {
+        /// The session's tether pid (see `tether status`); needed when several run.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// How many pings, one after the other.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: u32,
     },
 }
 

@@ -11,7 +11,7 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    cli::{Cli, Command, ConfigCommand, GlobalArgs},
+    cli::{Cli, Command, ConfigCommand, DoctorCheck, GlobalArgs},
     ui::Ui,
 };
 
@@ -24,7 +24,11 @@ fn main() {
             commands::config::check(file.as_deref().or(cli.global.config.as_deref()), ui)
         }
         Command::Config(ConfigCommand::Schema) => commands::config::schema(),
-        Command::Doctor => commands::doctor::run(ui),
+        Command::Doctor { check: None } => commands::doctor::run(ui),
+        Command::Doctor {
+            check: Some(DoctorCheck::Latency { pid, count }),
+        } => run_async(commands::status::latency(pid, count, ui)),
+        Command::Status => run_async(commands::status::run(ui)),
         Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),
         Command::Exec(args) => run_async(commands::exec::run(args, cli.global.config.clone(), ui)),

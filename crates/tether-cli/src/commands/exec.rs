@@ -217,6 +217,11 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
         }
     };
     let child_pid = child.id();
+    let _status = proxy.status_socket(crate::proxy::status::RunInfo {
+        target: target.clone(),
+        session: welcome.session_id.clone(),
+        command: args.command.join(" "),
+    });
     ui.info(&format!(
         "running {} (pid {})",
         args.command.join(" "),

@@ -6,3 +6,4 @@ pub(crate) mod demo;
 pub(crate) mod doctor;
 pub(crate) mod exec;
 pub(crate) mod serve_http;
+pub(crate) mod status;

@@ -15,6 +15,7 @@
 mod context;
 pub(crate) mod link;
 pub(crate) mod ports;
+pub(crate) mod status;
 
 use std::{
     collections::HashMap,
@@ -249,6 +250,11 @@ impl Proxy {
             Ok(_) => Err("unexpected answer from the agent".into()),
             Err(error) => Err(error.message),
         }
+    }
+
+    /// Serves `tether status` and `tether doctor latency` for this run.
+    pub(crate) fn status_socket(&self, info: status::RunInfo) -> Option<status::StatusSocket> {
+        status::StatusSocket::start(info, self.carrier.status(), self.carrier.control())
     }
 
     /// Tells the agent the session ends on purpose, then stops.

@@ -102,6 +102,11 @@ impl Exec {
         self.seen.join("\n")
     }
 
+    /// tether's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True while tether runs.
     pub(crate) fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -457,6 +457,63 @@ fn a_vanished_target_ends_the_reconnect_with_a_clear_reason() {
     );
 }
 
+/// `tether status` for the session of `pid`.
+fn status_of(pid: u32) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["status", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|status| status["pid"] == pid)
+        .unwrap_or_else(|| {
+            panic!(
+                "no status for tether {pid}: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+}
+
+#[test]
+fn status_and_doctor_latency_show_the_link() {
+    if !require_root("status_and_doctor_latency_show_the_link") {
+        return;
+    }
+    let (mut fixture, _url) = Fixture::http_steal(None, &[]);
+    let pid = fixture.exec.pid();
+    let status = status_of(pid);
+    assert_eq!(status["link"], "up", "{status}");
+    assert_eq!(status["reconnects"], 0, "{status}");
+    assert!(
+        status["target"].as_str().unwrap().starts_with("netns/"),
+        "{status}"
+    );
+    let before = fixture.cutter.connections();
+    fixture.cutter.cut();
+    fixture.exec.wait_for("nothing lost");
+    fixture.wait_reconnected(before, Duration::from_secs(10));
+    let status = status_of(pid);
+    assert_eq!(status["link"], "up", "{status}");
+    assert_eq!(status["reconnects"], 1, "{status}");
+    let latency = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "doctor",
+            "latency",
+            "--pid",
+            &pid.to_string(),
+            "--count",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&latency.stderr);
+    assert!(latency.status.success(), "{said}");
+    assert!(said.contains("round trip min"), "{said}");
+    assert!(!said.contains("lost"), "{said}");
+}
+
 #[test]
 fn an_idle_session_behind_a_60s_idle_timeout_stays_up_for_5_minutes() {
     if !require_root("an_idle_session_behind_a_60s_idle_timeout_stays_up_for_5_minutes") {
