@@ -106,8 +106,23 @@ impl Exec {
         settings: &[(&str, &str)],
         command: &[String],
     ) -> anyhow::Result<Exec> {
+        Exec::start_with(tether, pod, &[], mode, mapping, settings, command)
+    }
+
+    /// With `extra` arguments for `tether exec` (e.g. `--agent-addr`).
+    pub(crate) fn start_with(
+        tether: &std::path::Path,
+        pod: &Pod,
+        extra: &[&str],
+        mode: &str,
+        mapping: (u16, u16),
+        settings: &[(&str, &str)],
+        command: &[String],
+    ) -> anyhow::Result<Exec> {
         let mut child = Command::new(tether)
-            .args(["exec", "--target", &format!("netns/{}", pod.netns), "--"])
+            .args(["exec", "--target", &format!("netns/{}", pod.netns)])
+            .args(extra)
+            .arg("--")
             .args(command)
             .env("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode)
             .env(

@@ -5,8 +5,8 @@
 //! Scenarios: P1 steal latency (keep-alive and a new connection per request, 1 and 64
 //! connections: direct, a two-relay socat chain, tether whole-port and filtered steal), P2 steal
 //! throughput (iperf3, 1 and 16 streams: direct, relay chain, tether), P3 mirror under load, P4
-//! layer overhead, P5 `tether exec` start-up, and the agent's and proxy's memory. P6 (reconnect
-//! time) needs the resilience issue and is listed as not measured.
+//! layer overhead, P5 `tether exec` start-up, P6 reconnect time after a link cut, and the
+//! agent's and proxy's memory.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -31,6 +31,7 @@ struct Sizes {
     layer_reps: usize,
     layer_iters: u32,
     startups: usize,
+    cuts: usize,
 }
 
 impl Sizes {
@@ -44,6 +45,7 @@ impl Sizes {
                 layer_reps: 3,
                 layer_iters: 2_000,
                 startups: 3,
+                cuts: 5,
             }
         } else {
             Sizes {
@@ -54,6 +56,7 @@ impl Sizes {
                 layer_reps: 31,
                 layer_iters: 20_000,
                 startups: 10,
+                cuts: 100,
             }
         }
     }
@@ -165,7 +168,19 @@ struct Results {
     p4_layer: Vec<LayerRow>,
     p5_startup: Startup,
     memory: Memory,
-    p6_reconnect: &'static str,
+    p6_reconnect: Reconnect,
+}
+
+#[derive(Debug, Serialize)]
+struct Reconnect {
+    cuts: usize,
+    /// From each cut to the first round trip completed after it, in ms.
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// The same gap between two round trips without a cut (the baseline), in ms.
+    steady_p50_ms: f64,
+    round_trips: usize,
 }
 
 pub(crate) fn run(quick: bool, out_dir: &Path, benchmarks: Option<&Path>) -> anyhow::Result<()> {
@@ -194,6 +209,8 @@ pub(crate) fn run(quick: bool, out_dir: &Path, benchmarks: Option<&Path>) -> any
     let p2_throughput = throughput(&net, &pod, &tether, sizes, &mut memory)?;
     eprintln!("P3: mirror under load");
     let p3_mirror = mirror(&net, &pod, &tether, sizes)?;
+    eprintln!("P6: reconnect after link cuts");
+    let p6_reconnect = reconnect(&net, &pod, &tether, sizes)?;
     drop(net);
 
     let results = Results {
@@ -207,7 +224,7 @@ pub(crate) fn run(quick: bool, out_dir: &Path, benchmarks: Option<&Path>) -> any
         p4_layer,
         p5_startup,
         memory,
-        p6_reconnect: "not measured yet: reconnect and resume come with the resilience issue (#8)",
+        p6_reconnect,
     };
     std::fs::create_dir_all(out_dir)?;
     let json = out_dir.join("bench-results.json");
@@ -742,8 +759,120 @@ fn render(r: &Results, took: Duration) -> String {
         "| agent worker | {:.1} | {:.1} | {:.1} |\n",
         mem.agent_idle_mib, mem.agent_peak_p1_mib, mem.agent_peak_p2_mib
     ));
-    line(format!("### P6 — reconnect time\n\n{}.", r.p6_reconnect));
+    let p6 = &r.p6_reconnect;
+    line(format!(
+        "### P6 — from a link cut to traffic flowing again (default settings; goal p50 ≤ 1 s)\n\n\
+         A stolen connection carries 32-byte round trips back to back while the link between the\n\
+         local proxy and the agent is reset {} times (testkit `LinkCutter`); each figure is the time\n\
+         from a cut to the first round trip completed after it.\n\n\
+         | cuts | p50 ms | p99 ms | max ms | round trip without a cut, p50 ms | goal |\n|---|---|---|---|---|---|\n\
+         | {} | {:.2} | {:.2} | {:.2} | {:.3} | {} |\n",
+        p6.cuts,
+        p6.cuts,
+        p6.p50_ms,
+        p6.p99_ms,
+        p6.max_ms,
+        p6.steady_p50_ms,
+        goal(p6.p50_ms <= 1000.0)
+    ));
     md
+}
+
+/// P6: the agent started on its own, the link through a `LinkCutter`, a stolen connection
+/// carrying round trips back to back; each cut's time to the next completed round trip.
+fn reconnect(net: &Network, pod: &Pod, tether: &Path, sizes: Sizes) -> anyhow::Result<Reconnect> {
+    use tether_testkit::{agent::AgentProcess, cutter::LinkCutter};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let agent = AgentProcess::start_tether(tether, &format!("netns/{}", pod.netns), &[]);
+    let cutter = runtime.block_on(LinkCutter::start(agent.addr));
+    let script = tether_testkit::netns::apps_dir().join("link_load.py");
+    let (local, remote) = (
+        tether_testkit::netns::free_port(),
+        tether_testkit::netns::free_port(),
+    );
+    let addr = cutter.addr().to_string();
+    let token = agent.token_file().display().to_string();
+    let exec = Exec::start_with(
+        tether,
+        pod,
+        &["--agent-addr", &addr, "--agent-token-file", &token],
+        "steal",
+        (local, remote),
+        &[],
+        &[
+            "python3".to_owned(),
+            script.display().to_string(),
+            "echo".to_owned(),
+            local.to_string(),
+        ],
+    )?;
+    let dir = tempfile::tempdir()?;
+    let (out, stop) = (dir.path().join("times"), dir.path().join("stop"));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", net.client(), "python3"])
+        .arg(&script)
+        .arg("pingpong")
+        .arg(pod.ip.to_string())
+        .arg(remote.to_string())
+        .arg(&out)
+        .arg(&stop)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let monotonic = || -> anyhow::Result<f64> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+        Ok(now.tv_sec() as f64 + now.tv_nsec() as f64 / 1e9)
+    };
+    let mut cut_times = Vec::new();
+    for _ in 0..sizes.cuts {
+        // Steady traffic first, then the cut, then wait for the new link (bounded).
+        std::thread::sleep(Duration::from_millis(200));
+        let links = cutter.connections();
+        cut_times.push(monotonic()?);
+        anyhow::ensure!(cutter.cut() > 0, "no link to cut");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cutter.connections() <= links {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "tether did not reconnect in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&stop, "")?;
+    let status = client.wait()?;
+    anyhow::ensure!(status.success(), "the round-trip client failed");
+    drop(exec);
+    drop(cutter);
+    drop(agent);
+    let times: Vec<f64> = std::fs::read_to_string(&out)?
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    anyhow::ensure!(times.len() > 1, "no round trips were timed");
+    let mut gaps: Vec<f64> = cut_times
+        .iter()
+        .filter_map(|cut| times.iter().find(|t| *t > cut).map(|t| (t - cut) * 1000.0))
+        .collect();
+    anyhow::ensure!(
+        gaps.len() == cut_times.len(),
+        "traffic did not resume after every cut"
+    );
+    let mut steady: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) * 1000.0).collect();
+    gaps.sort_by(f64::total_cmp);
+    steady.sort_by(f64::total_cmp);
+    let pick = |sorted: &[f64], q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    Ok(Reconnect {
+        cuts: gaps.len(),
+        p50_ms: pick(&gaps, 0.5),
+        p99_ms: pick(&gaps, 0.99),
+        max_ms: pick(&gaps, 1.0),
+        steady_p50_ms: pick(&steady, 0.5),
+        round_trips: times.len(),
+    })
 }
 
 const BEGIN: &str =

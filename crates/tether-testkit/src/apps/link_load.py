@@ -2,7 +2,8 @@
 
     link_load.py app      (the local app, run under `tether exec`)
     link_load.py client   (in the client namespace)
-    link_load.py echo PORT  (a TCP echo server in a pod: one thread per connection)
+    link_load.py echo PORT  (a TCP echo server: one thread per connection)
+    link_load.py pingpong HOST PORT OUT STOP  (round trips, timed; for the reconnect benchmark)
 
 Every stream is a known sequence of 1 MiB chunks (a seeded random block whose first 8 bytes
 are the chunk's index), so each receiver checks every byte at its offset as it arrives and names
@@ -194,5 +195,25 @@ def echo():
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
+def pingpong():
+    """32-byte round trips on one connection, back to back, until the STOP file exists (at most
+    10 minutes); then the monotonic time of each completed round trip, one per line, to OUT."""
+    host, port, out, stop = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    sock = socket.create_connection((host, port), timeout=30)
+    sock.settimeout(60)
+    message, times, start = b"x" * 32, [], time.monotonic()
+    while not os.path.exists(stop) and time.monotonic() - start < 600:
+        sock.sendall(message)
+        got = 0
+        while got < len(message):
+            data = sock.recv(len(message) - got)
+            if not data:
+                raise SystemExit("the connection closed")
+            got += len(data)
+        times.append(time.monotonic())
+    with open(out, "w") as f:
+        f.write("\n".join(repr(t) for t in times))
+
+
 if __name__ == "__main__":
-    {"app": app, "client": client, "echo": echo}[sys.argv[1]]()
+    {"app": app, "client": client, "echo": echo, "pingpong": pingpong}[sys.argv[1]]()
