@@ -55,6 +55,9 @@ pub type Link = FramedLink<Box<dyn Io>>;
 /// `Ack` frame, so a peer that only sends can free its replay buffer.
 pub const ACK_EVERY: u64 = 32;
 
+/// The most replay buffer a peer may ask this side to keep.
+pub const MAX_BUFFER: usize = 1 << 30;
+
 /// Frames written at most before a flush.
 const WRITE_BATCH: usize = 64;
 
@@ -100,10 +103,13 @@ impl Settings {
             keepalive_interval: millis(options.keepalive_interval_ms, default.keepalive_interval),
             keepalive_timeout: millis(options.keepalive_timeout_ms, default.keepalive_timeout),
             grace: (options.grace_ms > 0).then(|| Duration::from_millis(options.grace_ms)),
+            // The client chooses, within what this side is willing to hold.
             buffer: if options.buffer_bytes == 0 {
                 default.buffer
             } else {
-                usize::try_from(options.buffer_bytes).unwrap_or(usize::MAX)
+                usize::try_from(options.buffer_bytes)
+                    .unwrap_or(usize::MAX)
+                    .min(MAX_BUFFER)
             },
         }
     }
@@ -220,14 +226,19 @@ pub struct Endpoints {
     /// The session's frames to the peer (link-local kinds go out on the current link only).
     pub out: mpsc::Sender<Body>,
     /// The peer's session frames, in order, each once. Closes when the session is over.
-    pub incoming: mpsc::Receiver<Frame>,
+    /// Unbounded so the link's reader never waits for the session: it keeps reading the
+    /// acknowledgements that free this side's replay buffer (a bounded queue here could close a
+    /// cycle: session waits for replay space, replay waits for acks, acks wait behind the
+    /// session). What the peer sends is bounded by flow control (stream data) and by what the
+    /// session asked for (responses).
+    pub incoming: mpsc::UnboundedReceiver<Frame>,
 }
 
 impl Carrier {
     /// Starts carrying a session over its first link.
     pub fn spawn(settings: Settings, first: Attach) -> (Carrier, Endpoints) {
         let (out_tx, out_rx) = mpsc::channel(1024);
-        let (in_tx, in_rx) = mpsc::channel(1024);
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (control_tx, control_rx) = mpsc::channel(4);
         let (close_tx, close_rx) = oneshot::channel();
         // Up from the start: the first link is attached before anything else happens.
@@ -374,8 +385,8 @@ impl Replay {
         dropped
     }
 
-    /// The kept frames after `received` (what the peer lacks), in order.
-    pub fn after(&mut self, received: u64) -> Result<Vec<Frame>, ReplayError> {
+    /// Whether a peer that received up to `received` can be served by [`Replay::after`].
+    pub fn check(&self, received: u64) -> Result<(), ReplayError> {
         if received > self.last {
             return Err(ReplayError::NeverSent {
                 asked: received,
@@ -388,6 +399,12 @@ impl Replay {
                 acked: self.acked,
             });
         }
+        Ok(())
+    }
+
+    /// The kept frames after `received` (what the peer lacks), in order.
+    pub fn after(&mut self, received: u64) -> Result<Vec<Frame>, ReplayError> {
+        self.check(received)?;
         self.ack(received);
         Ok(self
             .frames
@@ -425,35 +442,52 @@ enum LinkEvent {
 
 /// The current link's tasks.
 struct LinkTasks {
-    writer_tx: mpsc::UnboundedSender<Frame>,
+    /// `None` once closed for writing.
+    writer_tx: Option<mpsc::UnboundedSender<Frame>>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
     /// When the last frame arrived, in milliseconds since the driver's epoch.
     last_rx: Arc<AtomicU64>,
 }
 
-impl LinkTasks {
-    /// Stops both tasks and waits until they are gone (so nothing of this link reaches the
-    /// session after this returns).
-    async fn stop(self) {
+/// A link's tasks never outlive it (nor a dropped carrier): they would keep answering pings.
+impl Drop for LinkTasks {
+    fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
-        let _ = self.reader.await;
-        let _ = self.writer.await;
+    }
+}
+
+impl LinkTasks {
+    fn write(&self, frame: Frame) {
+        if let Some(writer) = &self.writer_tx {
+            let _ = writer.send(frame);
+        }
     }
 
-    /// Closes the link after writing what is queued (bounded).
-    async fn finish(self) {
-        drop(self.writer_tx);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.writer).await;
+    /// Stops both tasks and waits until they are gone (so nothing of this link reaches the
+    /// session after this returns).
+    async fn stop(mut self) {
         self.reader.abort();
+        self.writer.abort();
+        let _ = (&mut self.reader).await;
+        let _ = (&mut self.writer).await;
+    }
+
+    /// Closes the link after writing what is queued (bounded). The reader goes first: it holds
+    /// a sender of the writer's queue (for pongs and acks), which would keep the queue open.
+    async fn finish(mut self) {
+        self.reader.abort();
+        let _ = (&mut self.reader).await;
+        self.writer_tx = None;
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.writer).await;
     }
 }
 
 struct Driver {
     settings: Settings,
     out_rx: mpsc::Receiver<Body>,
-    in_tx: mpsc::Sender<Frame>,
+    in_tx: mpsc::UnboundedSender<Frame>,
     control_rx: mpsc::Receiver<Command>,
     close_rx: oneshot::Receiver<()>,
     replay: Arc<Mutex<Replay>>,
@@ -551,7 +585,7 @@ impl Driver {
                 .push(&body, self.settings.grace.is_some())
         };
         if let Some(link) = &self.link {
-            let _ = link.writer_tx.send(Frame {
+            link.write(Frame {
                 seq,
                 ack: 0,
                 body: Some(body),
@@ -560,14 +594,46 @@ impl Driver {
     }
 
     async fn attach(&mut self, attach: Attach) {
-        if let Some(old) = self.link.take() {
-            old.stop().await;
-        }
         let Attach {
-            link,
+            mut link,
             peer_received,
             welcome,
         } = attach;
+        // Can this link resume the session at all? Checked before anything changes, so a stale
+        // or bogus resume costs only its own link, never the live one.
+        let usable = self
+            .replay
+            .lock()
+            .expect("replay lock")
+            .check(peer_received);
+        if let Err(error) = usable {
+            if welcome.is_some() {
+                tracing::warn!(%error, "a resume that cannot be served; refusing that link only");
+                let refusal = Frame {
+                    seq: 0,
+                    ack: 0,
+                    body: Some(Body::Error(tether_protocol::ErrorInfo {
+                        code: tether_protocol::ErrorCode::SessionExpired as i32,
+                        message: format!("cannot resume the session: {error}"),
+                        in_reply_to_seq: 0,
+                        errno: 0,
+                    })),
+                };
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        let _ = link.send(refusal).await;
+                        let _ = link.close().await;
+                    })
+                    .await;
+                });
+            } else {
+                self.end(format!("cannot resume the session: {error}"));
+            }
+            return;
+        }
+        if let Some(old) = self.link.take() {
+            old.stop().await;
+        }
         let (mut sink, stream) = link.split();
         if let Some(mut welcome) = welcome {
             welcome.received = self.received.load(Ordering::Acquire);
@@ -581,8 +647,13 @@ impl Driver {
             )
             .await;
             if !matches!(sent, Ok(Ok(()))) {
-                self.down("the new link failed during the welcome".into())
-                    .await;
+                if self.links == 0 {
+                    // The client never learned the session's id: nobody can resume it.
+                    self.end("the client went away before the session started".into());
+                } else {
+                    self.down("the new link failed during the welcome".into())
+                        .await;
+                }
                 return;
             }
         }
@@ -626,7 +697,7 @@ impl Driver {
             .run(stream),
         );
         self.link = Some(LinkTasks {
-            writer_tx,
+            writer_tx: Some(writer_tx),
             reader,
             writer,
             last_rx,
@@ -648,10 +719,12 @@ impl Driver {
         }
         tracing::debug!(%reason, "link down; waiting for a new one");
         self.status.send_modify(|s| {
-            s.state = LinkState::Down {
-                since: Instant::now(),
-                reason,
-            }
+            // A failed new link does not restart the grace: it counts from the first drop.
+            let since = match s.state {
+                LinkState::Down { since, .. } => since,
+                _ => Instant::now(),
+            };
+            s.state = LinkState::Down { since, reason }
         });
     }
 
@@ -695,8 +768,8 @@ impl Driver {
                     && since.elapsed() >= grace
                 {
                     self.end(format!(
-                        "no link for {} s (the reconnect grace)",
-                        grace.as_secs()
+                        "no link for {:.1} s (reconnect.grace)",
+                        grace.as_secs_f64()
                     ));
                 }
             }
@@ -772,7 +845,7 @@ async fn write_loop(
 }
 
 struct Reader {
-    in_tx: mpsc::Sender<Frame>,
+    in_tx: mpsc::UnboundedSender<Frame>,
     received: Arc<AtomicU64>,
     replay: Arc<Mutex<Replay>>,
     space: Arc<Notify>,
@@ -824,6 +897,10 @@ impl Reader {
             }
             let received = self.received.load(Ordering::Acquire);
             if frame.seq == 0 {
+                if frame.body.is_none() {
+                    // A link-local kind from a newer peer: not ours to understand.
+                    continue;
+                }
                 return "the peer sent a session frame without a sequence number".into();
             }
             if frame.seq <= received {
@@ -837,7 +914,7 @@ impl Reader {
                 );
             }
             let seq = frame.seq;
-            if self.in_tx.send(frame).await.is_err() {
+            if self.in_tx.send(frame).is_err() {
                 return "the session ended".into();
             }
             self.received.store(seq, Ordering::Release);

@@ -19,7 +19,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("link failed")]
+    #[error("link failed: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Preface(#[from] PrefaceError),

@@ -21,12 +21,12 @@ use tether_protocol::{
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinSet,
 };
 
 use crate::{
-    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Settings},
+    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Settings, Status},
     dns::Dns,
     flow::{RecvCredit, SendWindow},
     fs::{Files, Root},
@@ -59,8 +59,9 @@ pub struct Agent {
     dns: std::sync::OnceLock<Result<Dns, String>>,
     /// The service mesh in the target, found at start from its rules.
     pub(crate) mesh: Option<rules::Mesh>,
-    /// Live sessions, by id: where a resuming link goes.
-    sessions: Mutex<HashMap<String, Control>>,
+    /// Live sessions that can be resumed, by id: where a resuming link goes, and how their link
+    /// is.
+    sessions: Mutex<HashMap<String, (Control, watch::Receiver<Status>)>>,
 }
 
 impl Agent {
@@ -213,7 +214,7 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
             .lock()
             .expect("sessions lock")
             .get(&resume.session_id)
-            .cloned();
+            .map(|(control, _)| control.clone());
         let attach = Attach {
             link,
             peer_received: resume.received,
@@ -263,11 +264,13 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
             welcome: Some(welcome(&session_id, false)),
         },
     );
-    agent
-        .sessions
-        .lock()
-        .expect("sessions lock")
-        .insert(session_id.clone(), carrier.control());
+    if settings.grace.is_some() {
+        agent
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(session_id.clone(), (carrier.control(), carrier.status()));
+    }
     run_session(Arc::clone(&agent), session_id.clone(), carrier, endpoints).await;
     agent
         .sessions
@@ -296,6 +299,7 @@ async fn run_session(agent: Arc<Agent>, id: String, mut carrier: Carrier, endpoi
                 }
             },
             Some(stolen) = session.stolen_rx.recv() => session.on_stolen(stolen),
+            Some(_) = session.stream_tasks.join_next() => {}
         }
     };
     session.end().await;
@@ -542,7 +546,24 @@ impl Session {
                 let whose = if claim.session == self.id {
                     "this session".to_owned()
                 } else {
-                    format!("session {}", claim.session)
+                    let waiting = self
+                        .agent
+                        .sessions
+                        .lock()
+                        .expect("sessions lock")
+                        .get(&claim.session)
+                        .and_then(|(_, status)| match status.borrow().state {
+                            LinkState::Down { since, .. } => Some(since.elapsed()),
+                            _ => None,
+                        });
+                    match waiting {
+                        Some(down) => format!(
+                            "session {}, whose client has been gone for {} s; the agent keeps it for its reconnect grace, then releases the port",
+                            claim.session,
+                            down.as_secs()
+                        ),
+                        None => format!("session {}", claim.session),
+                    }
                 };
                 return Err(error(
                     ErrorCode::PortInUse,
@@ -685,9 +706,8 @@ impl Session {
         if !self.connected.load(Ordering::Acquire) {
             // No client to answer it now: the original app does, as if nothing were stolen.
             tracing::debug!(session = %self.id, peer = %stolen.peer, "no link: connection left to the original app");
-            let netns = self.agent.netns.clone();
-            self.stream_tasks
-                .spawn(crate::steal::passthrough(stolen, netns));
+            // Not one of the session's tasks: ending the session must not cut it.
+            tokio::spawn(crate::steal::passthrough(stolen, self.agent.netns.clone()));
             return;
         }
         let route = self

@@ -361,8 +361,8 @@ impl Default for ReconnectConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResumeConfig {
-    /// Bytes kept per session for replay after a reconnect. A connection that would exceed it is
-    /// reset; the others resume.
+    /// Bytes kept per session for replay after a reconnect (frames sent and not yet
+    /// acknowledged). When it is full, what sends waits for the link; nothing is dropped.
     pub buffer: u64,
 }
 

@@ -136,7 +136,11 @@ impl LinkCutter {
     /// Resets every open connection now, both sides. Returns how many there were.
     pub fn cut(&self) -> usize {
         let relays: Vec<Relay> = self.shared.relays.lock().unwrap().drain(..).collect();
-        let n = relays.len();
+        // Connections that already ended on their own are not cut.
+        let n = relays
+            .iter()
+            .filter(|r| r.pumps.iter().any(|p| !p.is_finished()))
+            .count();
         for relay in relays {
             relay.reset();
         }

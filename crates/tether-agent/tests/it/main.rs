@@ -1,6 +1,7 @@
 //! The agent as a client meets it: over a real TCP socket.
 
 mod bad_input;
+mod carrier;
 mod cleanup;
 mod handshake;
 mod mirror;

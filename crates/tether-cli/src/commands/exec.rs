@@ -316,7 +316,9 @@ fn dialer(agent: &AgentChild, target: &str, config: &Config) -> Dialer {
         Box::pin(async move {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+                .flatten()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))?;
             stream.set_nodelay(true)?;
             Ok(Box::new(stream) as Box<dyn Io>)
         })

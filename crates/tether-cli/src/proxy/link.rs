@@ -184,6 +184,7 @@ pub(crate) async fn reconnect_forever(
             .await;
         match result {
             Ok((link, welcome)) => {
+                let links = status.borrow().links;
                 let attach = Attach {
                     link,
                     peer_received: welcome.received,
@@ -192,18 +193,20 @@ pub(crate) async fn reconnect_forever(
                 if control.attach(attach).await.is_err() {
                     return;
                 }
-                let _ = events.send(Event::LinkResumed {
-                    after: since.elapsed(),
-                    attempts: attempts.load(Ordering::Relaxed),
-                });
-                // Wait until the carrier shows the new link before watching for the next drop.
-                while !matches!(status.borrow_and_update().state, LinkState::Up) {
-                    if status.changed().await.is_err() {
-                        return;
+                // Resumed once the carrier took the link (it counts it); the new link may
+                // already have dropped again by then, which the outer loop handles next.
+                let taken = status
+                    .wait_for(|s| s.links > links || matches!(s.state, LinkState::Ended { .. }))
+                    .await
+                    .map(|s| s.links > links);
+                match taken {
+                    Ok(true) => {
+                        let _ = events.send(Event::LinkResumed {
+                            after: since.elapsed(),
+                            attempts: attempts.load(Ordering::Relaxed),
+                        });
                     }
-                    if let LinkState::Ended { .. } = status.borrow().state {
-                        return;
-                    }
+                    _ => return,
                 }
             }
             Err(error) => {

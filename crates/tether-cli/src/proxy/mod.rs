@@ -10,7 +10,10 @@
 //! grants back what it wrote to the app, so a slow app slows the remote client (steal). Mirrored
 //! bytes cannot slow the pod's real traffic: their queue per connection is bounded
 //! ([`MIRROR_QUEUE_LIMIT`]) and a connection the app cannot keep up with is dropped, with a
-//! warning. Not yet: resume after a reconnect.
+//! warning.
+//!
+//! The session runs over a [`Carrier`]: when the link drops, `link.rs` reconnects and the
+//! session resumes with nothing lost; the proxy's own code never sees the drop.
 
 mod context;
 pub(crate) mod link;
@@ -204,6 +207,8 @@ impl Proxy {
             while let Some(frame) = incoming.recv().await {
                 reader.on_frame(frame);
             }
+            // Nobody will answer what is still waiting: fail it now.
+            reader.pending.lock().expect("pending lock").clear();
             let reason = match &status.borrow_and_update().state {
                 LinkState::Ended { reason } => reason.clone(),
                 _ => "the link closed".to_owned(),
@@ -262,9 +267,19 @@ impl Proxy {
         let goodbye = Body::Goodbye(tether_protocol::Goodbye {
             reason: "the command exited".into(),
         });
+        // During an outage, give the reconnect a moment, so the agent learns the session is over
+        // (and frees its ports) now rather than at the end of its grace.
+        let mut status = self.carrier.status();
+        let up = tokio::time::timeout(
+            Duration::from_secs(2),
+            status.wait_for(|s| !matches!(s.state, LinkState::Down { .. })),
+        )
+        .await;
+        let up = matches!(up, Ok(Ok(s)) if s.state == LinkState::Up);
         self.tasks.abort_all();
-        if self.shared.connected.load(Ordering::Acquire) {
-            let _ = self.shared.out.send(goodbye).await;
+        if up {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.shared.out.send(goodbye)).await;
         }
         // Writes what is queued (the goodbye last) on the current link, bounded.
         self.carrier.close().await;

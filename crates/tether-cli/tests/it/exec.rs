@@ -133,6 +133,21 @@ impl Exec {
         }
     }
 
+    /// Waits (at most `limit`) until `count` lines containing `needle` were said.
+    pub(crate) fn wait_for_count(&mut self, needle: &str, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.seen.iter().filter(|l| l.contains(needle)).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "fewer than {count} lines with {needle:?} in {limit:?}; tether said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Lines said so far that contain `needle`.
     pub(crate) fn count(&mut self, needle: &str) -> usize {
         self.seen_lines();

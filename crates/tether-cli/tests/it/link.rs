@@ -228,6 +228,7 @@ fn a_session_survives_100_link_cuts_with_every_byte_in_order() {
         .expect("tether names the app's pid");
 
     // The client: one stolen stream both ways, and HTTP requests at a steady rate.
+    let client_pid;
     let client = {
         let (tx, rx) = mpsc::channel();
         let mut command = Command::new("ip");
@@ -243,6 +244,7 @@ fn a_session_survives_100_link_cuts_with_every_byte_in_order() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let child = command.spawn().unwrap();
+        client_pid = KillOnDrop(child.id());
         std::thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
@@ -256,10 +258,12 @@ fn a_session_survives_100_link_cuts_with_every_byte_in_order() {
     while cuts < CUTS {
         assert!(Instant::now() < deadline, "only {cuts} cuts in 240 s");
         std::thread::sleep(Duration::from_millis(rng.random_range(20..200)));
-        let before = fixture.cutter.connections();
         if fixture.cutter.cut() > 0 {
             cuts += 1;
-            fixture.wait_reconnected(before, Duration::from_secs(20));
+            // The next cut hits a link the session resumed on.
+            fixture
+                .exec
+                .wait_for_count("nothing lost", cuts, Duration::from_secs(30));
         }
     }
     std::fs::write(&stop, "").unwrap();
@@ -268,6 +272,7 @@ fn a_session_survives_100_link_cuts_with_every_byte_in_order() {
         .recv_timeout(Duration::from_secs(300))
         .expect("the client finished within 300 s")
         .unwrap();
+    drop(client_pid);
     assert!(
         client.status.success(),
         "client failed: {}",
@@ -342,7 +347,7 @@ fn a_silent_link_is_declared_dead_and_recovered() {
     // Both ends keep their sockets; nothing arrives any more.
     fixture.cutter.silence();
     fixture.exec.wait_for_within(
-        "link to agent lost (nothing arrived for 2.",
+        "link to agent lost (nothing arrived for",
         Duration::from_secs(10),
     );
     fixture
@@ -535,6 +540,18 @@ fn an_idle_session_behind_a_60s_idle_timeout_stays_up_for_5_minutes() {
     );
     assert_eq!(fixture.exec.count("link to agent lost"), 0);
     assert_eq!(fixture.who_answers(&url), "local");
+}
+
+/// Kills a process when the test ends (also on failure).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// Removes a directory when the test ends (also on failure).
