@@ -271,7 +271,14 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
             .expect("sessions lock")
             .insert(session_id.clone(), (carrier.control(), carrier.status()));
     }
-    run_session(Arc::clone(&agent), session_id.clone(), carrier, endpoints).await;
+    run_session(
+        Arc::clone(&agent),
+        session_id.clone(),
+        settings,
+        carrier,
+        endpoints,
+    )
+    .await;
     agent
         .sessions
         .lock()
@@ -281,9 +288,20 @@ async fn handle_link(stream: TcpStream, agent: Arc<Agent>) -> Result<(), LinkErr
 }
 
 /// Serves one session until the client says goodbye or the carrier gives up on it.
-async fn run_session(agent: Arc<Agent>, id: String, mut carrier: Carrier, endpoints: Endpoints) {
+async fn run_session(
+    agent: Arc<Agent>,
+    id: String,
+    settings: Settings,
+    mut carrier: Carrier,
+    endpoints: Endpoints,
+) {
     let Endpoints { out, mut incoming } = endpoints;
-    let mut session = Session::new(agent, id.clone(), out, carrier.connected());
+    let pressure = mirror::Pressure {
+        connected: carrier.connected(),
+        status: carrier.status(),
+        limit: settings.buffer,
+    };
+    let mut session = Session::new(agent, id.clone(), out, pressure);
     let status = carrier.status();
     let reason = loop {
         tokio::select! {
@@ -378,6 +396,8 @@ struct Session {
     /// False while the session has no link: new stolen connections and requests then go to the
     /// original app.
     connected: Arc<AtomicBool>,
+    /// For mirrored copies: when to end one instead of filling the replay buffer.
+    pressure: mirror::Pressure,
 }
 
 struct ActiveRules {
@@ -391,7 +411,7 @@ impl Session {
         agent: Arc<Agent>,
         id: String,
         out: mpsc::Sender<Body>,
-        connected: Arc<AtomicBool>,
+        pressure: mirror::Pressure,
     ) -> Session {
         let (stolen_tx, stolen_rx) = mpsc::channel(256);
         Session {
@@ -408,7 +428,8 @@ impl Session {
             rules: None,
             mirrors: HashMap::new(),
             files: Arc::default(),
-            connected,
+            connected: Arc::clone(&pressure.connected),
+            pressure,
         }
     }
 
@@ -654,6 +675,7 @@ impl Session {
             Arc::clone(&self.next_stream),
             route,
             self.agent.mesh.is_some(),
+            self.pressure.clone(),
         )
         .await
         .map_err(|e| {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use socket2::{Domain, Protocol, Socket, Type};
 use tether_protocol::{
-    Body, IncomingConnection, Log, LogLevel, StreamData, StreamEnd, SubscriptionMode,
+    Body, IncomingConnection, Log, LogLevel, StreamData, StreamEnd, StreamReset, SubscriptionMode,
 };
 use tokio::sync::mpsc;
 
@@ -37,6 +37,25 @@ const ETH_P_IP: u16 = 0x0800;
 const MAX_PENDING_PER_FLOW: usize = 4 << 20;
 const MAX_FLOWS: usize = 16_384;
 const RECV_BUFFER: usize = 16 << 20;
+
+/// When the session's link is down and its replay buffer fills, a mirrored copy is ended (the
+/// local process sees a reset; the pod's own connection is not touched) rather than making the
+/// capture wait. Stolen connections need no such thing: their window bounds what they buffer.
+#[derive(Debug, Clone)]
+pub(crate) struct Pressure {
+    pub(crate) connected: Arc<AtomicBool>,
+    pub(crate) status: tokio::sync::watch::Receiver<crate::carrier::Status>,
+    /// The replay buffer's size (`resume.buffer`).
+    pub(crate) limit: usize,
+}
+
+impl Pressure {
+    /// No link, and the replay buffer is half full.
+    fn high(&self) -> bool {
+        !self.connected.load(Ordering::Acquire)
+            && self.status.borrow().buffered_bytes >= self.limit / 2
+    }
+}
 
 /// A running capture; dropping it stops the capture thread (within 200 ms).
 #[derive(Debug)]
@@ -60,6 +79,7 @@ pub(crate) async fn start(
     next_stream: Arc<AtomicU64>,
     route: Option<Arc<Route>>,
     loopback_only: bool,
+    pressure: Pressure,
 ) -> std::io::Result<Capture> {
     let socket = netns
         .run_in(move || {
@@ -78,7 +98,16 @@ pub(crate) async fn start(
     let filtered = route.map(|route| (route, tokio::runtime::Handle::current()));
     std::thread::Builder::new()
         .name(format!("mirror-{port}"))
-        .spawn(move || capture(socket, &out, &next_stream, &thread_stop, filtered))?;
+        .spawn(move || {
+            capture(
+                socket,
+                &out,
+                &next_stream,
+                &thread_stop,
+                filtered,
+                &pressure,
+            )
+        })?;
     Ok(Capture { stop })
 }
 
@@ -90,6 +119,7 @@ fn capture(
     next_stream: &Arc<AtomicU64>,
     stop: &AtomicBool,
     filtered: Option<(Arc<Route>, tokio::runtime::Handle)>,
+    pressure: &Pressure,
 ) {
     let mut flows = std::collections::HashMap::<FlowKey, mpsc::UnboundedSender<Bytes>>::new();
     let mut reassembler = Reassembler::new(MAX_PENDING_PER_FLOW, MAX_FLOWS);
@@ -163,6 +193,29 @@ fn capture(
                     let Some(&stream_id) = ids.get(&key) else {
                         continue;
                     };
+                    if pressure.high() {
+                        // This copy ends here; the rest of the session keeps its buffer.
+                        ids.remove(&key);
+                        let reset = Body::StreamReset(StreamReset {
+                            stream_id,
+                            reason: "the link to tether is down and its replay buffer is half full"
+                                .into(),
+                            errno: libc::ECONNRESET,
+                        });
+                        let warning = Body::Log(Log {
+                            level: LogLevel::Warn as i32,
+                            message: format!(
+                                "mirror: the copy of {} → {} was reset while the link was down (resume.buffer is half full); the pod's connection is not affected",
+                                key.client, key.server
+                            ),
+                            target: "mirror".into(),
+                        });
+                        if out.blocking_send(reset).is_err() || out.blocking_send(warning).is_err()
+                        {
+                            return;
+                        }
+                        continue;
+                    }
                     Body::StreamData(StreamData { stream_id, data })
                 }
                 Event::Close(key) => {

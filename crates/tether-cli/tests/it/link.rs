@@ -462,6 +462,98 @@ fn a_vanished_target_ends_the_reconnect_with_a_clear_reason() {
     );
 }
 
+/// The local app of the mirror test: accepts one mirrored connection on PORT and reads it to the
+/// end, then says on stderr how it ended.
+const MIRROR_READER: &str = r#"
+import os, socket, sys
+server = socket.create_server(("0.0.0.0", int(os.environ["PORT"])))
+conn, _ = server.accept()
+total = 0
+try:
+    while data := conn.recv(65536):
+        total += len(data)
+    print(f"copy: ended after {total} bytes", file=sys.stderr, flush=True)
+except ConnectionResetError:
+    print(f"copy: reset after {total} bytes", file=sys.stderr, flush=True)
+"#;
+
+/// The pod's client of the mirror test: 8 MiB up to the pod's echo app and back.
+const UPLOAD: &str = r#"
+import socket, sys, threading
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+size, got = 8 << 20, 0
+threading.Thread(target=lambda: (sock.sendall(b"m" * size), sock.shutdown(socket.SHUT_WR))).start()
+while data := sock.recv(65536):
+    got += len(data)
+print("echoed", got)
+"#;
+
+#[test]
+fn a_mirrored_copy_that_would_fill_the_replay_buffer_is_reset_and_the_rest_resumes() {
+    if !require_root(
+        "a_mirrored_copy_that_would_fill_the_replay_buffer_is_reset_and_the_rest_resumes",
+    ) {
+        return;
+    }
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    let (remote, local) = (free_port(), free_port());
+    let script = tether_testkit::netns::apps_dir().join("link_load.py");
+    net.spawn(
+        &pod.netns,
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            "echo",
+            &remote.to_string(),
+        ],
+    );
+    net.wait_listening(&pod.netns, remote);
+    let env = [
+        (
+            "TETHER_FEATURE__NETWORK__INCOMING__MODE",
+            "mirror".to_owned(),
+        ),
+        (
+            "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
+            format!("[[{local}, {remote}]]"),
+        ),
+        ("TETHER_RESUME__BUFFER", (2 << 20).to_string()),
+        ("PORT", local.to_string()),
+    ];
+    let target = format!("netns/{}", pod.netns);
+    let mut fixture = Fixture::start(net, &target, None, &env, &["python3", "-c", MIRROR_READER]);
+    fixture.exec.wait_for(&format!(":{local} (mirrored)"));
+    // The link goes down; then a client uploads 8 MiB to the pod while nothing can reach tether.
+    fixture.cutter.refuse(true);
+    fixture.cutter.cut();
+    fixture.exec.wait_for("link to agent lost");
+    let output = fixture.net.exec(
+        fixture.net.client(),
+        &[
+            "python3",
+            "-c",
+            UPLOAD,
+            &pod.ip.to_string(),
+            &remote.to_string(),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("echoed {}", 8 << 20),
+        "the pod's own connection is not affected: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    fixture.cutter.refuse(false);
+    fixture
+        .exec
+        .wait_for_within("nothing lost", Duration::from_secs(30));
+    fixture.exec.wait_for("mirror: the copy of");
+    fixture.exec.wait_for("copy: reset after");
+    assert!(fixture.exec.is_running(), "tether keeps running");
+    assert_eq!(fixture.exec.count("session with the agent is over"), 0);
+}
+
 /// `tether status` for the session of `pid`.
 fn status_of(pid: u32) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_tether"))
