@@ -254,7 +254,8 @@ impl Carrier {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let driver = Driver {
             settings,
-            out_rx,
+            out_rx: Arc::new(tokio::sync::Mutex::new(out_rx)),
+            out_probe: out_tx.downgrade(),
             in_tx,
             control_rx,
             close_rx,
@@ -438,6 +439,8 @@ fn body_size(body: &Body) -> usize {
 enum LinkEvent {
     Dead(String),
     Pong(u64),
+    /// The session dropped its queue.
+    SessionGone,
 }
 
 /// The current link's tasks.
@@ -486,7 +489,11 @@ impl LinkTasks {
 
 struct Driver {
     settings: Settings,
-    out_rx: mpsc::Receiver<Body>,
+    /// The session's queue. The current link's writer holds the lock and numbers what it takes;
+    /// without a link, frames wait here (unnumbered) and in the replay buffer.
+    out_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Body>>>,
+    /// To see how much waits in the queue (without keeping it open).
+    out_probe: mpsc::WeakSender<Body>,
     in_tx: mpsc::UnboundedSender<Frame>,
     control_rx: mpsc::Receiver<Command>,
     close_rx: oneshot::Receiver<()>,
@@ -522,7 +529,6 @@ impl Driver {
             if let LinkState::Ended { .. } = self.status.borrow().state {
                 break;
             }
-            let full = self.replay.lock().expect("replay lock").bytes() >= self.settings.buffer;
             tokio::select! {
                 biased;
                 _ = &mut self.close_rx => {
@@ -548,6 +554,10 @@ impl Driver {
                     if generation == self.generation {
                         match event {
                             LinkEvent::Dead(reason) => self.down(reason).await,
+                            LinkEvent::SessionGone => {
+                                self.close("the session ended").await;
+                                break;
+                            }
                             LinkEvent::Pong(nonce) => {
                                 let sent = Duration::from_micros(nonce);
                                 self.rtt = self.epoch.elapsed().checked_sub(sent);
@@ -560,14 +570,6 @@ impl Driver {
                         }
                     }
                 }
-                body = self.out_rx.recv(), if !full => match body {
-                    Some(body) => self.send(body),
-                    None => {
-                        self.close("the session ended").await;
-                        break;
-                    }
-                },
-                () = self.space.notified(), if full => {}
                 _ = tick.tick() => self.keepalive().await,
             }
             self.publish();
@@ -575,18 +577,11 @@ impl Driver {
         self.connected.store(false, Ordering::Release);
     }
 
-    fn send(&mut self, body: Body) {
-        let seq = if body.is_link_local() {
-            0
-        } else {
-            self.replay
-                .lock()
-                .expect("replay lock")
-                .push(&body, self.settings.grace.is_some())
-        };
+    /// A link-local frame on the current link (session frames go through the writer).
+    fn send_local(&mut self, body: Body) {
         if let Some(link) = &self.link {
             link.write(Frame {
-                seq,
+                seq: 0,
                 ack: 0,
                 body: Some(body),
             });
@@ -675,13 +670,20 @@ impl Driver {
             let _ = writer_tx.send(frame);
         }
         let last_rx = Arc::new(AtomicU64::new(self.now_ms()));
-        let writer = tokio::spawn(write_loop(
-            sink,
-            writer_rx,
-            Arc::clone(&self.received),
-            self.events_tx.clone(),
-            self.generation,
-        ));
+        let writer = tokio::spawn(
+            Writer {
+                local: writer_rx,
+                session: Arc::clone(&self.out_rx),
+                replay: Arc::clone(&self.replay),
+                space: Arc::clone(&self.space),
+                limit: self.settings.buffer,
+                keep: self.settings.grace.is_some(),
+                received: Arc::clone(&self.received),
+                events: self.events_tx.clone(),
+                generation: self.generation,
+            }
+            .run(sink),
+        );
         let reader = tokio::spawn(
             Reader {
                 in_tx: self.in_tx.clone(),
@@ -734,11 +736,8 @@ impl Driver {
             .send_modify(|s| s.state = LinkState::Ended { reason });
     }
 
-    /// Sends what the session queued, closes the link, ends.
+    /// Sends what the session queued (the writer drains the queue), closes the link, ends.
     async fn close(&mut self, reason: &str) {
-        while let Ok(body) = self.out_rx.try_recv() {
-            self.send(body);
-        }
         if let Some(link) = self.link.take() {
             link.finish().await;
         }
@@ -781,7 +780,7 @@ impl Driver {
     fn ping(&mut self) -> u64 {
         self.last_ping = Instant::now();
         let nonce = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.send(Body::Ping(Ping { nonce }));
+        self.send_local(Body::Ping(Ping { nonce }));
         nonce
     }
 
@@ -790,9 +789,13 @@ impl Driver {
     }
 
     fn publish(&self) {
+        let queued = self
+            .out_probe
+            .upgrade()
+            .map_or(0, |out| out.max_capacity() - out.capacity());
         let (frames, bytes) = {
             let replay = self.replay.lock().expect("replay lock");
-            (replay.len(), replay.bytes())
+            (replay.len() + queued, replay.bytes())
         };
         self.status.send_if_modified(|s| {
             let changed = s.rtt != self.rtt
@@ -808,40 +811,127 @@ impl Driver {
     }
 }
 
-/// Writes frames as they come, acknowledging in each what was received; a burst goes out in one
-/// flush. Closing the queue closes the link cleanly.
-async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<Link, Frame>,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
+/// A link's writer. It takes the session's frames straight from the session's queue (numbering
+/// and keeping each), so a frame costs one task hop from the session to the socket, and
+/// link-local frames (pings, pongs, acks, and first the replayed backlog) from its own queue.
+/// Every frame acknowledges what was received so far; a burst goes out in one flush. When its
+/// own queue closes, it writes what the session still queued and closes the link cleanly.
+struct Writer {
+    local: mpsc::UnboundedReceiver<Frame>,
+    session: Arc<tokio::sync::Mutex<mpsc::Receiver<Body>>>,
+    replay: Arc<Mutex<Replay>>,
+    space: Arc<Notify>,
+    limit: usize,
+    /// Keep frames for replay (the session can be resumed).
+    keep: bool,
     received: Arc<AtomicU64>,
     events: mpsc::UnboundedSender<(u64, LinkEvent)>,
     generation: u64,
-) {
-    let with_ack = |mut frame: Frame| {
-        frame.ack = received.load(Ordering::Acquire);
-        frame
-    };
-    let failed = |error: std::io::Error| {
-        let _ = events.send((
-            generation,
-            LinkEvent::Dead(format!("write failed: {error}")),
-        ));
-    };
-    while let Some(frame) = frames.recv().await {
-        if let Err(e) = sink.feed(with_ack(frame)).await {
-            return failed(e);
-        }
-        for _ in 1..WRITE_BATCH {
-            let Ok(frame) = frames.try_recv() else { break };
-            if let Err(e) = sink.feed(with_ack(frame)).await {
-                return failed(e);
+}
+
+impl Writer {
+    async fn run(mut self, mut sink: futures_util::stream::SplitSink<Link, Frame>) {
+        let session = Arc::clone(&self.session);
+        // Only one link writes at a time; the old writer was stopped before this one started.
+        let mut queue = session.lock().await;
+        loop {
+            let Some(frame) = self.next(&mut queue).await else {
+                return;
+            };
+            let frame = match frame {
+                Next::Frame(frame) => frame,
+                Next::Finish => {
+                    while let Ok(body) = queue.try_recv() {
+                        let frame = self.number(body);
+                        if sink.feed(self.with_ack(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = sink.close().await;
+                    return;
+                }
+            };
+            if let Err(error) = sink.feed(self.with_ack(frame)).await {
+                return self.failed(&error);
+            }
+            for _ in 1..WRITE_BATCH {
+                let frame = match self.local.try_recv() {
+                    Ok(frame) => frame,
+                    Err(_) if !self.full() => match queue.try_recv() {
+                        Ok(body) => self.number(body),
+                        Err(_) => break,
+                    },
+                    Err(_) => break,
+                };
+                if let Err(error) = sink.feed(self.with_ack(frame)).await {
+                    return self.failed(&error);
+                }
+            }
+            if let Err(error) = sink.flush().await {
+                return self.failed(&error);
             }
         }
-        if let Err(e) = sink.flush().await {
-            return failed(e);
+    }
+
+    /// The next frame to write: link-local ones first, then the session's (while the replay
+    /// buffer has room). `None`: the session is gone (reported to the driver).
+    async fn next(&mut self, queue: &mut mpsc::Receiver<Body>) -> Option<Next> {
+        loop {
+            let full = self.full();
+            tokio::select! {
+                biased;
+                frame = self.local.recv() => {
+                    return Some(frame.map_or(Next::Finish, Next::Frame));
+                }
+                body = queue.recv(), if !full => {
+                    let Some(body) = body else {
+                        let _ = self.events.send((self.generation, LinkEvent::SessionGone));
+                        return None;
+                    };
+                    return Some(Next::Frame(self.number(body)));
+                }
+                () = self.space.notified(), if full => {}
+            }
         }
     }
-    let _ = sink.close().await;
+
+    fn full(&self) -> bool {
+        self.replay.lock().expect("replay lock").bytes() >= self.limit
+    }
+
+    fn number(&self, body: Body) -> Frame {
+        let seq = if body.is_link_local() {
+            0
+        } else {
+            self.replay
+                .lock()
+                .expect("replay lock")
+                .push(&body, self.keep)
+        };
+        Frame {
+            seq,
+            ack: 0,
+            body: Some(body),
+        }
+    }
+
+    fn with_ack(&self, mut frame: Frame) -> Frame {
+        frame.ack = self.received.load(Ordering::Acquire);
+        frame
+    }
+
+    fn failed(&self, error: &std::io::Error) {
+        let _ = self.events.send((
+            self.generation,
+            LinkEvent::Dead(format!("write failed: {error}")),
+        ));
+    }
+}
+
+enum Next {
+    Frame(Frame),
+    /// The link's own queue closed: write what is left and close.
+    Finish,
 }
 
 struct Reader {

@@ -50,10 +50,12 @@ pub(crate) struct Pressure {
 }
 
 impl Pressure {
-    /// No link, and the replay buffer is half full.
-    fn high(&self) -> bool {
+    /// No link, and what waits for it (`queued`: what this capture sent since the link went
+    /// down, plus the replay buffer) is half the limit, or the session's queue is half full.
+    fn high(&self, out: &mpsc::Sender<Body>, queued: usize) -> bool {
         !self.connected.load(Ordering::Acquire)
-            && self.status.borrow().buffered_bytes >= self.limit / 2
+            && (out.capacity() < out.max_capacity() / 2
+                || queued + self.status.borrow().buffered_bytes >= self.limit / 2)
     }
 }
 
@@ -124,6 +126,8 @@ fn capture(
     let mut flows = std::collections::HashMap::<FlowKey, mpsc::UnboundedSender<Bytes>>::new();
     let mut reassembler = Reassembler::new(MAX_PENDING_PER_FLOW, MAX_FLOWS);
     let mut ids = std::collections::HashMap::<FlowKey, u64>::new();
+    // Bytes copied since the link went down (they wait in the session's queue).
+    let mut sent_while_down = 0usize;
     let mut buf = vec![0u8; 65_536];
     let mut events = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -193,19 +197,23 @@ fn capture(
                     let Some(&stream_id) = ids.get(&key) else {
                         continue;
                     };
-                    if pressure.high() {
+                    if pressure.connected.load(Ordering::Acquire) {
+                        sent_while_down = 0;
+                    } else {
+                        sent_while_down += data.len();
+                    }
+                    if pressure.high(out, sent_while_down) {
                         // This copy ends here; the rest of the session keeps its buffer.
                         ids.remove(&key);
                         let reset = Body::StreamReset(StreamReset {
                             stream_id,
-                            reason: "the link to tether is down and its replay buffer is half full"
-                                .into(),
+                            reason: "the link to tether is down and its buffer is half full".into(),
                             errno: libc::ECONNRESET,
                         });
                         let warning = Body::Log(Log {
                             level: LogLevel::Warn as i32,
                             message: format!(
-                                "mirror: the copy of {} → {} was reset while the link was down (resume.buffer is half full); the pod's connection is not affected",
+                                "mirror: the copy of {} → {} was reset while the link was down (its buffer was half full); the pod's connection is not affected",
                                 key.client, key.server
                             ),
                             target: "mirror".into(),
