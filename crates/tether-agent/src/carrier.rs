@@ -320,8 +320,12 @@ impl Carrier {
         if let Some(close) = self.close.take() {
             let _ = close.send(());
         }
-        if let Some(driver) = self.driver.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+        if let Some(mut driver) = self.driver.take()
+            && tokio::time::timeout(Duration::from_secs(2), &mut driver)
+                .await
+                .is_err()
+        {
+            driver.abort();
         }
     }
 }
@@ -404,7 +408,11 @@ impl Replay {
     }
 
     /// The kept frames after `received` (what the peer lacks), in order.
+    ///
+    /// A `received` below what the peer already acknowledged is served from the acknowledgement
+    /// (the peer has those frames; it drops duplicates anyway): only [`Replay::check`] refuses it.
     pub fn after(&mut self, received: u64) -> Result<Vec<Frame>, ReplayError> {
+        let received = received.max(self.acked);
         self.check(received)?;
         self.ack(received);
         Ok(self
@@ -544,6 +552,7 @@ impl Driver {
                         self.end(reason);
                     }
                     Command::Ping(reply) => {
+                        self.ping_waiters.retain(|(_, waiter)| !waiter.is_closed());
                         if self.link.is_some() {
                             let nonce = self.ping();
                             self.ping_waiters.push((nonce, reply));
@@ -695,6 +704,7 @@ impl Driver {
                 generation: self.generation,
                 last_rx: Arc::clone(&last_rx),
                 epoch: self.epoch,
+                ack_bytes: (self.settings.buffer / 4).max(1),
             }
             .run(stream),
         );
@@ -763,6 +773,11 @@ impl Driver {
                 }
             }
             LinkState::Down { since, .. } => {
+                if self.out_probe.upgrade().is_none() {
+                    // The session is gone; nothing will ever be sent again.
+                    self.end("the session ended".into());
+                    return;
+                }
                 if let Some(grace) = self.settings.grace
                     && since.elapsed() >= grace
                 {
@@ -944,6 +959,8 @@ struct Reader {
     generation: u64,
     last_rx: Arc<AtomicU64>,
     epoch: Instant,
+    /// Acknowledge at least every this many bytes received.
+    ack_bytes: usize,
 }
 
 impl Reader {
@@ -955,6 +972,7 @@ impl Reader {
     /// Reads until the link fails; returns why.
     async fn read(&self, stream: &mut futures_util::stream::SplitStream<Link>) -> String {
         let mut unacked = 0u64;
+        let mut unacked_bytes = 0usize;
         loop {
             let frame = match stream.next().await {
                 None => return "the peer closed the link".into(),
@@ -1004,13 +1022,18 @@ impl Reader {
                 );
             }
             let seq = frame.seq;
+            let size = frame.body.as_ref().map_or(0, body_size);
             if self.in_tx.send(frame).is_err() {
                 return "the session ended".into();
             }
             self.received.store(seq, Ordering::Release);
             unacked += 1;
-            if unacked >= ACK_EVERY {
+            unacked_bytes += size;
+            // The peer frees its replay buffer on acks: every ACK_EVERY frames, and every
+            // quarter of its buffer, so one-way traffic never waits for a ping to be acked.
+            if unacked >= ACK_EVERY || unacked_bytes >= self.ack_bytes {
                 unacked = 0;
+                unacked_bytes = 0;
                 let _ = self.writer_tx.send(Frame {
                     seq: 0,
                     ack: 0,
@@ -1060,8 +1083,18 @@ mod tests {
         replay.push(&data(2), true);
         replay.ack(2);
         assert_eq!(
+            replay.check(1),
+            Err(ReplayError::AlreadyDropped { asked: 1, acked: 2 }),
+            "a resume older than an acknowledgement is stale"
+        );
+        assert_eq!(
             replay.after(1),
-            Err(ReplayError::AlreadyDropped { asked: 1, acked: 2 })
+            Ok(Vec::new()),
+            "once accepted, it is served from the acknowledgement"
+        );
+        assert_eq!(
+            replay.check(7),
+            Err(ReplayError::NeverSent { asked: 7, last: 2 })
         );
         assert_eq!(
             replay.after(7),

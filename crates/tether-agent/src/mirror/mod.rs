@@ -128,6 +128,7 @@ fn capture(
     let mut ids = std::collections::HashMap::<FlowKey, u64>::new();
     // Bytes copied since the link went down (they wait in the session's queue).
     let mut sent_while_down = 0usize;
+    let mut last_outage = None;
     let mut buf = vec![0u8; 65_536];
     let mut events = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -148,6 +149,15 @@ fn capture(
                 return;
             }
         };
+        // Each outage counts from zero.
+        let outage = match pressure.status.borrow().state {
+            crate::carrier::LinkState::Down { since, .. } => Some(since),
+            _ => None,
+        };
+        if outage != last_outage {
+            last_outage = outage;
+            sent_while_down = 0;
+        }
         let Some(segment) = parse(&buf[..len]) else {
             continue;
         };
@@ -169,7 +179,23 @@ fn capture(
                         runtime.spawn(flow);
                     }
                     Event::Data(key, data) => {
+                        if pressure.high(out, sent_while_down) && flows.remove(&key).is_some() {
+                            // The flow's task ends with its channel; its copy stops here.
+                            let warning = Body::Log(Log {
+                                level: LogLevel::Warn as i32,
+                                message: format!(
+                                    "mirror: the copy of {} → {} stopped while the link was down (its buffer was half full); the pod's connection is not affected",
+                                    key.client, key.server
+                                ),
+                                target: "mirror".into(),
+                            });
+                            let _ = out.try_send(warning);
+                            continue;
+                        }
                         if let Some(tx) = flows.get(&key) {
+                            if !pressure.connected.load(Ordering::Acquire) {
+                                sent_while_down += data.len();
+                            }
                             let _ = tx.send(data);
                         }
                     }
@@ -197,11 +223,6 @@ fn capture(
                     let Some(&stream_id) = ids.get(&key) else {
                         continue;
                     };
-                    if pressure.connected.load(Ordering::Acquire) {
-                        sent_while_down = 0;
-                    } else {
-                        sent_while_down += data.len();
-                    }
                     if pressure.high(out, sent_while_down) {
                         // This copy ends here; the rest of the session keeps its buffer.
                         ids.remove(&key);
@@ -223,6 +244,9 @@ fn capture(
                             return;
                         }
                         continue;
+                    }
+                    if !pressure.connected.load(Ordering::Acquire) {
+                        sent_while_down += data.len();
                     }
                     Body::StreamData(StreamData { stream_id, data })
                 }
