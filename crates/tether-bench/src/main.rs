@@ -71,8 +71,11 @@ enum Bench {
         #[arg(long, default_value_t = 100)]
         megabytes: u64,
     },
+    /// P3 alone (mirror under load, the suite's full sizes), printed as JSON: for profiling it
+    /// (e.g. under `perf record -a`). Needs root.
+    Mirror,
     /// Issue 10: every scenario (P1 steal latency, P2 throughput, P3 mirror under load, P4 layer
-    /// overhead, P5 start-up, memory) with its baselines in one run; writes the raw figures as
+    /// overhead, P5 start-up, P6 reconnect time, memory) with its baselines in one run; writes the raw figures as
     /// JSON and the tables into BENCHMARKS.md. Needs root; about 10 minutes (`--quick`: under 2,
     /// for CI, and BENCHMARKS.md is left alone).
     All {
@@ -108,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             close,
         } => http_steal::run(rounds, seconds, connections, app == "python", close),
         Bench::FsRemote { rounds, megabytes } => fs_remote::run(rounds, megabytes),
+        Bench::Mirror => suite::mirror_only(),
         Bench::All {
             quick,
             out_dir,

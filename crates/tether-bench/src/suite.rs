@@ -613,6 +613,20 @@ fn mirror(net: &Network, pod: &Pod, tether: &Path, sizes: Sizes) -> anyhow::Resu
     })
 }
 
+/// `tether-bench mirror`: P3 alone, with the suite's full sizes.
+pub(crate) fn mirror_only() -> anyhow::Result<()> {
+    if !tether_testkit::require_root("tether-bench mirror") {
+        bail!("run it as root: it builds network namespaces");
+    }
+    let tether = crate::tether_binary()?;
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    crate::http_steal::start_pod_paths(&net, &pod, &tether, false);
+    let result = mirror(&net, &pod, &tether, Sizes::new(false))?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
 fn goal(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
