@@ -181,15 +181,7 @@ fn capture(
                     Event::Data(key, data) => {
                         if pressure.high(out, sent_while_down) && flows.remove(&key).is_some() {
                             // The flow's task ends with its channel; its copy stops here.
-                            let warning = Body::Log(Log {
-                                level: LogLevel::Warn as i32,
-                                message: format!(
-                                    "mirror: the copy of {} → {} stopped while the link was down (its buffer was half full); the pod's connection is not affected",
-                                    key.client, key.server
-                                ),
-                                target: "mirror".into(),
-                            });
-                            let _ = out.try_send(warning);
+                            let _ = out.try_send(copy_ended(&key, "stopped"));
                             continue;
                         }
                         if let Some(tx) = flows.get(&key) {
@@ -231,14 +223,7 @@ fn capture(
                             reason: "the link to tether is down and its buffer is half full".into(),
                             errno: libc::ECONNRESET,
                         });
-                        let warning = Body::Log(Log {
-                            level: LogLevel::Warn as i32,
-                            message: format!(
-                                "mirror: the copy of {} → {} was reset while the link was down (its buffer was half full); the pod's connection is not affected",
-                                key.client, key.server
-                            ),
-                            target: "mirror".into(),
-                        });
+                        let warning = copy_ended(&key, "was reset");
                         if out.blocking_send(reset).is_err() || out.blocking_send(warning).is_err()
                         {
                             return;
@@ -273,6 +258,18 @@ fn capture(
             }
         }
     }
+}
+
+/// The warning for a mirrored copy ended under pressure (`how`: "was reset", "stopped").
+fn copy_ended(key: &FlowKey, how: &str) -> Body {
+    Body::Log(Log {
+        level: LogLevel::Warn as i32,
+        message: format!(
+            "mirror: the copy of {} → {} {how} while the link was down (its buffer was half full); the pod's connection is not affected",
+            key.client, key.server
+        ),
+        target: "mirror".into(),
+    })
 }
 
 fn parse(packet: &[u8]) -> Option<Segment> {

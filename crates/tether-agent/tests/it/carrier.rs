@@ -119,6 +119,19 @@ async fn handshake(
         .ok()
 }
 
+/// The client's side of a new session.
+async fn open(addr: std::net::SocketAddr, settings: Settings) -> (Carrier, Endpoints) {
+    let (link, _welcome) = handshake(addr, None).await.unwrap();
+    Carrier::spawn(
+        settings,
+        Attach {
+            link,
+            peer_received: 0,
+            welcome: None,
+        },
+    )
+}
+
 /// The client's side: reconnects (a few ms apart) whenever the link is down.
 fn reconnect(addr: std::net::SocketAddr, carrier: &Carrier) -> JoinHandle<()> {
     let control = carrier.control();
@@ -227,15 +240,7 @@ async fn every_frame_arrives_once_and_in_order_across_50_cuts() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let cutter = LinkCutter::start(listener.local_addr().unwrap()).await;
     let (opened, server) = serve(listener);
-    let (link, _welcome) = handshake(cutter.addr(), None).await.unwrap();
-    let (client, client_ends) = Carrier::spawn(
-        settings(),
-        Attach {
-            link,
-            peer_received: 0,
-            welcome: None,
-        },
-    );
+    let (client, client_ends) = open(cutter.addr(), settings()).await;
     let (agent, agent_ends) = opened.await.unwrap();
     let reconnector = reconnect(cutter.addr(), &client);
 
@@ -292,15 +297,7 @@ async fn a_stale_resume_is_refused_without_touching_the_live_link() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (opened, _server) = serve(listener);
-    let (link, _welcome) = handshake(addr, None).await.unwrap();
-    let (client, client_ends) = Carrier::spawn(
-        settings(),
-        Attach {
-            link,
-            peer_received: 0,
-            welcome: None,
-        },
-    );
+    let (client, client_ends) = open(addr, settings()).await;
     let (agent, agent_ends) = opened.await.unwrap();
     // Frames the client receives; a frame back from the client then carries its acknowledgement
     // (an ack is read before the frame it rides on is delivered), so the agent dropped them.
@@ -355,15 +352,7 @@ async fn one_way_traffic_through_a_small_replay_buffer_never_waits_for_a_ping() 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (opened, _server) = serve_with(listener, small);
-    let (link, _welcome) = handshake(addr, None).await.unwrap();
-    let (_client, client_ends) = Carrier::spawn(
-        small,
-        Attach {
-            link,
-            peer_received: 0,
-            welcome: None,
-        },
-    );
+    let (_client, client_ends) = open(addr, small).await;
     let (_agent, agent_ends) = opened.await.unwrap();
     let sender = send(agent_ends.out.clone(), 2, 2_000, 16 << 10, None);
     let received = tokio::time::timeout(Duration::from_secs(30), receive(client_ends.incoming, 2))
