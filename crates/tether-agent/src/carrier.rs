@@ -300,12 +300,8 @@ impl Carrier {
         self.status.clone()
     }
 
-    /// The highest `seq` received from the peer in order (what a resuming hello announces).
-    pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Acquire)
-    }
-
-    /// The counter behind [`Carrier::received`], for a task that outlives this borrow.
+    /// The highest `seq` received from the peer in order (what a resuming hello announces);
+    /// shared, for the task that reconnects.
     pub fn received_counter(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.received)
     }
