@@ -12,6 +12,7 @@
 //! `tether agent` subcommand), [`run`], and [`Agent`] + [`serve`] for embedding in tests.
 
 pub mod carrier;
+pub mod container;
 mod dns;
 pub mod flow;
 mod flush;
@@ -25,7 +26,7 @@ pub mod rules;
 mod session;
 mod steal;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use tokio::{
@@ -40,7 +41,8 @@ use crate::{netns::Netns, rules::Owner};
 /// `tether agent --target netns/NAME --listen ADDR --token-file FILE`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// The target whose traffic the agent serves: `netns/NAME` (from `ip netns`) or `pid/PID`.
+    /// The target whose traffic the agent serves: `netns/NAME` (from `ip netns`), `pid/PID`, or
+    /// `container/RUNTIME://ID` (a container on this node, found through `/proc/*/cgroup`).
     /// Without it, the agent works in its own network namespace.
     #[arg(long, value_name = "TARGET")]
     pub target: Option<String>,
@@ -49,8 +51,20 @@ pub struct AgentArgs {
     pub listen: SocketAddr,
     /// File holding the session token clients must present (whitespace around it is ignored).
     /// A file, not a flag or variable, so the token does not show in `ps` or `/proc/PID/environ`.
-    #[arg(long)]
-    pub token_file: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "token_sha256",
+        conflicts_with = "token_sha256"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// The SHA-256 (64 hex digits) of the session token, instead of the token: how an agent pod
+    /// is started, so the token is not in the pod's spec.
+    #[arg(long, value_name = "HEX")]
+    pub token_sha256: Option<String>,
+    /// Exit once no session has existed for this long (also counted from the start), e.g.
+    /// `30s`: an agent pod ends on its own when the CLI that started it is gone.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub idle_exit: Option<std::time::Duration>,
     /// Force the nftables (true) or iptables-legacy (false) backend. Default: legacy when the
     /// target already has legacy rules, nftables otherwise.
     #[arg(long, value_name = "BOOL")]
@@ -94,7 +108,7 @@ async fn guard(args: AgentArgs) -> anyhow::Result<i32> {
         }
     }
     let netns = resolve(args.target.as_deref())?;
-    read_token(&args.token_file)?;
+    token_digest(&args)?;
     let owner = Owner::current();
     let swept = rules::sweep(&netns, |o| !o.is_alive()).await;
     if swept > 0 {
@@ -148,11 +162,11 @@ async fn worker(args: AgentArgs, owner: Owner) -> anyhow::Result<i32> {
         anyhow::bail!("the agent guard exited before its worker started");
     }
     let netns = resolve(args.target.as_deref())?;
-    let token = read_token(&args.token_file)?;
+    let token = token_digest(&args)?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let agent = Agent::start(Arc::from(token), netns, owner.clone(), args.nftables).await?;
+    let agent = Agent::start(token, netns, owner.clone(), args.nftables).await?;
     let addr = listener.local_addr()?;
     // One JSON line on stdout: the readiness signal for whoever started the agent.
     println!(
@@ -161,10 +175,19 @@ async fn worker(args: AgentArgs, owner: Owner) -> anyhow::Result<i32> {
     );
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        () = serve(listener, agent) => {}
+        () = session::serve_until_idle(listener, agent, args.idle_exit) => {}
         _ = term.recv() => tracing::info!("stopping"),
     }
     Ok(0)
+}
+
+fn token_digest(args: &AgentArgs) -> anyhow::Result<tether_protocol::TokenDigest> {
+    match (&args.token_file, &args.token_sha256) {
+        (_, Some(hex)) => tether_protocol::TokenDigest::from_hex(hex)
+            .context("--token-sha256 must be 64 hex digits (the SHA-256 of the session token)"),
+        (Some(file), None) => read_token(file).map(|t| tether_protocol::TokenDigest::of(&t)),
+        (None, None) => anyhow::bail!("give --token-file or --token-sha256"),
+    }
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {

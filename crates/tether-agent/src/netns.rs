@@ -17,16 +17,23 @@ use nix::sched::CloneFlags;
 pub struct Netns {
     /// A file naming the namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
     pub path: PathBuf,
-    /// How the user named it (`netns/NAME`, `pid/PID`).
+    /// How the user named it (`netns/NAME`, `pid/PID`, `container/ID`).
     pub label: String,
+    /// The target's process, for `pid/PID` and `container/ID` targets.
+    pid: Option<u32>,
     /// The agent's own namespace (no target): nothing to enter.
     current: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("`{0}` is not a local target: use netns/NAME (a namespace from `ip netns`) or pid/PID")]
+    #[error(
+        "`{0}` is not a local target: use netns/NAME (a namespace from `ip netns`), pid/PID or \
+         container/RUNTIME://ID"
+    )]
     Syntax(String),
+    #[error(transparent)]
+    Container(#[from] crate::container::ContainerError),
     #[error("the target {label} does not exist ({path} is missing){hint}")]
     Missing {
         label: String,
@@ -42,22 +49,36 @@ pub enum TargetError {
 }
 
 impl Netns {
-    /// Resolves `netns/NAME` or `pid/PID` and checks it can be opened.
+    /// Resolves `netns/NAME`, `pid/PID` or `container/RUNTIME://ID` (the container's main
+    /// process, found through `/proc/*/cgroup`) and checks it can be opened.
     pub fn resolve(target: &str) -> Result<Netns, TargetError> {
-        let (path, hint) = match target.split_once('/') {
+        let process = |pid: u32| {
+            (
+                PathBuf::from(format!("/proc/{pid}/ns/net")),
+                Some(pid),
+                "; is the process still running?",
+            )
+        };
+        let (path, pid, hint) = match target.split_once('/') {
             Some(("netns", name)) if !name.is_empty() && !name.contains('/') => (
                 PathBuf::from("/run/netns").join(name),
+                None,
                 "; `ip netns list` shows the namespaces",
             ),
-            Some(("pid", pid)) if pid.parse::<u32>().is_ok_and(|p| p > 0) => (
-                PathBuf::from(format!("/proc/{pid}/ns/net")),
-                "; is the process still running?",
-            ),
+            Some(("pid", pid)) => match pid.parse::<u32>() {
+                Ok(pid) if pid > 0 => process(pid),
+                _ => return Err(TargetError::Syntax(target.to_owned())),
+            },
+            Some(("container", id)) => {
+                let id: crate::container::ContainerId = id.parse()?;
+                process(id.find_pid(Path::new("/proc"))?)
+            }
             _ => return Err(TargetError::Syntax(target.to_owned())),
         };
         let netns = Netns {
             path,
             label: target.to_owned(),
+            pid,
             current: false,
         };
         if !netns.exists() {
@@ -79,13 +100,14 @@ impl Netns {
         Netns {
             path: PathBuf::from("/proc/self/ns/net"),
             label: "the agent's own namespace".into(),
+            pid: None,
             current: true,
         }
     }
 
-    /// The target's process, for `pid/PID` targets.
+    /// The target's process, for `pid/PID` and `container/ID` targets.
     pub fn pid(&self) -> Option<u32> {
-        self.label.strip_prefix("pid/")?.parse().ok()
+        self.pid
     }
 
     /// The namespace's name, for `netns/NAME` targets.
@@ -98,7 +120,7 @@ impl Netns {
         self.current
     }
 
-    /// The target's filesystem root: the process's root (its mount namespace) for `pid/PID`, the
+    /// The target's filesystem root: the process's root (its mount namespace) for a process, the
     /// agent's own root otherwise.
     pub fn root_path(&self) -> PathBuf {
         match self.pid() {

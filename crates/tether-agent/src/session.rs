@@ -16,7 +16,8 @@ use futures_util::SinkExt as _;
 use tether_protocol::{
     Body, ErrorCode, ErrorInfo, Frame, HandshakeError, IncomingConnection, MAX_DATA_CHUNK,
     PortSubscribe, Request, Response, StreamData, StreamEnd, StreamReset, Subscribed,
-    SubscriptionMode, Welcome, WindowUpdate, check_hello, hello_error, request, response,
+    SubscriptionMode, TokenDigest, Welcome, WindowUpdate, check_hello, hello_error, request,
+    response,
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -46,7 +47,7 @@ use crate::{
 /// What every session of one agent shares.
 #[derive(Debug)]
 pub struct Agent {
-    pub(crate) token: Arc<str>,
+    pub(crate) token: TokenDigest,
     pub(crate) netns: Netns,
     pub(crate) owner: Owner,
     pub(crate) backend: Backend,
@@ -67,7 +68,7 @@ pub struct Agent {
 impl Agent {
     /// Prepares an agent for `netns`: picks the rules backend and starts the steal listener.
     pub async fn start(
-        token: Arc<str>,
+        token: TokenDigest,
         netns: Netns,
         owner: Owner,
         nftables: Option<bool>,
@@ -161,22 +162,63 @@ impl Agent {
 
 /// Accepts links forever; each runs on its own task, so one bad client never stops the others.
 pub async fn serve(listener: TcpListener, agent: Arc<Agent>) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // Per-connection accept errors (ECONNABORTED, EMFILE) must not end the agent.
-                tracing::warn!(%error, "accept failed");
-                continue;
-            }
+    serve_until_idle(listener, agent, None).await;
+}
+
+/// Serves sessions; with `idle`, returns once no session (and no link) has existed for that
+/// long, counted from the start too. An agent pod uses it so that it exits on its own when the
+/// CLI that started it is gone.
+pub(crate) async fn serve_until_idle(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    idle: Option<Duration>,
+) {
+    // Links being handled; the first link of a session is handled until the session ends
+    // (its grace included), so zero means no session either.
+    let (busy_tx, mut busy) = watch::channel(0usize);
+    let busy_tx = Arc::new(busy_tx);
+    let idle_for = async move {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
         };
-        let agent = Arc::clone(&agent);
-        tokio::spawn(async move {
-            match handle_link(stream, agent).await {
-                Ok(()) => tracing::debug!(%peer, "link closed"),
-                Err(error) => tracing::warn!(%peer, error = %error_chain(&error), "link ended"),
+        loop {
+            if *busy.borrow_and_update() == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(idle) => return,
+                    changed = busy.changed() => if changed.is_err() { return },
+                }
+            } else if busy.changed().await.is_err() {
+                return;
             }
-        });
+        }
+    };
+    let accept = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Per-connection accept errors (ECONNABORTED, EMFILE) must not end the agent.
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            };
+            let agent = Arc::clone(&agent);
+            let busy = Arc::clone(&busy_tx);
+            busy.send_modify(|n| *n += 1);
+            tokio::spawn(async move {
+                match handle_link(stream, agent).await {
+                    Ok(()) => tracing::debug!(%peer, "link closed"),
+                    Err(error) => tracing::warn!(%peer, error = %error_chain(&error), "link ended"),
+                }
+                busy.send_modify(|n| *n -= 1);
+            });
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = idle_for => {
+            tracing::info!(?idle, "no session for the idle time; exiting");
+        }
     }
 }
 

@@ -29,12 +29,50 @@ impl HandshakeError {
     }
 }
 
-/// Checks the client's hello against the agent's token, in constant time.
-pub fn check_hello(hello: &Hello, token: &str) -> Result<(), HandshakeError> {
+/// What the agent knows of its session token: only its SHA-256. An agent pod is given the
+/// digest in its spec, so whoever can read the pod (or the Job) cannot present the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    /// The digest of `token` (as the client presents it).
+    pub fn of(token: &str) -> TokenDigest {
+        use sha2::Digest as _;
+        TokenDigest(sha2::Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(hex: &str) -> Option<TokenDigest> {
+        let hex = hex.trim().as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut digest = [0u8; 32];
+        for (byte, pair) in digest.iter_mut().zip(hex.chunks_exact(2)) {
+            let pair = std::str::from_utf8(pair).ok()?;
+            *byte = u8::from_str_radix(pair, 16).ok()?;
+        }
+        Some(TokenDigest(digest))
+    }
+
+    /// 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenDigest({})", self.to_hex())
+    }
+}
+
+/// Checks the client's hello against the agent's token digest, in constant time.
+pub fn check_hello(hello: &Hello, expected: &TokenDigest) -> Result<(), HandshakeError> {
     if hello.token.is_empty() {
         return Err(HandshakeError::MissingToken);
     }
-    if bool::from(hello.token.as_bytes().ct_eq(token.as_bytes())) {
+    if bool::from(TokenDigest::of(&hello.token).0.ct_eq(&expected.0)) {
         Ok(())
     } else {
         Err(HandshakeError::WrongToken)

@@ -23,7 +23,7 @@ mod socket_addr;
 #[cfg(feature = "codec")]
 pub use codec::FrameCodec;
 pub use codec::{DecodeError, EncodeError, decode_frame, encode_frame};
-pub use handshake::{HandshakeError, check_hello, hello_error};
+pub use handshake::{HandshakeError, TokenDigest, check_hello, hello_error};
 pub use messages::*;
 pub use preface::{PREFACE_LEN, Preface, PrefaceError};
 pub use socket_addr::{AddrError, ip_from_bytes, ip_to_bytes};

@@ -46,7 +46,12 @@ impl AgentProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProcess {
-        AgentProcess::spawn(Command::new(binary), target, extra_args, env)
+        AgentProcess::spawn(Command::new(binary), Some(target), extra_args, env)
+    }
+
+    /// Starts `binary` with no target: it works in its own namespace.
+    pub fn start_untargeted(binary: &Path, extra_args: &[&str]) -> AgentProcess {
+        AgentProcess::spawn(Command::new(binary), None, extra_args, &[])
     }
 
     /// The agent as the `tether` binary runs it (`tether agent …`), as a user would start one
@@ -54,26 +59,23 @@ impl AgentProcess {
     pub fn start_tether(tether: &Path, target: &str, extra_args: &[&str]) -> AgentProcess {
         let mut command = Command::new(tether);
         command.arg("agent");
-        AgentProcess::spawn(command, target, extra_args, &[])
+        AgentProcess::spawn(command, Some(target), extra_args, &[])
     }
 
     fn spawn(
         mut command: Command,
-        target: &str,
+        target: Option<&str>,
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProcess {
         let token = format!("{:032x}", rand_u128());
         let mut token_file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut token_file, token.as_bytes()).unwrap();
+        if let Some(target) = target {
+            command.args(["--target", target]);
+        }
         let mut child = command
-            .args([
-                "--target",
-                target,
-                "--listen",
-                "127.0.0.1:0",
-                "--token-file",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--token-file"])
             .arg(token_file.path())
             .args(extra_args)
             // Quiet unless the test run asks for the agent's logs.

@@ -9,6 +9,7 @@
 //! line and return (CI runs as root, so they run there).
 
 pub mod agent;
+pub mod cgroup;
 pub mod cutter;
 pub mod netns;
 

@@ -3,11 +3,12 @@
 mod bad_input;
 mod carrier;
 mod cleanup;
+mod container;
 mod handshake;
 mod mirror;
 mod steal;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use tether_agent::{Agent, netns::Netns, rules::Owner};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,7 +21,7 @@ pub(crate) async fn start_agent() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let agent = Agent::start(
-        Arc::from(TOKEN),
+        tether_protocol::TokenDigest::of(TOKEN),
         Netns::current(),
         Owner::current(),
         Some(true),
