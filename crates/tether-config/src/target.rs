@@ -121,14 +121,18 @@ impl fmt::Display for Target {
             Target::Netns(name) => write!(f, "netns/{name}"),
             Target::Pid(pid) => write!(f, "pid/{pid}"),
             Target::Targetless => f.write_str("targetless"),
-            Target::Kube(k) => {
-                write!(f, "{}/{}", k.kind.as_str(), k.name)?;
-                if let Some(container) = &k.container {
-                    write!(f, "/container/{container}")?;
-                }
-                Ok(())
-            }
+            Target::Kube(k) => k.fmt(f),
         }
+    }
+}
+
+impl fmt::Display for KubeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind.as_str(), self.name)?;
+        if let Some(container) = &self.container {
+            write!(f, "/container/{container}")?;
+        }
+        Ok(())
     }
 }
 

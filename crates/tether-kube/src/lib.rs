@@ -1,4 +1,16 @@
-//! Kubernetes support for tether: resolving `deploy/…`-style targets to pods, running the agent pod,
-//! and carrying the session over a WebSocket port-forward.
+//! Kubernetes for tether: the cluster client, targets, the agent pod and the port-forward that
+//! carries a session to it.
 //!
-//! Empty until the Kubernetes issue lands; the crate exists so the workspace shape is final.
+//! - [`client`]: a client found as kubectl finds one (kubeconfig, context, in-cluster).
+//! - [`target`]: `deploy/api` → one running, ready pod and its app container.
+//! - [`manifest`]: the agent's Job as data (what tether creates, testable without a cluster).
+//! - [`agent`]: create the Job, wait for its pod with a watch, port-forward, delete.
+//! - [`access`]: the permissions tether needs, checked with SelfSubjectAccessReview.
+
+pub mod access;
+pub mod agent;
+pub mod client;
+pub mod manifest;
+pub mod target;
+
+pub use kube::Client;

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod cluster;
 pub mod cutter;
 pub mod netns;
 

@@ -109,6 +109,21 @@ impl Network {
         self.exec_ok(netns, &["ip", "link", "set", "lo", "up"]);
     }
 
+    /// Creates a namespace with only `lo` (up), removed with the network: for processes that
+    /// are reached only through `setns` (the cluster simulator's agent pods).
+    pub fn bare_namespace(&self, suffix: &str) -> String {
+        let netns = format!("{}-{suffix}", self.prefix);
+        run(&["ip", "netns", "add", &netns]);
+        self.exec_ok(&netns, &["ip", "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// The prefix of every namespace of this network (`tt-<pid>-<n>`); namespaces named with
+    /// it are removed with the network.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn pod(&self, i: usize) -> &Pod {
         &self.pods[i]
     }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use backon::Retryable as _;
 use serde_json::json;
 use tether_agent::carrier::{Io, Settings};
 use tether_config::{Config, Target, model::OnLinkLost};
@@ -73,20 +74,22 @@ fn load_config(args: &ExecArgs, file: Option<&Path>) -> Result<Config, tether_co
     loader.load().map(|loaded| loaded.config)
 }
 
-/// The local target's agent argument (`netns/NAME` or `pid/PID`).
-fn local_target(config: &Config) -> anyhow::Result<String> {
+/// The target: `netns/NAME` and `pid/PID` run a local agent; Kubernetes targets an agent pod.
+fn target(config: &Config) -> anyhow::Result<Target> {
     let Some(path) = &config.target.path else {
         bail!(
-            "no target: give one with --target netns/NAME or --target pid/PID (or target.path in the config)"
+            "no target: give one with --target (deploy/NAME, pod/NAME, netns/NAME, pid/PID, …) \
+             or target.path in the config"
         );
     };
-    match path.parse::<Target>()? {
-        target @ (Target::Netns(_) | Target::Pid(_)) => Ok(target.to_string()),
-        Target::Kube(_) | Target::Targetless => bail!(
-            "`{path}` is a Kubernetes target; this build of tether runs against local targets only \
-             (netns/NAME, pid/PID). Kubernetes support is on its way."
-        ),
+    let target: Target = path.parse()?;
+    if target == Target::Targetless {
+        bail!(
+            "targetless sessions (no pod: outgoing, DNS and files from an agent in the namespace) \
+             are not supported yet; name a pod or workload"
+        );
     }
+    Ok(target)
 }
 
 /// The preloaded library: `TETHER_LAYER_PATH`, else next to the `tether` executable.
@@ -116,8 +119,9 @@ fn is_root() -> bool {
 }
 
 async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
-    let target = local_target(config)?;
-    if args.agent_addr.is_none() && !is_root() {
+    let target = target(config)?;
+    let is_local = matches!(target, Target::Netns(_) | Target::Pid(_));
+    if is_local && args.agent_addr.is_none() && !is_root() {
         bail!(
             "local targets need root (network namespaces and iptables): run `sudo tether exec …`"
         );
@@ -126,8 +130,8 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     let dir = tempfile::Builder::new().prefix("tether-").tempdir()?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
 
-    let mut agent = match &args.agent_addr {
-        Some(addr) => {
+    let mut agent = match (&args.agent_addr, &target) {
+        (Some(addr), _) => {
             let file = args
                 .agent_token_file
                 .as_deref()
@@ -136,19 +140,26 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
                 .with_context(|| format!("cannot read the token file {}", file.display()))?
                 .trim()
                 .to_owned();
-            AgentChild {
+            Agent::Local(AgentChild {
                 child: None,
                 addr: *addr,
                 token,
-            }
+            })
         }
-        None => {
+        (None, Target::Kube(kube)) => match crate::kube_agent::start(config, kube, ui).await {
+            Ok(agent) => Agent::Kube(agent),
+            Err(error) => {
+                tracing::debug!("{error:#}");
+                return Ok(TETHER_FAILED);
+            }
+        },
+        (None, _) => {
             let step = ui.step(&format!("starting the agent for {target}"));
             let started = Instant::now();
-            match start_agent(&target, config, dir.path()).await {
+            match start_agent(&target.to_string(), config, dir.path()).await {
                 Ok(agent) => {
                     step.done(&format!("ready in {} ms", started.elapsed().as_millis()));
-                    agent
+                    Agent::Local(agent)
                 }
                 Err(error) => {
                     step.fail(&format!("{error:#}"));
@@ -159,8 +170,24 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     };
 
     let step = ui.step("opening the session");
-    let dialer = Arc::new(dialer(&agent, &target, config));
-    let (link, welcome) = match dialer.open().await {
+    let dialer = Arc::new(agent.dialer(&target, config));
+    let opened = match &agent {
+        // The agent pod runs, but its agent may not listen yet: a port-forward dialled too early
+        // gets "connection refused" inside the pod. Retried within the startup timeout.
+        Agent::Kube(_) => {
+            let retry = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(1))
+                .with_total_delay(Some(config.agent.startup_timeout.get()))
+                .without_max_times();
+            (|| dialer.open())
+                .retry(retry)
+                .when(crate::proxy::link::DialError::retryable)
+                .await
+        }
+        Agent::Local(_) => dialer.open().await,
+    };
+    let (link, welcome) = match opened {
         Ok(opened) => opened,
         Err(error) => {
             step.fail(&error.to_string());
@@ -173,7 +200,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     let socket = dir.path().join("layer.sock");
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // A bare network namespace has no files of its own (they are this host's): files stay local.
-    let target_files = target.starts_with("pid/");
+    let target_files = !matches!(target, Target::Netns(_));
     let proxy = Proxy::start(
         dialer,
         link,
@@ -218,7 +245,10 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     };
     let child_pid = child.id();
     let _status = proxy.status_socket(crate::proxy::status::RunInfo {
-        target: target.clone(),
+        target: match &agent {
+            Agent::Kube(kube) => format!("{target} (pod {})", kube.target.pod),
+            Agent::Local(_) => target.to_string(),
+        },
         session: welcome.session_id.clone(),
         command: args.command.join(" "),
     });
@@ -309,10 +339,51 @@ fn show(event: Event, ui: Ui) {
     }
 }
 
-/// How to reach the agent now and after every drop.
-fn dialer(agent: &AgentChild, target: &str, config: &Config) -> Dialer {
-    let addr = agent.addr;
-    let connect: Connect = Arc::new(move || {
+/// The agent of this run.
+enum Agent {
+    Local(AgentChild),
+    Kube(crate::kube_agent::KubeAgent),
+}
+
+impl Agent {
+    /// How to reach the agent now and after every drop.
+    fn dialer(&self, target: &Target, config: &Config) -> Dialer {
+        let (connect, token, still_there) = match self {
+            Agent::Local(agent) => (
+                local_connect(agent.addr),
+                agent.token.clone(),
+                local_still_there(agent, &target.to_string()),
+            ),
+            Agent::Kube(agent) => {
+                let there: StillThere = Arc::new(|| Ok(()));
+                (agent.connect(), agent.token.clone(), there)
+            }
+        };
+        Dialer {
+            connect,
+            token,
+            settings: Settings {
+                keepalive_interval: config.keepalive.interval.get(),
+                keepalive_timeout: config.keepalive.timeout.get(),
+                grace: Some(config.reconnect.grace.get()),
+                buffer: usize::try_from(config.resume.buffer).unwrap_or(usize::MAX),
+            },
+            initial: config.reconnect.initial.get(),
+            max_delay: config.reconnect.max_delay.get(),
+            still_there,
+        }
+    }
+
+    async fn stop(&mut self) {
+        match self {
+            Agent::Local(agent) => agent.stop().await,
+            Agent::Kube(agent) => agent.stop().await,
+        }
+    }
+}
+
+fn local_connect(addr: std::net::SocketAddr) -> Connect {
+    Arc::new(move || {
         Box::pin(async move {
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
@@ -322,10 +393,13 @@ fn dialer(agent: &AgentChild, target: &str, config: &Config) -> Dialer {
             stream.set_nodelay(true)?;
             Ok(Box::new(stream) as Box<dyn Io>)
         })
-    });
+    })
+}
+
+fn local_still_there(agent: &AgentChild, target: &str) -> StillThere {
     let agent_pid = agent.child.as_ref().and_then(tokio::process::Child::id);
     let target_owned = target.to_owned();
-    let still_there: StillThere = Arc::new(move || {
+    Arc::new(move || {
         if let Some(pid) = agent_pid
             && !process_alive(pid)
         {
@@ -341,20 +415,7 @@ fn dialer(agent: &AgentChild, target: &str, config: &Config) -> Dialer {
         } else {
             Err(format!("the target {target_owned} is gone"))
         }
-    });
-    Dialer {
-        connect,
-        token: agent.token.clone(),
-        settings: Settings {
-            keepalive_interval: config.keepalive.interval.get(),
-            keepalive_timeout: config.keepalive.timeout.get(),
-            grace: Some(config.reconnect.grace.get()),
-            buffer: usize::try_from(config.resume.buffer).unwrap_or(usize::MAX),
-        },
-        initial: config.reconnect.initial.get(),
-        max_delay: config.reconnect.max_delay.get(),
-        still_there,
-    }
+    })
 }
 
 /// How long one connection attempt to the agent may take.

@@ -65,7 +65,7 @@ pub(crate) enum DialError {
 }
 
 impl DialError {
-    fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         match self {
             DialError::Connect(_) => true,
             // A refusal that is not about the session (e.g. the agent is shutting down) is final;

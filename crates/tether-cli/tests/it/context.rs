@@ -13,16 +13,26 @@ use std::{
     time::Duration,
 };
 
-use tether_testkit::{Network, require_root};
+use tether_testkit::{
+    Network,
+    cluster::{AppPod, Cluster},
+    require_root,
+};
 
 use super::exec::free_port;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Pod 0's process (the target) and pod 1's services.
-struct PodContext {
-    net: Network,
-    pid: u32,
+/// Pod 0's process (the target) and pod 1's services. With [`PodContext::in_cluster`] pod 0 is
+/// the pod of `deploy/api` in namespace `shop` of a simulated cluster. Fields drop in order:
+/// the simulator (and its agent pods) before the namespaces.
+pub(crate) struct PodContext {
+    pub(crate) cluster: Option<Cluster>,
+    /// How `tether exec` names the target, and the environment it needs for it.
+    pub(crate) target: Vec<String>,
+    pub(crate) target_env: Vec<(String, String)>,
+    pub(crate) net: Network,
+    pub(crate) pid: u32,
     /// The pod-only directory (a tmpfs in the target's mount namespace; empty on the host).
     dir: String,
     http_port: u16,
@@ -36,7 +46,7 @@ impl Drop for PodContext {
 }
 
 impl PodContext {
-    fn new() -> PodContext {
+    pub(crate) fn new() -> PodContext {
         let net = Network::new(2);
         let dir = format!(
             "/var/lib/tether-test-{}-{}",
@@ -64,6 +74,9 @@ impl PodContext {
         );
         let pid = net.spawn_pod_process(net.pod(0), &setup, &[("POD_ONLY_VAR", "only-in-the-pod")]);
         PodContext {
+            cluster: None,
+            target: vec!["--target".into(), format!("pid/{pid}")],
+            target_env: Vec::new(),
             net,
             pid,
             dir,
@@ -72,13 +85,35 @@ impl PodContext {
         }
     }
 
+    /// The same pod as the one pod of `deploy/api` in namespace `shop` of a simulated cluster,
+    /// with an HTTP app on port 80 (answering `original 80 …`); `tether exec` names it
+    /// `deploy/api -n shop` through the simulator's kubeconfig.
+    pub(crate) fn in_cluster() -> PodContext {
+        let mut ctx = PodContext::new();
+        ctx.net.start_http_app(ctx.net.pod(0), "original", &[80]);
+        let cluster = Cluster::start(&ctx.net, &[env!("CARGO_BIN_EXE_tether"), "agent"]);
+        cluster.add_deployment("shop", "api", &[AppPod::new(ctx.net.pod(0), ctx.pid)]);
+        ctx.target = ["--target", "deploy/api", "-n", "shop"]
+            .map(String::from)
+            .to_vec();
+        ctx.target_env = vec![(
+            "KUBECONFIG".into(),
+            cluster.kubeconfig().display().to_string(),
+        )];
+        ctx.cluster = Some(cluster);
+        ctx
+    }
+
     /// Runs `command` through `tether exec` against the pod process; at most 60 s.
-    fn exec(&self, env: &[(&str, &str)], command: &[&str]) -> Output {
+    pub(crate) fn exec(&self, env: &[(&str, &str)], command: &[&str]) -> Output {
         let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["exec", "--target", &format!("pid/{}", self.pid), "--"])
+            .arg("exec")
+            .args(&self.target)
+            .arg("--")
             .args(command)
             .env_remove("TETHER_CONFIG")
             .env_remove("RUST_LOG")
+            .envs(self.target_env.iter().map(|(k, v)| (k, v)))
             .env("POD_DIR", &self.dir)
             .env("HTTP_PORT", self.http_port.to_string())
             .env("UDP_PORT", self.udp_port.to_string())
@@ -102,7 +137,7 @@ impl PodContext {
         }
     }
 
-    fn exec_ok(&self, env: &[(&str, &str)], command: &[&str]) -> String {
+    pub(crate) fn exec_ok(&self, env: &[(&str, &str)], command: &[&str]) -> String {
         let output = self.exec(env, command);
         assert!(
             output.status.success(),
@@ -163,6 +198,11 @@ fn python_sees_the_pod_s_network_names_files_and_environment() {
         return;
     }
     let pod = PodContext::new();
+    check_python(&pod);
+}
+
+/// Runs [`PYTHON`] through `tether exec` and checks every line of what it saw.
+pub(crate) fn check_python(pod: &PodContext) {
     let out = pod.exec_ok(&[], &["python3", "-c", PYTHON]);
     let db = pod.net.pod(1).ip;
     let lines: Vec<&str> = out.lines().collect();
@@ -302,6 +342,11 @@ fn node_sees_the_pod_s_network_names_files_and_environment() {
         return;
     }
     let pod = PodContext::new();
+    check_node(&pod);
+}
+
+/// Runs [`NODE`] through `tether exec` and checks every line of what it saw.
+pub(crate) fn check_node(pod: &PodContext) {
     let out = pod.exec_ok(&[], &["node", "-e", NODE]);
     let db = pod.net.pod(1).ip;
     let lines: Vec<&str> = out.lines().collect();

@@ -282,7 +282,7 @@ pub(crate) fn rules(net: &Network, pod: &Pod) -> String {
         .join("\n")
 }
 
-fn python_http_server(port: u16) -> Vec<String> {
+pub(crate) fn python_http_server(port: u16) -> Vec<String> {
     let dir = std::env::temp_dir().join(format!("tether-exec-test-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("hello"), "local python\n").unwrap();
@@ -298,7 +298,7 @@ fn python_http_server(port: u16) -> Vec<String> {
     .to_vec()
 }
 
-fn node_app(port: u16) -> Vec<String> {
+pub(crate) fn node_app(port: u16) -> Vec<String> {
     let script = format!(
         "require('http').createServer((q, s) => s.end('local node ' + q.socket.remoteAddress)).listen({port})"
     );

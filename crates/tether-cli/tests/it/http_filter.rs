@@ -7,7 +7,7 @@ use tether_testkit::{Network, Pod, require_root};
 use crate::exec::{Exec, Scenario, free_port, pod_url, scenario_with, tokio_app};
 
 /// One request with curl from the client namespace; the answer's body.
-fn curl(net: &Network, url: &str, headers: &[&str]) -> String {
+pub(crate) fn curl(net: &Network, url: &str, headers: &[&str]) -> String {
     let mut args = vec!["curl", "-s", "-m", "5", url];
     for header in headers {
         args.extend(["-H", header]);

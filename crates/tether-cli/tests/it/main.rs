@@ -5,6 +5,7 @@ mod config;
 mod context;
 mod exec;
 mod http_filter;
+mod kube;
 mod link;
 mod mesh;
 mod usage;

@@ -1,0 +1,203 @@
+//! `tether exec` against a Kubernetes target: find the pod, start the agent pod on its node,
+//! and reach it through port-forwards.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tether_agent::carrier::Io;
+use tether_config::{Config, KubeTarget, model::IncomingMode};
+use tether_kube::{
+    Client,
+    agent::AgentPod,
+    manifest::{AgentSpec, DEFAULT_IMAGE},
+    target::TargetPod,
+};
+use tether_protocol::TokenDigest;
+
+use crate::{proxy::link::Connect, ui::Ui};
+
+/// A running agent pod and how to reach it.
+pub(crate) struct KubeAgent {
+    pub(crate) client: Client,
+    pub(crate) pod: AgentPod,
+    pub(crate) target: TargetPod,
+    pub(crate) token: String,
+}
+
+impl std::fmt::Debug for KubeAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeAgent")
+            .field("pod", &self.pod)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cluster client for `config`, and the namespace to work in.
+pub(crate) async fn client(config: &Config) -> anyhow::Result<(Client, String)> {
+    let settings = tether_kube::client::Settings {
+        kubeconfig: config.kubeconfig.as_ref().map(Into::into),
+        context: config.kube_context.clone(),
+        accept_invalid_certificates: config.accept_invalid_certificates,
+    };
+    let (client, context_namespace) = tether_kube::client::connect(&settings).await?;
+    let namespace = config.target.namespace.clone().unwrap_or(context_namespace);
+    Ok((client, namespace))
+}
+
+/// Resolves the target, starts its agent and waits until it runs; each phase is a step.
+pub(crate) async fn start(
+    config: &Config,
+    target: &KubeTarget,
+    ui: Ui,
+) -> anyhow::Result<KubeAgent> {
+    let (client, namespace) = client(config).await?;
+    let step = ui.step(&format!("finding {target} in namespace {namespace}"));
+    let pod = match tether_kube::target::resolve(&client, &namespace, target).await {
+        Ok(pod) => {
+            let mut detail = vec![format!("pod {}", pod.pod)];
+            detail.extend(pod.notes.iter().cloned());
+            detail.push(format!("container {}", pod.container));
+            step.done(&detail.join(", "));
+            pod
+        }
+        Err(error) => {
+            step.fail(&format!("{error:#}"));
+            return Err(error.context("no target"));
+        }
+    };
+    if let Some(mesh) = pod.mesh {
+        ui.info(&format!(
+            "{mesh} sidecar found: steals take its plaintext hop to the app"
+        ));
+    }
+    warn_about_probes(config, &pod, ui);
+
+    let token: String = rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let session: String = rand::random::<[u8; 8]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let spec = AgentSpec {
+        session,
+        namespace: config
+            .agent
+            .namespace
+            .clone()
+            .unwrap_or_else(|| namespace.clone()),
+        node: pod.node.clone(),
+        target_pod: pod.pod.clone(),
+        container_id: pod.container_id.clone(),
+        image: config
+            .agent
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
+        pull_policy: config.agent.image_pull_policy.map(|p| format!("{p:?}")),
+        token_sha256: TokenDigest::of(&token).to_hex(),
+        idle_exit: config.agent.ttl.get(),
+        privileged: config.agent.privileged,
+        user: std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+        log_level: config.agent.log_level.clone(),
+        nftables: config.agent.nftables,
+    };
+    if config.agent.ephemeral {
+        ui.warn("agent.ephemeral is not supported yet; starting the agent as a Job");
+    }
+    let step = ui.step(&format!("starting the agent on node {}", pod.node));
+    let started = std::time::Instant::now();
+    let progress = |state: &str| tracing::info!("agent pod: {state}");
+    match tether_kube::agent::start(
+        &client,
+        &spec,
+        config.agent.startup_timeout.get(),
+        &progress,
+    )
+    .await
+    {
+        Ok(agent) => {
+            step.done(&format!(
+                "pod {} ready in {:.1} s",
+                agent.pod,
+                started.elapsed().as_secs_f64()
+            ));
+            Ok(KubeAgent {
+                client,
+                pod: agent,
+                target: pod,
+                token,
+            })
+        }
+        Err(error) => {
+            step.fail(&format!("{error:#}"));
+            Err(error.context("the agent did not start"))
+        }
+    }
+}
+
+/// A whole-port steal takes every connection of the port, the kubelet's TCP and gRPC probes
+/// included (HTTP probes are recognised and left to the app).
+fn warn_about_probes(config: &Config, pod: &TargetPod, ui: Ui) {
+    let incoming = &config.feature.network.incoming;
+    if incoming.mode != IncomingMode::Steal {
+        return;
+    }
+    for probe in &pod.probes {
+        let filtered = incoming.http_filter.is_set()
+            && incoming
+                .http_filter
+                .ports
+                .as_ref()
+                .is_none_or(|ports| ports.contains(&probe.port));
+        if probe.protocol != "http" && !filtered {
+            ui.warn(&format!(
+                "the pod's {} probe checks port {} over {}: stealing that port whole takes the \
+                 kubelet's probe connections too, and a failing probe gets the pod restarted",
+                probe.kind, probe.port, probe.protocol
+            ));
+        }
+    }
+}
+
+impl KubeAgent {
+    /// A new port-forward to the agent for each link.
+    pub(crate) fn connect(&self) -> Connect {
+        let client = self.client.clone();
+        let pod = self.pod.clone();
+        Arc::new(move || {
+            let client = client.clone();
+            let pod = pod.clone();
+            Box::pin(async move {
+                let stream = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tether_kube::agent::port_forward(&client, &pod),
+                )
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
+                .flatten()?;
+                Ok(Box::new(stream) as Box<dyn Io>)
+            })
+        })
+    }
+
+    /// Deletes the agent's Job and pod (bounded: a lost cluster must not hang the exit).
+    pub(crate) async fn stop(&self) {
+        let deleted = tokio::time::timeout(
+            Duration::from_secs(10),
+            tether_kube::agent::delete(&self.client, &self.pod.namespace, &self.pod.job),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))
+        .flatten()
+        .context("the agent Job stays; it ends on its own once idle");
+        if let Err(error) = deleted {
+            tracing::warn!("{error:#}");
+            eprintln!(
+                "warning: cannot delete the agent Job {}: {error:#}",
+                self.pod.job
+            );
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! `tether exec --target deploy/api` through the cluster simulator (tether-testkit `cluster`):
+//! the real kube-rs client against a real HTTP API server, an agent Job whose pod really runs
+//! the agent (found the target container through its cgroup), and a WebSocket port-forward
+//! spoken byte for byte as the kubelet does.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tether_testkit::require_root;
+
+use crate::{
+    context::{PodContext, check_node, check_python},
+    exec::{Exec, free_port, node_app, pod_url, python_http_server, rules},
+    http_filter::curl,
+};
+
+/// `tether exec` on `deploy/api -n shop` with `mode` for the pod's port 80 (the local app on
+/// `port`), once the port is taken.
+fn exec_in_cluster(
+    ctx: &PodContext,
+    mode: &str,
+    port: u16,
+    env: &[(&str, &str)],
+    command: &[String],
+) -> Exec {
+    let mut all_env: Vec<(&str, String)> = vec![
+        ("TETHER_FEATURE__NETWORK__INCOMING__MODE", mode.to_owned()),
+        (
+            "TETHER_FEATURE__NETWORK__INCOMING__PORT_MAPPING",
+            format!("[[{port}, 80]]"),
+        ),
+    ];
+    all_env.extend(ctx.target_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    all_env.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    let target: Vec<&str> = ctx.target.iter().map(String::as_str).collect();
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let mut exec = Exec::spawn(&target, &all_env, &command);
+    exec.wait_for_within(&format!(":{port} ("), Duration::from_secs(60));
+    exec
+}
+
+/// No agent Job, pod or process, and no rule in the pod, once tether is gone. The agent's exit
+/// (SIGTERM from the simulated kubelet, rules removed by its guard) is waited for, at most 15 s.
+fn assert_nothing_left(ctx: &PodContext) {
+    let cluster = ctx.cluster.as_ref().unwrap();
+    assert_eq!(
+        cluster.jobs("shop"),
+        Vec::<serde_json::Value>::new(),
+        "agent Jobs left"
+    );
+    assert_eq!(
+        cluster.pods("shop", "app.kubernetes.io/name=tether-agent"),
+        Vec::<(String, String)>::new(),
+        "agent pods left"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.running_agents() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent process still runs 15 s after tether exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rules(&ctx.net, ctx.net.pod(0)), "", "rules left in the pod");
+}
+
+#[test]
+fn python_on_a_deployment_sees_its_pod_s_network_names_files_and_environment() {
+    if !require_root("python_on_a_deployment_sees_its_pod_s_network_names_files_and_environment") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    check_python(&ctx);
+    assert_nothing_left(&ctx);
+}
+
+#[test]
+fn node_on_a_deployment_sees_its_pod_s_network_names_files_and_environment() {
+    if !require_root("node_on_a_deployment_sees_its_pod_s_network_names_files_and_environment") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    check_node(&ctx);
+    assert_nothing_left(&ctx);
+}
+
+#[test]
+fn a_deployment_s_traffic_is_stolen_or_mirrored_into_python_and_node() {
+    if !require_root("a_deployment_s_traffic_is_stolen_or_mirrored_into_python_and_node") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let pod = ctx.net.pod(0).clone();
+    type App = fn(u16) -> Vec<String>;
+    let cases: [(&str, App, &str); 4] = [
+        ("steal", python_http_server, "local python"),
+        ("steal", node_app, "local node"),
+        ("mirror", python_http_server, "original 80"),
+        ("mirror", node_app, "original 80"),
+    ];
+    for (mode, app, answer) in cases {
+        let port = free_port();
+        let mut exec = exec_in_cluster(&ctx, mode, port, &[], &app(port));
+        let answers = ctx.net.http_requests(&pod_url(&pod), 5, false);
+        assert!(
+            answers.iter().all(|a| a.contains(answer)),
+            "{mode}: answers {answers:?}\ntether said:\n{}",
+            exec.seen_lines()
+        );
+        let said = exec.seen_lines();
+        assert!(
+            said.contains("pod api-"),
+            "tether names the pod it chose:\n{said}"
+        );
+        assert!(exec.interrupt().is_some(), "tether exits");
+        assert_nothing_left(&ctx);
+    }
+}
+
+#[test]
+fn a_filtered_steal_on_a_deployment_takes_only_matching_requests() {
+    if !require_root("a_filtered_steal_on_a_deployment_takes_only_matching_requests") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let port = free_port();
+    let _exec = exec_in_cluster(
+        &ctx,
+        "steal",
+        port,
+        &[(
+            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+            "^X-Dev: alice$",
+        )],
+        &node_app(port),
+    );
+    let url = pod_url(ctx.net.pod(0));
+    for _ in 0..3 {
+        let marked = curl(&ctx.net, &url, &["X-Dev: alice"]);
+        assert!(marked.starts_with("local node"), "{marked}");
+        let other = curl(&ctx.net, &url, &[]);
+        assert!(other.starts_with("original 80 GET /hello"), "{other}");
+        let probe = curl(
+            &ctx.net,
+            &url,
+            &["X-Dev: alice", "User-Agent: kube-probe/1.35"],
+        );
+        assert!(
+            probe.starts_with("original 80"),
+            "probes stay with the pod: {probe}"
+        );
+    }
+}
+
+#[test]
+fn a_session_survives_every_port_forward_dropping() {
+    if !require_root("a_session_survives_every_port_forward_dropping") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let cluster = ctx.cluster.as_ref().unwrap();
+    let port = free_port();
+    let mut exec = exec_in_cluster(&ctx, "steal", port, &[], &node_app(port));
+    let url = pod_url(ctx.net.pod(0));
+    for round in 1..=3 {
+        assert_eq!(
+            cluster.drop_port_forwards(),
+            1,
+            "one port-forward carries the session"
+        );
+        exec.wait_for_count("resumed after", round, Duration::from_secs(20));
+        let answer = curl(&ctx.net, &url, &[]);
+        assert!(answer.starts_with("local node"), "round {round}: {answer}");
+    }
+    assert_eq!(exec.count("link to agent lost"), 3, "{}", exec.seen_lines());
+}
+
+/// `tether exec` that must fail: its exit code and stderr, within 60 s.
+fn failing_exec(ctx: &PodContext, target: &str) -> (Option<i32>, String) {
+    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["exec", "--target", target, "-n", "shop", "--", "true"])
+        .env_remove("TETHER_CONFIG")
+        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let output = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("tether exec --target {target} did not end in 60 s");
+        })
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unknown_targets_are_refused_with_what_exists() {
+    if !require_root("unknown_targets_are_refused_with_what_exists") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let (code, stderr) = failing_exec(&ctx, "deploy/apii");
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(
+        stderr.contains("deploy/apii not found in namespace shop; deployments there: api"),
+        "{stderr}"
+    );
+    let (code, stderr) = failing_exec(&ctx, "deploy/api/container/db");
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(
+        stderr.contains("no container db; containers: app"),
+        "{stderr}"
+    );
+    let (_, stderr) = failing_exec(&ctx, "pod/nope");
+    assert!(
+        stderr.contains("pod/nope not found in namespace shop; pods there: api-"),
+        "{stderr}"
+    );
+    assert!(
+        ctx.cluster.as_ref().unwrap().jobs("shop").is_empty(),
+        "no agent was started"
+    );
+}
+
+#[test]
+fn an_agent_image_that_cannot_be_pulled_fails_at_once_with_the_pod_s_events() {
+    if !require_root("an_agent_image_that_cannot_be_pulled_fails_at_once_with_the_pod_s_events") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let cluster = ctx.cluster.as_ref().unwrap();
+    cluster.fail_image_pulls(Some("not found"));
+    let (code, stderr) = failing_exec(&ctx, "deploy/api");
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(stderr.contains("cannot start: ErrImagePull"), "{stderr}");
+    assert!(
+        stderr.contains("Warning Failed: Failed to pull image \"ghcr.io/tether-dev/tether-agent:"),
+        "the pod's events are shown: {stderr}"
+    );
+    assert_nothing_left(&ctx);
+}

@@ -1,0 +1,303 @@
+//! The agent's Job, built as data: no cluster needed to see or test what tether creates.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        batch::v1::{Job, JobSpec},
+        core::v1::{
+            Capabilities, Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec,
+            ResourceRequirements, SecurityContext, Toleration,
+        },
+    },
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
+};
+
+/// The agent image of this tether version.
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/tether-dev/tether-agent:",
+    env!("CARGO_PKG_VERSION")
+);
+
+/// The agent's port inside its pod. It listens on loopback only: the kubelet's port-forward
+/// dials `localhost` in the pod's namespace, and nothing else in the cluster can reach it.
+pub const AGENT_PORT: u16 = 44128;
+
+/// The label every agent pod and Job carries, with the session id.
+pub const SESSION_LABEL: &str = "tether.dev/session";
+
+/// Capabilities the agent asks for (not `privileged`): rules (NET_ADMIN), raw capture
+/// (NET_RAW), entering the target's namespaces (SYS_ADMIN), reading another process's root and
+/// environment (SYS_PTRACE).
+pub const CAPABILITIES: [&str; 4] = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"];
+
+/// Everything the agent's Job depends on.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// The session id (lowercase hex); names the Job.
+    pub session: String,
+    pub namespace: String,
+    /// The target pod's node.
+    pub node: String,
+    /// The target pod (for the label; the agent finds it by container id).
+    pub target_pod: String,
+    /// `containerd://…` of the target container.
+    pub container_id: String,
+    pub image: String,
+    pub pull_policy: Option<String>,
+    /// SHA-256 of the session token, in hex.
+    pub token_sha256: String,
+    /// The agent exits after this long without a session.
+    pub idle_exit: Duration,
+    pub privileged: bool,
+    /// Who started it (a label value).
+    pub user: String,
+    /// The agent's `RUST_LOG`.
+    pub log_level: String,
+    /// Force the rules backend.
+    pub nftables: Option<bool>,
+}
+
+/// How long an agent Job may run at most: a safety net should the agent outlive everything
+/// else (it exits on its own when idle).
+pub const ACTIVE_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// How long a finished agent Job stays, for `kubectl describe`.
+pub const TTL_AFTER_FINISHED: i32 = 60;
+
+impl AgentSpec {
+    pub fn job_name(&self) -> String {
+        format!(
+            "tether-agent-{}",
+            &self.session[..self.session.len().min(12)]
+        )
+    }
+
+    pub fn job(&self) -> Job {
+        let labels = BTreeMap::from([
+            (
+                "app.kubernetes.io/name".to_owned(),
+                "tether-agent".to_owned(),
+            ),
+            (
+                "app.kubernetes.io/managed-by".to_owned(),
+                "tether".to_owned(),
+            ),
+            (SESSION_LABEL.to_owned(), self.session.clone()),
+            ("tether.dev/user".to_owned(), label_value(&self.user)),
+            (
+                "tether.dev/target-pod".to_owned(),
+                label_value(&self.target_pod),
+            ),
+        ]);
+        // field-notes.md §4: no sidecar in the agent pod.
+        let annotations = BTreeMap::from([
+            ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
+            ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
+        ]);
+        let mut args = vec![
+            "--target".to_owned(),
+            format!("container/{}", self.container_id),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{AGENT_PORT}"),
+            "--token-sha256".to_owned(),
+            self.token_sha256.clone(),
+            "--idle-exit".to_owned(),
+            format!("{}s", self.idle_exit.as_secs().max(1)),
+        ];
+        if let Some(nft) = self.nftables {
+            args.extend(["--nftables".to_owned(), nft.to_string()]);
+        }
+        let container = Container {
+            name: "agent".into(),
+            image: Some(self.image.clone()),
+            image_pull_policy: self.pull_policy.clone(),
+            command: Some(vec!["/tether-agent".into()]),
+            args: Some(args),
+            env: Some(vec![EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some(self.log_level.clone()),
+                ..EnvVar::default()
+            }]),
+            ports: Some(vec![ContainerPort {
+                name: Some("tether".into()),
+                container_port: i32::from(AGENT_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]),
+            security_context: Some(SecurityContext {
+                privileged: self.privileged.then_some(true),
+                capabilities: Some(Capabilities {
+                    add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+                    drop: None,
+                }),
+                run_as_user: Some(0),
+                ..SecurityContext::default()
+            }),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_owned(), Quantity("10m".into())),
+                    ("memory".to_owned(), Quantity("32Mi".into())),
+                ])),
+                ..ResourceRequirements::default()
+            }),
+            ..Container::default()
+        };
+        Job {
+            metadata: ObjectMeta {
+                name: Some(self.job_name()),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(JobSpec {
+                backoff_limit: Some(0),
+                ttl_seconds_after_finished: Some(TTL_AFTER_FINISHED),
+                active_deadline_seconds: Some(ACTIVE_DEADLINE.as_secs() as i64),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels),
+                        annotations: Some(annotations),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(PodSpec {
+                        // On the target's node, without the scheduler: the agent must share its
+                        // kernel to enter the target's namespaces.
+                        node_name: Some(self.node.clone()),
+                        host_pid: Some(true),
+                        restart_policy: Some("Never".into()),
+                        automount_service_account_token: Some(false),
+                        termination_grace_period_seconds: Some(10),
+                        // Whatever the node's taints, the agent runs there.
+                        tolerations: Some(vec![Toleration {
+                            operator: Some("Exists".into()),
+                            ..Toleration::default()
+                        }]),
+                        containers: vec![container],
+                        ..PodSpec::default()
+                    }),
+                },
+                ..JobSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// The Job as YAML, as `kubectl apply -f` would take it.
+    pub fn yaml(&self) -> String {
+        serde_saphyr::to_string(&self.job()).expect("a Job always serialises")
+    }
+}
+
+/// A label value: at most 63 of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn label_value(raw: &str) -> String {
+    let cleaned: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec() -> AgentSpec {
+        AgentSpec {
+            session: "5f2b9c0d1e3a4b6c".into(),
+            namespace: "shop".into(),
+            node: "node-a".into(),
+            target_pod: "api-7d9c5b-x2k4q".into(),
+            container_id: format!("containerd://{}", "ab".repeat(32)),
+            image: DEFAULT_IMAGE.into(),
+            pull_policy: Some("IfNotPresent".into()),
+            token_sha256: "0f".repeat(32),
+            idle_exit: Duration::from_secs(30),
+            privileged: false,
+            user: "dev@example.com".into(),
+            log_level: "info".into(),
+            nftables: None,
+        }
+    }
+
+    #[test]
+    fn the_job_yaml_is_what_tether_creates() {
+        let yaml = spec().yaml().replace(env!("CARGO_PKG_VERSION"), "VERSION");
+        let expected = include_str!("../tests/agent-job.yaml");
+        if yaml != expected {
+            // Update with TETHER_BLESS=1 after checking the change is wanted.
+            if std::env::var_os("TETHER_BLESS").is_some() {
+                std::fs::write(
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/agent-job.yaml"),
+                    &yaml,
+                )
+                .unwrap();
+            }
+            panic!("the agent Job changed; new YAML:\n{yaml}");
+        }
+    }
+
+    #[test]
+    fn the_job_runs_on_the_target_s_node_with_host_pid_four_capabilities_no_mesh_and_a_ttl() {
+        let job = spec().job();
+        let job_spec = job.spec.as_ref().unwrap();
+        assert_eq!(job_spec.backoff_limit, Some(0));
+        assert_eq!(
+            job_spec.ttl_seconds_after_finished,
+            Some(TTL_AFTER_FINISHED)
+        );
+        assert!(job_spec.active_deadline_seconds.is_some());
+        let template = &job_spec.template;
+        let pod = template.spec.as_ref().unwrap();
+        assert_eq!(pod.node_name.as_deref(), Some("node-a"));
+        assert_eq!(pod.host_pid, Some(true));
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        let agent = &pod.containers[0];
+        let security = agent.security_context.as_ref().unwrap();
+        assert_eq!(security.privileged, None, "not privileged unless asked");
+        let mut added = security.capabilities.as_ref().unwrap().add.clone().unwrap();
+        added.sort();
+        assert_eq!(added, ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"]);
+        let annotations = template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap();
+        assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+        assert_eq!(annotations["linkerd.io/inject"], "disabled");
+        let labels = template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+        assert_eq!(labels[SESSION_LABEL], "5f2b9c0d1e3a4b6c");
+        assert_eq!(labels["tether.dev/user"], "dev_example.com");
+        // The token itself is never in the spec.
+        let args = agent.args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--token-sha256"), "{args}");
+        assert!(!args.contains("--token-file"), "{args}");
+        assert!(args.contains(&format!("127.0.0.1:{AGENT_PORT}")), "{args}");
+
+        let privileged = AgentSpec {
+            privileged: true,
+            ..spec()
+        }
+        .job();
+        let pod = privileged.spec.unwrap().template.spec.unwrap();
+        let security = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(security.privileged, Some(true));
+    }
+
+    #[test]
+    fn label_values_are_valid() {
+        assert_eq!(label_value("dev@example.com"), "dev_example.com");
+        assert_eq!(label_value("-x-"), "x");
+        assert_eq!(label_value(&"a".repeat(80)).len(), 63);
+    }
+}

@@ -1,0 +1,370 @@
+//! The simulated kubelet and Job controller: a Job's pod, its container really running, its
+//! status and events as a real cluster reports them.
+
+use std::{process::Stdio, sync::Arc, time::Duration};
+
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt as _;
+
+use super::{
+    NODE, State, checked,
+    store::{EVENTS, JOBS, Key, PODS, now},
+};
+
+/// An agent pod's process.
+#[derive(Debug)]
+pub(crate) struct Running {
+    pid: u32,
+}
+
+impl Running {
+    /// SIGTERM, as the kubelet stops a container; the task that waits for it records the end.
+    pub(crate) fn kill(&self) {
+        let _ = nix_kill(self.pid, "-TERM");
+    }
+}
+
+fn nix_kill(pid: u32, signal: &str) -> std::io::Result<std::process::ExitStatus> {
+    std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+}
+
+/// Five lowercase letters and digits, as the API server's `generateName` and the ReplicaSet
+/// controller use.
+pub(crate) fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+/// The Job controller: creates the Job's pod, then runs it.
+pub(crate) fn start_job(state: &Arc<State>, job: &Value) {
+    let namespace = job["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default")
+        .to_owned();
+    let job_name = job["metadata"]["name"].as_str().unwrap_or("").to_owned();
+    let template = &job["spec"]["template"];
+    let mut labels = template["metadata"]["labels"].clone();
+    if !labels.is_object() {
+        labels = json!({});
+    }
+    labels["job-name"] = json!(job_name);
+    labels["batch.kubernetes.io/job-name"] = json!(job_name);
+    labels["controller-uid"] = job["metadata"]["uid"].clone();
+    let pod_name = format!("{job_name}-{}", random_suffix());
+    let pod = json!({
+        "metadata": {
+            "name": pod_name, "namespace": namespace, "labels": labels,
+            "annotations": template["metadata"]["annotations"],
+            "ownerReferences": [{
+                "apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                "uid": job["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true
+            }]
+        },
+        "spec": template["spec"],
+        "status": {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+        }
+    });
+    let pod = state
+        .store
+        .lock()
+        .unwrap()
+        .put(PODS, checked::<k8s_openapi::api::core::v1::Pod>(pod));
+    event(
+        state,
+        &pod,
+        "Normal",
+        "Scheduled",
+        &format!("Successfully assigned {namespace}/{pod_name} to {NODE}"),
+    );
+    let deadline = job["spec"]["activeDeadlineSeconds"].as_u64();
+    let ttl = job["spec"]["ttlSecondsAfterFinished"].as_u64();
+    let state = Arc::clone(state);
+    let job_key = Key {
+        resource: JOBS,
+        namespace: namespace.clone(),
+        name: job_name,
+    };
+    tokio::spawn(async move {
+        let code = run_pod(&state, &pod, deadline).await;
+        let Some(code) = code else { return };
+        finish_job(&state, &job_key, code == 0);
+        if let Some(ttl) = ttl {
+            tokio::time::sleep(Duration::from_secs(ttl)).await;
+            // The TTL controller deletes the Job with its pods.
+            let removed = state.store.lock().unwrap().delete(&job_key).is_some();
+            if removed {
+                let pod_key = Key {
+                    resource: PODS,
+                    namespace: namespace.clone(),
+                    name: pod["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                };
+                state.store.lock().unwrap().delete(&pod_key);
+                state.changed.send_modify(|v| *v += 1);
+            }
+        }
+    });
+}
+
+/// Runs the pod's first container to its end; its exit code (`None` if it never started).
+async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Option<i32> {
+    let namespace = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_owned();
+    let container = &pod["spec"]["containers"][0];
+    let container_name = container["name"].as_str().unwrap_or("agent").to_owned();
+    let image = container["image"].as_str().unwrap_or("").to_owned();
+
+    let pull_error = state.faults.lock().unwrap().image_pull_error.clone();
+    if let Some(message) = pull_error {
+        let message = format!("failed to pull and unpack image \"{image}\": {message}");
+        update_pod(state, &namespace, &name, |pod| {
+            pod["status"]["containerStatuses"] = json!([{
+                "name": container_name, "image": image, "imageID": "", "ready": false,
+                "restartCount": 0, "started": false,
+                "state": {"waiting": {"reason": "ErrImagePull", "message": message}}
+            }]);
+        });
+        let pod = current(state, &namespace, &name)?;
+        event(
+            state,
+            &pod,
+            "Normal",
+            "Pulling",
+            &format!("Pulling image \"{image}\""),
+        );
+        event(
+            state,
+            &pod,
+            "Warning",
+            "Failed",
+            &format!("Failed to pull image \"{image}\": {message}"),
+        );
+        return None;
+    }
+
+    let n = state
+        .next_netns
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let netns = format!("{}-ag{n}", state.network_prefix);
+    let made = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ip netns add {netns} && ip netns exec {netns} ip link set lo up"),
+        ])
+        .status()
+        .await;
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "cannot create the agent pod's namespace {netns}"
+    );
+
+    let host_pid = pod["spec"]["hostPID"].as_bool() == Some(true);
+    let mut command = tokio::process::Command::new("ip");
+    command.args(["netns", "exec", &netns]);
+    if !host_pid {
+        // A pod without hostPID has a PID namespace (and /proc) of its own.
+        command.args([
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child=SIGTERM",
+        ]);
+    }
+    command.args(&state.agent_command);
+    if let Some(args) = container["args"].as_array() {
+        command.args(args.iter().filter_map(Value::as_str));
+    }
+    if let Some(env) = container["env"].as_array() {
+        for var in env {
+            if let (Some(k), Some(v)) = (var["name"].as_str(), var["value"].as_str()) {
+                command.env(k, v);
+            }
+        }
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if let Some(pod) = current(state, &namespace, &name) {
+        event(
+            state,
+            &pod,
+            "Normal",
+            "Pulled",
+            &format!("Container image \"{image}\" already present on machine"),
+        );
+        event(
+            state,
+            &pod,
+            "Normal",
+            "Created",
+            &format!("Created container {container_name}"),
+        );
+    }
+    let mut child = command.spawn().expect("start the agent pod's command");
+    let pid = child.id().unwrap_or(0);
+    let key = format!("{namespace}/{name}");
+    state.pod_netns.lock().unwrap().insert(key.clone(), netns);
+    state
+        .running
+        .lock()
+        .unwrap()
+        .insert(key.clone(), Running { pid });
+    let id = format!("containerd://{:064x}", rand::random::<u128>());
+    update_pod(state, &namespace, &name, |pod| {
+        pod["status"]["phase"] = json!("Running");
+        pod["status"]["podIP"] = json!(format!("10.213.250.{}", n % 250 + 1));
+        pod["status"]["hostIP"] = json!("10.213.255.1");
+        pod["status"]["startTime"] = json!(now());
+        pod["status"]["containerStatuses"] = json!([{
+            "name": container_name, "image": image, "imageID": format!("{image}@sha256:{:064x}", 2),
+            "containerID": id, "ready": true, "started": true, "restartCount": 0,
+            "state": {"running": {"startedAt": now()}}
+        }]);
+        pod["status"]["conditions"] = json!([
+            {"type": "PodScheduled", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+            {"type": "ContainersReady", "status": "True"},
+            {"type": "Ready", "status": "True"}
+        ]);
+    });
+    if let Some(pod) = current(state, &namespace, &name) {
+        event(
+            state,
+            &pod,
+            "Normal",
+            "Started",
+            &format!("Started container {container_name}"),
+        );
+    }
+    // The container's stdout is its log; nobody reads it here, but it must not fill up.
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(_)) = lines.next_line().await {}
+        });
+    }
+    let status = match deadline {
+        Some(secs) => {
+            tokio::select! {
+                status = child.wait() => status,
+                () = tokio::time::sleep(Duration::from_secs(secs)) => {
+                    let _ = nix_kill(pid, "-TERM");
+                    child.wait().await
+                }
+            }
+        }
+        None => child.wait().await,
+    };
+    state.running.lock().unwrap().remove(&key);
+    let code = status.ok().and_then(|s| s.code()).unwrap_or(137);
+    update_pod(state, &namespace, &name, |pod| {
+        pod["status"]["phase"] = json!(if code == 0 { "Succeeded" } else { "Failed" });
+        pod["status"]["containerStatuses"][0]["ready"] = json!(false);
+        pod["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
+            "exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+            "finishedAt": now()
+        }});
+        pod["status"]["conditions"][3]["status"] = json!("False");
+    });
+    Some(code)
+}
+
+fn finish_job(state: &State, key: &Key, succeeded: bool) {
+    let mut store = state.store.lock().unwrap();
+    let Some(mut job) = store.get(key).cloned() else {
+        return;
+    };
+    let condition = if succeeded { "Complete" } else { "Failed" };
+    job["status"] = json!({
+        "active": 0,
+        "succeeded": i32::from(succeeded),
+        "failed": i32::from(!succeeded),
+        "completionTime": now(),
+        "conditions": [{"type": condition, "status": "True", "lastTransitionTime": now()}],
+    });
+    store.put(JOBS, job);
+    drop(store);
+    state.changed.send_modify(|v| *v += 1);
+}
+
+/// The kubelet stopping a deleted pod's container.
+pub(crate) fn stop_pod(state: &State, namespace: &str, name: &str) {
+    if let Some(running) = state
+        .running
+        .lock()
+        .unwrap()
+        .get(&format!("{namespace}/{name}"))
+    {
+        running.kill();
+    }
+}
+
+fn current(state: &State, namespace: &str, name: &str) -> Option<Value> {
+    state
+        .store
+        .lock()
+        .unwrap()
+        .get(&Key {
+            resource: PODS,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+        .cloned()
+}
+
+fn update_pod(state: &State, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {
+    let mut store = state.store.lock().unwrap();
+    let key = Key {
+        resource: PODS,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    // A pod deleted meanwhile stays deleted.
+    let Some(mut pod) = store.get(&key).cloned() else {
+        return;
+    };
+    change(&mut pod);
+    store.put(PODS, checked::<k8s_openapi::api::core::v1::Pod>(pod));
+    drop(store);
+    state.changed.send_modify(|v| *v += 1);
+}
+
+/// A core/v1 Event about `pod`, as the scheduler and kubelet record them.
+fn event(state: &State, pod: &Value, kind: &str, reason: &str, message: &str) {
+    let name = pod["metadata"]["name"].as_str().unwrap_or("");
+    let event = json!({
+        "metadata": {
+            "name": format!("{name}.{:016x}", rand::random::<u64>()),
+            "namespace": pod["metadata"]["namespace"],
+        },
+        "involvedObject": {
+            "kind": "Pod", "apiVersion": "v1", "name": name,
+            "namespace": pod["metadata"]["namespace"], "uid": pod["metadata"]["uid"],
+        },
+        "reason": reason,
+        "message": message,
+        "type": kind,
+        "source": {"component": if reason == "Scheduled" { "default-scheduler" } else { "kubelet" }, "host": NODE},
+        "firstTimestamp": now(),
+        "lastTimestamp": now(),
+        "count": 1,
+    });
+    state
+        .store
+        .lock()
+        .unwrap()
+        .put(EVENTS, checked::<k8s_openapi::api::core::v1::Event>(event));
+    state.changed.send_modify(|v| *v += 1);
+}
