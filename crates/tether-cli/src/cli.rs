@@ -78,9 +78,42 @@ tether's exit code is the command's exit code; Ctrl-C stops the command and clea
     /// Try tether on a local demo target: no cluster needed (needs root for network namespaces).
     Demo,
     /// Check that this machine (and, with a cluster, your permissions) can run tether.
+    #[command(after_help = "\
+Without a subcommand: the programs local targets need, then, when a cluster is configured
+(kubeconfig, --context, or inside a pod), every permission tether uses in the namespace, each
+asked of the API server (SelfSubjectAccessReview). A missing one is named with what needs it;
+deploy/rbac.yaml grants them all.
+
+Exit code: 0 when everything checked is there, 1 otherwise.
+
+Examples:
+  tether doctor -n shop
+  tether doctor --context staging -n shop
+  tether doctor latency")]
     Doctor {
         #[command(subcommand)]
         check: Option<DoctorCheck>,
+        /// Namespace to check permissions in (default: target.namespace, then the context's).
+        #[arg(short, long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
+        /// kubeconfig context. Overrides `kube_context`.
+        #[arg(long, value_name = "CONTEXT")]
+        context: Option<String>,
+    },
+    /// List what --target can name in a Kubernetes namespace: workloads and pods, with readiness.
+    #[command(after_help = "\
+Examples:
+  tether ls -n shop
+  tether ls --context staging -n shop --output json   # one object per line
+
+tether's own agent pods are not listed.")]
+    Ls {
+        /// The namespace (default: target.namespace, then the context's).
+        #[arg(short, long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
+        /// kubeconfig context. Overrides `kube_context`.
+        #[arg(long, value_name = "CONTEXT")]
+        context: Option<String>,
     },
     /// Show the running sessions: target, link state, round trip, reconnects, buffered bytes.
     #[command(after_help = "\

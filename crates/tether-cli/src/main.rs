@@ -25,10 +25,21 @@ fn main() {
             commands::config::check(file.as_deref().or(cli.global.config.as_deref()), ui)
         }
         Command::Config(ConfigCommand::Schema) => commands::config::schema(),
-        Command::Doctor { check: None } => commands::doctor::run(ui),
+        Command::Doctor {
+            check: None,
+            namespace,
+            context,
+        } => commands::doctor::run(namespace, context, cli.global.config.as_deref(), ui),
         Command::Doctor {
             check: Some(DoctorCheck::Latency { pid, count }),
+            ..
         } => run_async(commands::status::latency(pid, count, ui)),
+        Command::Ls { namespace, context } => run_async(commands::ls::run(
+            namespace,
+            context,
+            cli.global.config.as_deref(),
+            ui,
+        )),
         Command::Status => run_async(commands::status::run(ui)),
         Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),
@@ -62,7 +73,7 @@ fn init_logging(global: &GlobalArgs) {
         .init();
 }
 
-fn run_async(future: impl Future<Output = anyhow::Result<i32>>) -> i32 {
+pub(crate) fn run_async(future: impl Future<Output = anyhow::Result<i32>>) -> i32 {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

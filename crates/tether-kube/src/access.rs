@@ -48,11 +48,20 @@ const fn p(
 }
 
 /// What `deploy/rbac.yaml` grants, in the order a session uses it.
-pub const NEEDED: [Permission; 11] = [
+pub const NEEDED: [Permission; 18] = [
     p("get", "", "pods", "", "find the target pod"),
-    p("list", "", "pods", "", "find a workload's pods"),
+    p("list", "", "pods", "", "find a workload's pods; tether ls"),
     p("watch", "", "pods", "", "wait for the agent pod"),
     p("get", "apps", "deployments", "", "deploy/ targets"),
+    p("list", "apps", "deployments", "", "tether ls"),
+    p("get", "apps", "statefulsets", "", "statefulset/ targets"),
+    p("list", "apps", "statefulsets", "", "tether ls"),
+    p("get", "apps", "replicasets", "", "replicaset/ targets"),
+    p("list", "apps", "replicasets", "", "tether ls"),
+    p("create", "batch", "jobs", "", "start the agent"),
+    p("get", "batch", "jobs", "", "job/ targets"),
+    p("list", "batch", "jobs", "", "tether ls"),
+    p("delete", "batch", "jobs", "", "remove the agent"),
     p("get", "", "pods", "portforward", "reach the agent"),
     p(
         "create",
@@ -68,11 +77,15 @@ pub const NEEDED: [Permission; 11] = [
         "ephemeralcontainers",
         "agent.ephemeral",
     ),
-    p("create", "batch", "jobs", "", "start the agent"),
-    p("get", "batch", "jobs", "", "start the agent"),
-    p("delete", "batch", "jobs", "", "remove the agent"),
     p(
         "list",
+        "",
+        "events",
+        "",
+        "explain an agent pod that does not start",
+    ),
+    p(
+        "watch",
         "",
         "events",
         "",
@@ -104,4 +117,42 @@ pub async fn check(
     };
     let answer = api.create(&PostParams::default(), &review).await?;
     Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::rbac::v1::Role;
+
+    use super::*;
+
+    /// The Role users apply grants exactly what `tether doctor` checks.
+    #[test]
+    fn the_shipped_role_grants_exactly_what_is_checked() {
+        let text = include_str!("../../../deploy/rbac.yaml");
+        let role: Role = serde_saphyr::from_str(text).unwrap();
+        let mut granted: Vec<String> = Vec::new();
+        for rule in role.rules.unwrap_or_default() {
+            for group in rule.api_groups.unwrap_or_default() {
+                for resource in rule.resources.clone().unwrap_or_default() {
+                    for verb in &rule.verbs {
+                        granted.push(format!("{verb} {group}/{resource}"));
+                    }
+                }
+            }
+        }
+        let mut needed: Vec<String> = NEEDED
+            .iter()
+            .map(|p| {
+                let sub = if p.subresource.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{}", p.subresource)
+                };
+                format!("{} {}/{}{sub}", p.verb, p.group, p.resource)
+            })
+            .collect();
+        granted.sort();
+        needed.sort();
+        assert_eq!(granted, needed);
+    }
 }

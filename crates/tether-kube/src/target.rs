@@ -383,6 +383,69 @@ pub fn probe_ports(container: &Container) -> Vec<ProbePort> {
         .collect()
 }
 
+/// One thing `--target` can name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Targetable {
+    /// `deploy/api`, `pod/api-7d9c-x2k4q`, …
+    pub target: String,
+    /// `2/3` ready pods, or the pod's state.
+    pub ready: String,
+    /// Whether a session can start on it now.
+    pub usable: bool,
+}
+
+/// Every workload and pod in `namespace` a session can target (tether's own agent pods
+/// excluded).
+pub async fn list(client: &Client, namespace: &str) -> anyhow::Result<Vec<Targetable>> {
+    let params = ListParams::default();
+    let mut out = Vec::new();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    for d in deployments
+        .list(&params)
+        .await
+        .context("cannot list deployments")?
+    {
+        let status = d.status.clone().unwrap_or_default();
+        let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let ready = status.ready_replicas.unwrap_or(0);
+        out.push(Targetable {
+            target: format!("deploy/{}", d.name_any()),
+            ready: format!("{ready}/{want}"),
+            usable: ready > 0,
+        });
+    }
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    for s in sets
+        .list(&params)
+        .await
+        .context("cannot list statefulsets")?
+    {
+        let status = s.status.clone().unwrap_or_default();
+        let want = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let ready = status.ready_replicas.unwrap_or(0);
+        out.push(Targetable {
+            target: format!("statefulset/{}", s.name_any()),
+            ready: format!("{ready}/{want}"),
+            usable: ready > 0,
+        });
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let agents = "app.kubernetes.io/name!=tether-agent";
+    for pod in pods
+        .list(&ListParams::default().labels(agents))
+        .await
+        .context("cannot list pods")?
+    {
+        let problem = not_ready(&pod);
+        out.push(Targetable {
+            target: format!("pod/{}", pod.name_any()),
+            ready: problem.clone().unwrap_or_else(|| "Running, ready".into()),
+            usable: problem.is_none(),
+        });
+    }
+    Ok(out)
+}
+
 fn names(pods: Vec<Pod>) -> Vec<String> {
     pods.iter().map(ResourceExt::name_any).collect()
 }

@@ -1,6 +1,5 @@
-//! `tether doctor`: can this machine run tether against local targets?
-//!
-//! Kubernetes permission checks arrive with the Kubernetes issue.
+//! `tether doctor`: can this machine run tether against local targets, and may this user run it
+//! against the configured cluster?
 
 use std::path::{Path, PathBuf};
 
@@ -23,7 +22,100 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("conntrack", "conntrack", "flush_connections"),
 ];
 
-pub(crate) fn run(ui: Ui) -> i32 {
+pub(crate) fn run(
+    namespace: Option<String>,
+    context: Option<String>,
+    config_file: Option<&Path>,
+    ui: Ui,
+) -> i32 {
+    let local = local_checks(ui);
+    let problems = if cluster_configured(context.as_deref()) {
+        if local > 0 {
+            ui.info("(the local checks above matter only for netns/ and pid/ targets)");
+        }
+        crate::run_async(cluster_checks(namespace, context, config_file, ui))
+    } else {
+        ui.info("no cluster configured (no kubeconfig, not in a pod): permission checks skipped");
+        local
+    };
+    if problems == 0 {
+        if !ui.is_json() {
+            println!("Everything tether needs is here.");
+        }
+        0
+    } else {
+        ui.warn(&format!(
+            "{problems} check{} failed; see above",
+            if problems == 1 { "" } else { "s" }
+        ));
+        1
+    }
+}
+
+/// A kubeconfig to read, or a pod's service account.
+fn cluster_configured(context: Option<&str>) -> bool {
+    context.is_some()
+        || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        || std::env::var_os("HOME")
+            .is_some_and(|home| Path::new(&home).join(".kube/config").is_file())
+}
+
+/// Every permission a session uses, asked of the API server. Returns how many are missing
+/// (or 1 when the cluster cannot be asked).
+async fn cluster_checks(
+    namespace: Option<String>,
+    context: Option<String>,
+    config_file: Option<&Path>,
+    ui: Ui,
+) -> anyhow::Result<i32> {
+    let mut loader = crate::commands::config::loader(config_file);
+    if let Some(context) = &context {
+        loader = loader.flag("--context", "/kube_context", serde_json::json!(context));
+    }
+    if let Some(namespace) = &namespace {
+        loader = loader.flag(
+            "--namespace",
+            "/target/namespace",
+            serde_json::json!(namespace),
+        );
+    }
+    let config = match loader.load() {
+        Ok(loaded) => loaded.config,
+        Err(problems) => {
+            eprint!("{}", crate::commands::config::render(&problems));
+            return Ok(1);
+        }
+    };
+    let step = ui.step("Kubernetes cluster");
+    let (client, namespace) = match crate::kube_agent::client(&config).await {
+        Ok(found) => found,
+        Err(error) => {
+            step.fail(&format!("{error:#}"));
+            return Ok(1);
+        }
+    };
+    step.done(&format!("namespace {namespace}"));
+    let mut missing = 0;
+    for permission in &tether_kube::access::NEEDED {
+        let step = ui.step(&format!("may {permission} ({})", permission.why));
+        match tether_kube::access::check(&client, &namespace, permission).await {
+            Ok(true) => step.done("yes"),
+            Ok(false) => {
+                step.fail("missing: deploy/rbac.yaml grants it");
+                missing += 1;
+            }
+            Err(error) => {
+                step.fail(&format!("cannot ask the API server: {error}"));
+                return Ok(missing + 1);
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// Root and the programs local targets need; how many are missing.
+fn local_checks(ui: Ui) -> i32 {
     let mut problems = 0;
     let step = ui.step("running as root (local targets need it)");
     if is_root() {
@@ -42,18 +134,7 @@ pub(crate) fn run(ui: Ui) -> i32 {
             }
         }
     }
-    if problems == 0 {
-        if !ui.is_json() {
-            println!("Everything tether needs for local targets is here.");
-        }
-        0
-    } else {
-        ui.warn(&format!(
-            "{problems} check{} failed; see above",
-            if problems == 1 { "" } else { "s" }
-        ));
-        1
-    }
+    problems
 }
 
 fn is_root() -> bool {

@@ -5,5 +5,6 @@ pub(crate) mod config;
 pub(crate) mod demo;
 pub(crate) mod doctor;
 pub(crate) mod exec;
+pub(crate) mod ls;
 pub(crate) mod serve_http;
 pub(crate) mod status;

@@ -141,10 +141,13 @@ impl PodContext {
         let output = self.exec(env, command);
         assert!(
             output.status.success(),
-            "{command:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            "{command:?} failed ({:?}):\nstdout: {}\nstderr: {}\nagent pods: {}",
             output.status,
             String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+            String::from_utf8_lossy(&output.stderr),
+            self.cluster
+                .as_ref()
+                .map_or_else(|| "(no cluster)".into(), |c| c.logs("shop"))
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }

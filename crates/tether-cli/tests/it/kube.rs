@@ -252,3 +252,107 @@ fn an_agent_image_that_cannot_be_pulled_fails_at_once_with_the_pod_s_events() {
     );
     assert_nothing_left(&ctx);
 }
+
+/// `tether doctor -n shop` against the simulator: exit code and everything it printed.
+fn doctor(ctx: &PodContext) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["doctor", "-n", "shop"])
+        .env_remove("TETHER_CONFIG")
+        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[test]
+fn doctor_names_the_permission_the_cluster_denies() {
+    if !require_root("doctor_names_the_permission_the_cluster_denies") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let (code, said) = doctor(&ctx);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("✓ may create jobs.batch"), "{said}");
+    assert!(!said.contains("missing"), "{said}");
+
+    let cluster = ctx.cluster.as_ref().unwrap();
+    cluster.deny("create", "pods/portforward");
+    cluster.deny("delete", "jobs");
+    let (code, said) = doctor(&ctx);
+    assert_eq!(code, Some(1), "{said}");
+    for line in [
+        "✗ may create pods/portforward (reach the agent (WebSocket, Kubernetes 1.35+)): missing",
+        "✗ may delete jobs.batch (remove the agent): missing",
+    ] {
+        assert!(said.contains(line), "no {line:?} in:\n{said}");
+    }
+    assert_eq!(said.matches(": missing").count(), 2, "{said}");
+}
+
+#[test]
+fn ls_lists_the_namespace_s_targets_but_not_tether_s_agents() {
+    if !require_root("ls_lists_the_namespace_s_targets_but_not_tether_s_agents") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let ls = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["ls", "-n", "shop"])
+            .args(extra)
+            .env_remove("TETHER_CONFIG")
+            .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let table = ls(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[0].starts_with("TARGET") && lines[0].ends_with("READY"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("deploy/api ") && lines[1].ends_with("1/1"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("pod/api-") && lines[2].ends_with("Running, ready"),
+        "{table}"
+    );
+
+    // While a session runs, its agent pod exists but is not a target.
+    let port = free_port();
+    let _exec = exec_in_cluster(&ctx, "mirror", port, &[], &node_app(port));
+    let json = ls(&["--output", "json"]);
+    let objects: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let targets: Vec<&str> = objects
+        .iter()
+        .map(|o| o["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets.len(), 2, "{json}");
+    assert_eq!(targets[0], "deploy/api");
+    assert!(targets[1].starts_with("pod/api-"), "{json}");
+    assert_eq!(objects[0]["usable"], true);
+    assert_eq!(
+        ctx.cluster
+            .as_ref()
+            .unwrap()
+            .pods("shop", "app.kubernetes.io/name=tether-agent")
+            .len(),
+        1,
+        "the session's agent pod exists meanwhile"
+    );
+}

@@ -194,7 +194,7 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(pod) = current(state, &namespace, &name) {
         event(
@@ -248,11 +248,34 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
             &format!("Started container {container_name}"),
         );
     }
-    // The container's stdout is its log; nobody reads it here, but it must not fill up.
-    if let Some(stdout) = child.stdout.take() {
+    // The container's output is its log: kept per pod ([`super::Cluster::logs`]), and shown
+    // live with TETHER_SIM_LOGS=1.
+    let show = std::env::var_os("TETHER_SIM_LOGS").is_some();
+    let stdout = child
+        .stdout
+        .take()
+        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+    for output in [stdout, stderr].into_iter().flatten() {
+        let state = Arc::clone(state);
+        let key = key.clone();
         tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            while let Ok(Some(_)) = lines.next_line().await {}
+            let mut lines = tokio::io::BufReader::new(output).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if show {
+                    eprintln!("[{key}] {line}");
+                }
+                state
+                    .logs
+                    .lock()
+                    .unwrap()
+                    .entry(key.clone())
+                    .or_default()
+                    .push(line);
+            }
         });
     }
     let status = match deadline {

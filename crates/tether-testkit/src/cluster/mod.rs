@@ -100,6 +100,8 @@ pub(crate) struct State {
     /// Where agent pods get their namespaces.
     pub(crate) network_prefix: String,
     pub(crate) next_netns: std::sync::atomic::AtomicU32,
+    /// Agent pods' output (stdout and stderr), by `namespace/name`.
+    pub(crate) logs: Mutex<HashMap<String, Vec<String>>>,
     /// cgroup directories of the app containers (removed with the simulator).
     pub(crate) containers: Mutex<Vec<Container>>,
 }
@@ -135,6 +137,7 @@ impl Cluster {
             network_prefix: network.prefix().to_owned(),
             next_netns: 0.into(),
             containers: Mutex::default(),
+            logs: Mutex::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -343,14 +346,22 @@ impl Cluster {
             .collect()
     }
 
+    /// What agent pods in `namespace` printed, pod by pod (`kubectl logs`), for failure messages.
+    pub fn logs(&self, namespace: &str) -> String {
+        let logs = self.state.logs.lock().unwrap();
+        let mut out = String::new();
+        for (pod, lines) in logs
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{namespace}/")))
+        {
+            out.push_str(&format!("--- {pod}\n{}\n", lines.join("\n")));
+        }
+        out
+    }
+
     /// Agent processes still running.
     pub fn running_agents(&self) -> usize {
         self.state.running.lock().unwrap().len()
-    }
-
-    /// Where the simulated agent binary's logs go: the test's stderr.
-    pub fn agent_command(&self) -> &[String] {
-        &self.state.agent_command
     }
 }
 
