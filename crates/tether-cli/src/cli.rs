@@ -44,9 +44,26 @@ pub(crate) struct GlobalArgs {
     /// Only errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-    /// Output for people (text) or for programs (json: one object per line).
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
-    pub output: OutputFormat,
+    /// Output for people (text) or for programs (json: one object per line). For
+    /// `agent-image`: the tarball to write.
+    #[arg(long, global = true, value_name = "text|json", default_value = "text", value_parser = parse_output)]
+    pub output: Output,
+}
+
+/// `--output`: a format, or (only for `agent-image`) a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Output {
+    Format(OutputFormat),
+    File(PathBuf),
+}
+
+fn parse_output(value: &str) -> Result<Output, String> {
+    Ok(match value {
+        "text" => Output::Format(OutputFormat::Text),
+        "json" => Output::Format(OutputFormat::Json),
+        "" => return Err("give text or json (or, for agent-image, a file)".into()),
+        path => Output::File(PathBuf::from(path)),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -139,6 +156,30 @@ Example:
     /// Validate the configuration or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Write the agent image as a tarball, for clusters that cannot pull from a registry.
+    #[command(
+        name = "agent-image",
+        after_help = "\
+The image holds the agent, the programs it runs (iptables in both backends with their extensions,
+nft, nsenter, ss, conntrack) and their libraries, taken from this machine. The tarball is both an
+OCI image layout and a docker-archive.
+
+Examples:
+  tether agent-image --output agent.tar
+  sudo ctr -n k8s.io images import agent.tar      # on each node (containerd)
+  docker load -i agent.tar                         # Docker; `kind load image-archive agent.tar`
+Then set agent.image to the name it printed and agent.image_pull_policy: IfNotPresent."
+    )]
+    AgentImage {
+        /// The agent binary (default: tether-agent next to this tether). A static build is
+        /// smallest: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
+        /// --target x86_64-unknown-linux-gnu -p tether-agent.
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+        /// The image's name.
+        #[arg(long, value_name = "NAME:TAG", default_value = tether_kube::manifest::DEFAULT_IMAGE)]
+        name: String,
+    },
     /// Run the agent (started by tether itself, or by the agent pod).
     #[command(hide = true)]
     Agent(tether_agent::AgentArgs),

@@ -12,14 +12,22 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    cli::{Cli, Command, ConfigCommand, DoctorCheck, GlobalArgs},
+    cli::{Cli, Command, ConfigCommand, DoctorCheck, GlobalArgs, Output, OutputFormat},
     ui::Ui,
 };
 
 fn main() {
     let cli = Cli::parse();
     init_logging(&cli.global);
-    let ui = Ui::new(cli.global.output);
+    let format = match (&cli.global.output, &cli.command) {
+        (Output::Format(format), _) => *format,
+        (Output::File(_), Command::AgentImage { .. }) => OutputFormat::Text,
+        (Output::File(file), _) => {
+            eprintln!("error: --output takes text or json, not {}", file.display());
+            std::process::exit(2);
+        }
+    };
+    let ui = Ui::new(format);
     let code = match cli.command {
         Command::Config(ConfigCommand::Check { file }) => {
             commands::config::check(file.as_deref().or(cli.global.config.as_deref()), ui)
@@ -40,6 +48,16 @@ fn main() {
             cli.global.config.as_deref(),
             ui,
         )),
+        Command::AgentImage { agent, name } => match &cli.global.output {
+            Output::File(file) => commands::agent_image::run(file, agent, &name, ui),
+            Output::Format(_) => Err(anyhow::anyhow!(
+                "give the tarball to write: --output FILE.tar"
+            )),
+        }
+        .unwrap_or_else(|error| {
+            eprintln!("error: {error:#}");
+            1
+        }),
         Command::Status => run_async(commands::status::run(ui)),
         Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),

@@ -5,11 +5,13 @@
 //! - [`target`]: `deploy/api` → one running, ready pod and its app container.
 //! - [`manifest`]: the agent's Job as data (what tether creates, testable without a cluster).
 //! - [`agent`]: create the Job, wait for its pod with a watch, port-forward, delete.
+//! - [`image`]: the agent image as a tarball, without a container engine.
 //! - [`access`]: the permissions tether needs, checked with SelfSubjectAccessReview.
 
 pub mod access;
 pub mod agent;
 pub mod client;
+pub mod image;
 pub mod manifest;
 pub mod target;
 

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub(crate) mod agent_image;
 pub(crate) mod cleanup;
 pub(crate) mod config;
 pub(crate) mod demo;

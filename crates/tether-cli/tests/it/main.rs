@@ -5,6 +5,7 @@ mod config;
 mod context;
 mod exec;
 mod http_filter;
+mod image;
 mod kube;
 mod link;
 mod mesh;

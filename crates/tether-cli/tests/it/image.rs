@@ -1,0 +1,189 @@
+//! `tether agent-image --output agent.tar`: a tarball that image tools read (its OCI layout and
+//! docker-archive manifests, every digest checked; skopeo reads both), and whose programs run:
+//! its layer, unpacked as a root filesystem, runs the agent and sets redirect rules with the
+//! packed iptables (both backends, extensions loaded with dlopen) and nft, in a test namespace.
+
+use std::{collections::HashMap, io::Read as _, path::Path, process::Command};
+
+use sha2::Digest as _;
+use tether_testkit::{Network, require_root};
+
+const NAME: &str = "registry.example.invalid/tether-agent:test";
+
+fn sha256(data: &[u8]) -> String {
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every file of a tar, by path.
+fn entries(data: &[u8]) -> HashMap<String, Vec<u8>> {
+    let mut archive = tar::Archive::new(data);
+    let mut out = HashMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        out.insert(path, bytes);
+    }
+    out
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+/// The blob a descriptor names, its digest and size checked.
+fn blob<'a>(files: &'a HashMap<String, Vec<u8>>, descriptor: &serde_json::Value) -> &'a [u8] {
+    let digest = descriptor["digest"].as_str().unwrap();
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let data = files
+        .get(&format!("blobs/sha256/{hex}"))
+        .unwrap_or_else(|| panic!("no blob {digest}"));
+    assert_eq!(sha256(data), hex, "blob {digest} does not match its digest");
+    assert_eq!(descriptor["size"], data.len(), "size of {digest}");
+    data
+}
+
+#[test]
+fn the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run() {
+    if !require_root("the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("agent.tar");
+    let agent = Path::new(env!("CARGO_BIN_EXE_tether")).with_file_name("tether-agent");
+    assert!(
+        agent.is_file(),
+        "build the agent first: cargo build -p tether-agent"
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["agent-image", "--name", NAME, "--output"])
+        .arg(&tarball)
+        .arg("--agent")
+        .arg(&agent)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("ctr -n k8s.io images import"), "{said}");
+
+    let files = entries(&std::fs::read(&tarball).unwrap());
+    assert_eq!(json(&files["oci-layout"])["imageLayoutVersion"], "1.0.0");
+    let index = json(&files["index.json"]);
+    let descriptor = &index["manifests"][0];
+    assert_eq!(descriptor["annotations"]["io.containerd.image.name"], NAME);
+    assert_eq!(
+        descriptor["annotations"]["org.opencontainers.image.ref.name"],
+        "test"
+    );
+    let manifest = json(blob(&files, descriptor));
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    let config = json(blob(&files, &manifest["config"]));
+    let layer = blob(&files, &manifest["layers"][0]);
+    assert_eq!(
+        config["rootfs"]["diff_ids"][0],
+        format!("sha256:{}", sha256(layer)),
+        "an uncompressed layer's diff id is its digest"
+    );
+    assert_eq!(config["config"]["Entrypoint"][0], "/tether-agent");
+    assert_eq!(
+        (config["os"].as_str(), config["architecture"].as_str()),
+        (Some("linux"), Some("amd64"))
+    );
+    // docker load's view: the same blobs.
+    let docker = json(&files["manifest.json"]);
+    assert_eq!(docker[0]["RepoTags"][0], NAME);
+    for path in [&docker[0]["Config"], &docker[0]["Layers"][0]] {
+        assert!(files.contains_key(path.as_str().unwrap()), "{path}");
+    }
+
+    // Tools that read images: skopeo, as docker-archive and as OCI archive.
+    for transport in ["docker-archive", "oci-archive"] {
+        let inspect = Command::new("skopeo")
+            .args(["inspect", &format!("{transport}:{}", tarball.display())])
+            .output()
+            .expect("skopeo (scripts/install-deps installs it)");
+        assert!(
+            inspect.status.success(),
+            "skopeo cannot read it as {transport}: {}",
+            String::from_utf8_lossy(&inspect.stderr)
+        );
+        let seen = json(&inspect.stdout);
+        assert_eq!(
+            seen["Layers"][0], manifest["layers"][0]["digest"],
+            "{transport}"
+        );
+    }
+
+    // Its programs run from the image's own files, in a test namespace.
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    tar::Archive::new(layer).unpack(&root).unwrap();
+    let net = Network::new(1);
+    let pod = net.pod(0).netns.clone();
+    let run = |args: &[&str]| -> String {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &pod, "chroot"])
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?} in the image failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    assert!(run(&["/tether-agent", "--version"]).starts_with("tether-agent "));
+    run(&[
+        "/usr/sbin/iptables-legacy",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "81",
+    ]);
+    let legacy = run(&["/usr/sbin/iptables-legacy-save", "-t", "nat"]);
+    assert!(
+        legacy.contains("--dport 80 -j REDIRECT --to-ports 81"),
+        "{legacy}"
+    );
+    run(&[
+        "/usr/sbin/iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-m",
+        "owner",
+        "--uid-owner",
+        "1337",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "81",
+    ]);
+    let nft = run(&["/usr/sbin/nft", "list", "ruleset"]);
+    assert!(
+        nft.contains("skuid 1337") && nft.contains("redirect to :81"),
+        "{nft}"
+    );
+}
