@@ -30,7 +30,7 @@ pub struct ContainerId {
 pub enum ContainerError {
     #[error(
         "`{0}` is not a container id: expected RUNTIME://HEX as in a pod's \
-         status.containerStatuses[].containerID (e.g. containerd://3f4c…), 12 to 64 hex digits"
+         status.containerStatuses[].containerID (e.g. containerd://3f4c…), 64 hex digits"
     )]
     Syntax(String),
     #[error(
@@ -51,7 +51,8 @@ impl std::str::FromStr for ContainerId {
             None => (None, given),
         };
         let known_runtime = runtime.is_none_or(|r| matches!(r, "containerd" | "cri-o" | "docker"));
-        let hex = (12..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_hexdigit());
+        // Pod status always gives the full 64-digit id; a short id could never match a cgroup.
+        let hex = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
         if !known_runtime || !hex {
             return Err(ContainerError::Syntax(given.to_owned()));
         }
@@ -81,51 +82,68 @@ impl ContainerId {
         })
     }
 
-    /// One path component that names this container: the bare id (cgroupfs driver) or a
-    /// systemd scope of a container runtime.
+    /// One path component that names this container: the bare id (containerd and docker with
+    /// the cgroupfs driver), `crio-<id>` (cri-o with cgroupfs), or a container runtime's
+    /// systemd scope (`cri-containerd-<id>.scope`, `crio-<id>.scope`, …).
     fn names(&self, part: &str) -> bool {
-        if part == self.id {
-            return true;
-        }
-        let Some(unit) = part.strip_suffix(".scope") else {
-            return false;
-        };
-        ["cri-containerd-", "crio-", "docker-", "libpod-"]
-            .iter()
-            .any(|prefix| unit.strip_prefix(prefix) == Some(self.id.as_str()))
+        let unit = part.strip_suffix(".scope").unwrap_or(part);
+        unit == self.id
+            || ["cri-containerd-", "crio-", "docker-", "libpod-"]
+                .iter()
+                .any(|prefix| unit.strip_prefix(prefix) == Some(self.id.as_str()))
     }
 
     /// The container's main process under `proc` (normally `/proc`): of the processes in the
-    /// container, the one whose parent is outside it (the runtime's shim); the lowest pid if
-    /// several are.
+    /// container, the one whose parent is outside it (the runtime's shim); the one that started
+    /// first if several are (a `kubectl exec` shell's parent is outside too, but it started
+    /// later; pids can wrap, start times cannot).
     pub fn find_pid(&self, proc: &Path) -> Result<u32, ContainerError> {
         let entries = std::fs::read_dir(proc)
             .map_err(|e| ContainerError::Proc(proc.display().to_string(), e))?;
-        let mut members: Vec<(u32, Option<u32>)> = entries
+        let mut members: Vec<Member> = entries
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .filter_map(|pid| {
                 // Processes come and go during the scan: unreadable ones are skipped.
                 let cgroup = std::fs::read_to_string(proc.join(format!("{pid}/cgroup"))).ok()?;
                 self.in_cgroup_file(&cgroup)
-                    .then(|| (pid, parent_of(&proc.join(format!("{pid}/stat")))))
+                    .then(|| stat_of(&proc.join(format!("{pid}/stat")), pid))
             })
             .collect();
-        members.sort_unstable();
-        let inside = |pid: u32| members.iter().any(|(p, _)| *p == pid);
+        members.sort_unstable_by_key(|m| (m.started, m.pid));
+        let inside = |pid: u32| members.iter().any(|m| m.pid == pid);
         members
             .iter()
-            .find(|(_, parent)| parent.is_none_or(|p| !inside(p)))
-            .map(|(pid, _)| *pid)
+            .find(|m| m.parent.is_none_or(|p| !inside(p)))
+            .map(|m| m.pid)
             .ok_or_else(|| ContainerError::NotFound(self.to_string()))
     }
 }
 
-/// The parent pid from `/proc/PID/stat` (the fourth field; the command name may hold spaces
-/// and parentheses, so parse after its last `)`).
-fn parent_of(stat: &Path) -> Option<u32> {
-    let stat = std::fs::read_to_string(stat).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
+/// A process of the container.
+#[derive(Debug)]
+struct Member {
+    pid: u32,
+    parent: Option<u32>,
+    /// Start time in clock ticks since boot (`u64::MAX` when unknown: sorts last).
+    started: u64,
+}
+
+/// Parent pid (field 4) and start time (field 22) from `/proc/PID/stat`; the command name may
+/// hold spaces and parentheses, so fields are counted after its last `)`.
+fn stat_of(stat: &Path, pid: u32) -> Member {
+    let text = std::fs::read_to_string(stat).unwrap_or_default();
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    Member {
+        pid,
+        parent: fields.get(1).and_then(|f| f.parse().ok()),
+        started: fields
+            .get(19)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(u64::MAX),
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +170,7 @@ mod tests {
             "containerd://",
             "abc",
             "rkt://3f4c1b8e9a0d2c7f",
+            "containerd://3f4c1b8e9a0d",
             "containerd://3f4c1b8e9a0d2c7z",
             "containerd://../../etc",
         ] {
@@ -178,6 +197,10 @@ mod tests {
             format!(
                 "0::/kubepods.slice/kubepods-besteffort.slice/\
                  kubepods-besteffort-pod5b6f2f4e_08e9_4a0e_9d4b_3f0c2c1e7a11.slice/cri-containerd-{ID}.scope\n"
+            ),
+            // cgroup v1, cri-o with the cgroupfs driver.
+            format!(
+                "7:pids:/kubepods/besteffort/pod5b6f2f4e-08e9-4a0e-9d4b-3f0c2c1e7a11/crio-{ID}\n"
             ),
             // cgroup v2, cri-o.
             format!(
@@ -221,30 +244,34 @@ mod tests {
     #[test]
     fn picks_the_process_whose_parent_is_outside_the_container() {
         let proc = tempfile::tempdir().unwrap();
-        let write = |pid: u32, ppid: u32, cgroup: &str| {
+        let write = |pid: u32, ppid: u32, started: u64, cgroup: &str| {
             let dir = proc.path().join(pid.to_string());
             std::fs::create_dir(&dir).unwrap();
             std::fs::write(dir.join("cgroup"), cgroup).unwrap();
             std::fs::write(
                 dir.join("stat"),
-                format!("{pid} (odd) name) S {ppid} 1 1 0 -1\n"),
+                format!(
+                    "{pid} (odd) name) S {ppid} 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {started} 0\n"
+                ),
             )
             .unwrap();
         };
         let inside = format!("0::/kubepods/besteffort/pod1/{ID}\n");
-        write(1, 0, "0::/init.scope\n");
-        write(40, 1, "0::/system.slice/containerd.service\n"); // the shim
-        write(57, 41, &inside); // a child of the main process (parent listed below)
-        write(41, 40, &inside); // the main process
-        write(60, 1, "0::/kubepods/besteffort/pod2/other\n");
+        write(1, 0, 1, "0::/init.scope\n");
+        write(40, 1, 90, "0::/system.slice/containerd.service\n"); // the shim
+        write(57, 41, 120, &inside); // a child of the main process (parent listed below)
+        write(41, 40, 100, &inside); // the main process
+        // A `kubectl exec` shell: its parent is the shim too, and pids wrapped since.
+        write(30, 40, 5000, &inside);
+        write(60, 1, 100, "0::/kubepods/besteffort/pod2/other\n");
         std::fs::create_dir(proc.path().join("self")).unwrap();
         let container = id(&format!("containerd://{ID}"));
         assert_eq!(container.find_pid(proc.path()).unwrap(), 41);
 
-        let missing = id("containerd://0123456789abcdef0123");
+        let missing = id(&format!("containerd://{}", "0".repeat(64)));
         let error = missing.find_pid(proc.path()).unwrap_err().to_string();
         assert!(
-            error.contains("no process of container containerd://0123456789abcdef0123"),
+            error.contains("no process of container containerd://0000"),
             "{error}"
         );
     }

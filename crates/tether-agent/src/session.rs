@@ -203,14 +203,14 @@ pub(crate) async fn serve_until_idle(
                 }
             };
             let agent = Arc::clone(&agent);
-            let busy = Arc::clone(&busy_tx);
-            busy.send_modify(|n| *n += 1);
+            let busy = Busy::enter(Arc::clone(&busy_tx));
             tokio::spawn(async move {
+                // Counted until the task ends, whichever way (a panic included).
+                let _busy = busy;
                 match handle_link(stream, agent).await {
                     Ok(()) => tracing::debug!(%peer, "link closed"),
                     Err(error) => tracing::warn!(%peer, error = %error_chain(&error), "link ended"),
                 }
-                busy.send_modify(|n| *n -= 1);
             });
         }
     };
@@ -219,6 +219,22 @@ pub(crate) async fn serve_until_idle(
         () = idle_for => {
             tracing::info!(?idle, "no session for the idle time; exiting");
         }
+    }
+}
+
+/// One link being handled, counted for the idle exit.
+struct Busy(Arc<watch::Sender<usize>>);
+
+impl Busy {
+    fn enter(count: Arc<watch::Sender<usize>>) -> Busy {
+        count.send_modify(|n| *n += 1);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 

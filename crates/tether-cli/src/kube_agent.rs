@@ -5,7 +5,10 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tether_agent::carrier::Io;
-use tether_config::{Config, KubeTarget, model::IncomingMode};
+use tether_config::{
+    Config, KubeTarget,
+    model::{IncomingMode, PullPolicy},
+};
 use tether_kube::{
     Client,
     agent::AgentPod,
@@ -95,7 +98,14 @@ pub(crate) async fn start(
             .image
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
-        pull_policy: config.agent.image_pull_policy.map(|p| format!("{p:?}")),
+        pull_policy: config.agent.image_pull_policy.map(|policy| {
+            match policy {
+                PullPolicy::Always => "Always",
+                PullPolicy::IfNotPresent => "IfNotPresent",
+                PullPolicy::Never => "Never",
+            }
+            .to_owned()
+        }),
         token_sha256: TokenDigest::of(&token).to_hex(),
         idle_exit: config.agent.ttl.get(),
         privileged: config.agent.privileged,
@@ -109,14 +119,25 @@ pub(crate) async fn start(
     let step = ui.step(&format!("starting the agent on node {}", pod.node));
     let started = std::time::Instant::now();
     let progress = |state: &str| tracing::info!("agent pod: {state}");
-    match tether_kube::agent::start(
+    let starting = tether_kube::agent::start(
         &client,
         &spec,
         config.agent.startup_timeout.get(),
         &progress,
-    )
-    .await
-    {
+    );
+    // Ctrl-C (or SIGTERM) while the pod starts: remove the Job, as on any failure.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let started_or_stopped = tokio::select! {
+        result = starting => result,
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
+    };
+    if started_or_stopped.is_err() {
+        // Deleting what may not exist yet is harmless; not deleting what does would leave it.
+        let _ = tether_kube::agent::delete(&client, &spec.namespace, &spec.job_name()).await;
+    }
+    match started_or_stopped {
         Ok(agent) => {
             step.done(&format!(
                 "pod {} ready in {:.1} s",

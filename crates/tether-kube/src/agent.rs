@@ -26,8 +26,9 @@ pub struct AgentPod {
 }
 
 /// Waiting reasons that will not fix themselves while we wait.
-const HOPELESS: [&str; 6] = [
+const HOPELESS: [&str; 7] = [
     "ErrImagePull",
+    "ErrImageNeverPull",
     "ImagePullBackOff",
     "InvalidImageName",
     "CreateContainerConfigError",
@@ -78,14 +79,26 @@ async fn wait_running(
     let started = Instant::now();
     let mut last_seen = "no pod yet".to_owned();
     let mut stream = watcher(pods.clone(), watcher::Config::default().labels(&selector)).boxed();
+    // A pod the Job controller cannot create (admission, quota) never shows up in the watch: the
+    // Job's events say why.
+    let mut job_check = tokio::time::interval(Duration::from_secs(2));
     loop {
         let left = timeout.saturating_sub(started.elapsed());
-        let next = match tokio::time::timeout(left, stream.try_next()).await {
-            Ok(next) => next.context("lost the watch on the agent pod")?,
-            Err(_) => bail!(
-                "the agent pod did not start within {} s (agent.startup_timeout); last seen: {last_seen}",
-                timeout.as_secs()
-            ),
+        let next = tokio::select! {
+            next = tokio::time::timeout(left, stream.try_next()) => match next {
+                Ok(next) => next.context("lost the watch on the agent pod")?,
+                Err(_) => bail!(
+                    "the agent pod did not start within {} s (agent.startup_timeout); last seen: {last_seen}\n{}",
+                    timeout.as_secs(),
+                    events(client, &spec.namespace, &spec.job_name()).await
+                ),
+            },
+            _ = job_check.tick() => {
+                if let Some(problem) = job_problem(client, spec).await {
+                    bail!("the agent Job {} cannot run its pod: {problem}", spec.job_name());
+                }
+                continue;
+            }
         };
         let pod = match next {
             Some(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
@@ -147,6 +160,31 @@ async fn wait_running(
     }
 }
 
+/// Why the agent's Job cannot make progress, from its conditions and `FailedCreate` events.
+async fn job_problem(client: &Client, spec: &AgentSpec) -> Option<String> {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &spec.namespace);
+    let job = jobs.get_opt(&spec.job_name()).await.ok()??;
+    if let Some(failed) = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Failed" && c.status == "True"))
+    {
+        return Some(format!(
+            "{}: {}",
+            failed.reason.clone().unwrap_or_default(),
+            failed.message.clone().unwrap_or_default()
+        ));
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), &spec.namespace);
+    let params = ListParams::default().fields(&format!("involvedObject.name={}", spec.job_name()));
+    let list = events.list(&params).await.ok()?;
+    list.items
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some("FailedCreate"))
+        .map(|e| e.message.unwrap_or_default())
+}
+
 /// "Pending", "ContainerCreating", "Running", "Failed (exit 1: Error)".
 fn describe(pod: &Pod) -> String {
     let status = pod.status.clone().unwrap_or_default();
@@ -158,11 +196,16 @@ fn describe(pod: &Pod) -> String {
             return waiting.reason.clone();
         }
         state.terminated.as_ref().map(|t| {
-            format!(
+            let mut said = format!(
                 "exit {}: {}",
                 t.exit_code,
                 t.reason.clone().unwrap_or_default()
-            )
+            );
+            // With FallbackToLogsOnError, the end of the agent's log.
+            if let Some(message) = t.message.as_deref().filter(|m| !m.is_empty()) {
+                said.push_str(&format!("; it said: {}", message.trim()));
+            }
+            said
         })
     });
     match detail {
@@ -215,25 +258,89 @@ pub async fn delete(client: &Client, namespace: &str, job: &str) -> anyhow::Resu
 }
 
 /// Opens a port-forward to the agent pod: one WebSocket, one TCP connection to the agent.
-pub async fn port_forward(
-    client: &Client,
-    agent: &AgentPod,
-) -> std::io::Result<tokio::io::DuplexStream> {
+///
+/// Errors that another try cannot fix (the pod is gone or not running, the port-forward is
+/// forbidden) have kind `NotFound` or `PermissionDenied`; the rest are worth retrying.
+pub async fn port_forward(client: &Client, agent: &AgentPod) -> std::io::Result<PortForward> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &agent.namespace);
     let mut forwarder = pods
         .portforward(&agent.pod, &[agent.port])
         .await
-        .map_err(|e| std::io::Error::other(format!("port-forward to {}: {e}", agent.pod)))?;
+        .map_err(|e| {
+            let kind = match &e {
+                kube::Error::Api(status) if status.code == 404 || status.code == 400 => {
+                    std::io::ErrorKind::NotFound
+                }
+                kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+                    std::io::ErrorKind::PermissionDenied
+                }
+                _ => std::io::ErrorKind::Other,
+            };
+            std::io::Error::new(kind, format!("port-forward to pod {}: {e}", agent.pod))
+        })?;
     let stream = forwarder.take_stream(agent.port).ok_or_else(|| {
-        std::io::Error::other(format!("port-forward to {}: no stream", agent.pod))
+        std::io::Error::other(format!("port-forward to pod {}: no stream", agent.pod))
     })?;
     if let Some(error) = forwarder.take_error(agent.port) {
         let pod = agent.pod.clone();
         tokio::spawn(async move {
             if let Some(message) = error.await {
-                tracing::warn!(%pod, "port-forward error: {message}");
+                tracing::info!(%pod, "port-forward error: {message}");
             }
         });
     }
-    Ok(stream)
+    Ok(PortForward { stream, forwarder })
+}
+
+/// A port-forward's byte stream. Dropping it stops the port-forward's task at once (a link
+/// given up on a dead network must not keep a task and a socket until TCP gives up).
+pub struct PortForward {
+    stream: tokio::io::DuplexStream,
+    forwarder: kube::api::Portforwarder,
+}
+
+impl std::fmt::Debug for PortForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortForward").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+impl tokio::io::AsyncRead for PortForward {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PortForward {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

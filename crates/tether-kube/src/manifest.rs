@@ -133,6 +133,9 @@ impl AgentSpec {
                 run_as_user: Some(0),
                 ..SecurityContext::default()
             }),
+            // A failing agent's last log lines show up in the pod's status (and in tether's
+            // error), without `pods/log` permission.
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
             resources: Some(ResourceRequirements {
                 requests: Some(BTreeMap::from([
                     ("cpu".to_owned(), Quantity("10m".into())),

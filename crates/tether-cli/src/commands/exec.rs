@@ -169,9 +169,27 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
         }
     };
 
+    let outcome = with_agent(args, config, ui, &mut agent, &target, &layer, dir.path()).await;
+    if outcome.is_err() {
+        // The normal paths stop the agent themselves, in order (proxy first).
+        agent.stop().await;
+    }
+    outcome
+}
+
+/// Everything once the agent runs: the session, the proxy, the command.
+async fn with_agent(
+    args: &ExecArgs,
+    config: &Config,
+    ui: Ui,
+    agent: &mut Agent,
+    target: &Target,
+    layer: &Path,
+    dir: &Path,
+) -> anyhow::Result<i32> {
     let step = ui.step("opening the session");
-    let dialer = Arc::new(agent.dialer(&target, config));
-    let opened = match &agent {
+    let dialer = Arc::new(agent.dialer(target, config));
+    let opened = match agent {
         // The agent pod runs, but its agent may not listen yet: a port-forward dialled too early
         // gets "connection refused" inside the pod. Retried within the startup timeout.
         Agent::Kube(_) => {
@@ -197,7 +215,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     };
     step.done(&format!("session {}", welcome.session_id));
 
-    let socket = dir.path().join("layer.sock");
+    let socket = dir.join("layer.sock");
     let (events_tx, mut events) = mpsc::unbounded_channel();
     // A bare network namespace has no files of its own (they are this host's): files stay local.
     let target_files = !matches!(target, Target::Netns(_));
@@ -234,7 +252,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
         Vec::new()
     };
 
-    let mut child = match spawn_command(&args.command, &layer, &socket, &env) {
+    let mut child = match spawn_command(&args.command, layer, &socket, &env) {
         Ok(child) => child,
         Err((code, message)) => {
             eprintln!("error: {message}");
@@ -245,7 +263,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     };
     let child_pid = child.id();
     let _status = proxy.status_socket(crate::proxy::status::RunInfo {
-        target: match &agent {
+        target: match agent {
             Agent::Kube(kube) => format!("{target} (pod {})", kube.target.pod),
             Agent::Local(_) => target.to_string(),
         },

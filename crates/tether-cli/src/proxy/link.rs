@@ -67,7 +67,11 @@ pub(crate) enum DialError {
 impl DialError {
     pub(crate) fn retryable(&self) -> bool {
         match self {
-            DialError::Connect(_) => true,
+            // A pod that is gone, or a port-forward that is forbidden, stays so.
+            DialError::Connect(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
             // A refusal that is not about the session (e.g. the agent is shutting down) is final;
             // everything else on the link is the network's fault.
             DialError::Link(LinkError::Refused(_)) => false,

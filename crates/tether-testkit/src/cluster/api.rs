@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 use super::{
     State, kubelet,
-    store::{JOBS, Key, PODS, Resource, fields_match, labels_match},
+    store::{JOBS, Key, PODS, Resource, fields_match, labels_match, parse_labels},
 };
 
 pub(crate) type Body = BoxBody<Bytes, Infallible>;
@@ -139,6 +139,12 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
             },
             Method::GET,
         ) => {
+            if let Err(message) = query
+                .get("labelSelector")
+                .map_or(Ok(Vec::new()), parse_labels)
+            {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", message);
+            }
             let watch = matches!(query.get("watch"), Some("true" | "1"));
             let verb = if watch { "watch" } else { "list" };
             if let Some(denied) = forbidden(
@@ -483,6 +489,22 @@ fn create_job(state: &Arc<State>, namespace: &str, mut job: Value) -> Response<B
         }
     }
     job["metadata"]["namespace"] = json!(namespace);
+    // What the API server defaults: a uid, and a selector on it that the template's labels match.
+    let uid = super::store::new_uid();
+    job["metadata"]["uid"] = json!(uid);
+    if job["spec"]["selector"].is_null() {
+        job["spec"]["selector"] =
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+    }
+    let name = job["metadata"]["name"].clone();
+    let template_labels = &mut job["spec"]["template"]["metadata"]["labels"];
+    if !template_labels.is_object() {
+        *template_labels = json!({});
+    }
+    template_labels["batch.kubernetes.io/controller-uid"] = json!(uid);
+    template_labels["batch.kubernetes.io/job-name"] = name.clone();
+    template_labels["controller-uid"] = json!(uid);
+    template_labels["job-name"] = name;
     let key = Key {
         resource: JOBS,
         namespace: namespace.to_owned(),

@@ -11,24 +11,32 @@ use super::{
     store::{EVENTS, JOBS, Key, PODS, now},
 };
 
-/// An agent pod's process.
+/// An agent pod's process: the leader of its own process group (the `ip netns exec` chain, and
+/// `unshare` with the PID namespace's init for pods without `hostPID`).
 #[derive(Debug)]
 pub(crate) struct Running {
-    pid: u32,
+    group: i32,
+    grace: Duration,
 }
 
 impl Running {
-    /// SIGTERM, as the kubelet stops a container; the task that waits for it records the end.
+    /// As the kubelet stops a container: SIGTERM to all of it, SIGKILL after the grace period
+    /// (`terminationGracePeriodSeconds`, 30 s by default) if it still runs.
     pub(crate) fn kill(&self) {
-        let _ = nix_kill(self.pid, "-TERM");
+        let group = nix::unistd::Pid::from_raw(self.group);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+        let grace = self.grace;
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + grace;
+            while std::time::Instant::now() < deadline {
+                if nix::sys::signal::killpg(group, None).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        });
     }
-}
-
-fn nix_kill(pid: u32, signal: &str) -> std::io::Result<std::process::ExitStatus> {
-    std::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status()
 }
 
 /// Five lowercase letters and digits, as the API server's `generateName` and the ReplicaSet
@@ -55,6 +63,7 @@ pub(crate) fn start_job(state: &Arc<State>, job: &Value) {
     labels["job-name"] = json!(job_name);
     labels["batch.kubernetes.io/job-name"] = json!(job_name);
     labels["controller-uid"] = job["metadata"]["uid"].clone();
+    labels["batch.kubernetes.io/controller-uid"] = job["metadata"]["uid"].clone();
     let pod_name = format!("{job_name}-{}", random_suffix());
     let pod = json!({
         "metadata": {
@@ -94,7 +103,7 @@ pub(crate) fn start_job(state: &Arc<State>, job: &Value) {
     tokio::spawn(async move {
         let code = run_pod(&state, &pod, deadline).await;
         let Some(code) = code else { return };
-        finish_job(&state, &job_key, code == 0);
+        finish_job(&state, &job_key, code);
         if let Some(ttl) = ttl {
             tokio::time::sleep(Duration::from_secs(ttl)).await;
             // The TTL controller deletes the Job with its pods.
@@ -195,6 +204,7 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     if let Some(pod) = current(state, &namespace, &name) {
         event(
@@ -213,14 +223,19 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
         );
     }
     let mut child = command.spawn().expect("start the agent pod's command");
-    let pid = child.id().unwrap_or(0);
+    let pid = child.id().expect("a child that just started has a pid") as i32;
+    let grace = Duration::from_secs(
+        pod["spec"]["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap_or(30),
+    );
     let key = format!("{namespace}/{name}");
     state.pod_netns.lock().unwrap().insert(key.clone(), netns);
     state
         .running
         .lock()
         .unwrap()
-        .insert(key.clone(), Running { pid });
+        .insert(key.clone(), Running { group: pid, grace });
     let id = format!("containerd://{:064x}", rand::random::<u128>());
     update_pod(state, &namespace, &name, |pod| {
         pod["status"]["phase"] = json!("Running");
@@ -278,12 +293,16 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
             }
         });
     }
+    let mut deadline_exceeded = false;
     let status = match deadline {
         Some(secs) => {
             tokio::select! {
                 status = child.wait() => status,
                 () = tokio::time::sleep(Duration::from_secs(secs)) => {
-                    let _ = nix_kill(pid, "-TERM");
+                    deadline_exceeded = true;
+                    if let Some(running) = state.running.lock().unwrap().get(&key) {
+                        running.kill();
+                    }
                     child.wait().await
                 }
             }
@@ -291,31 +310,64 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
         None => child.wait().await,
     };
     state.running.lock().unwrap().remove(&key);
-    let code = status.ok().and_then(|s| s.code()).unwrap_or(137);
+    // Killed by a signal: 128 + its number, as the runtime reports it.
+    let code = status.ok().map_or(137, |s| {
+        use std::os::unix::process::ExitStatusExt as _;
+        s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(9))
+    });
+    // terminationMessagePolicy: FallbackToLogsOnError puts the log's end in the status.
+    let message = (code != 0
+        && container["terminationMessagePolicy"].as_str() == Some("FallbackToLogsOnError"))
+    .then(|| {
+        let logs = state.logs.lock().unwrap();
+        let lines = logs.get(&key).map(Vec::as_slice).unwrap_or_default();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    });
     update_pod(state, &namespace, &name, |pod| {
         pod["status"]["phase"] = json!(if code == 0 { "Succeeded" } else { "Failed" });
         pod["status"]["containerStatuses"][0]["ready"] = json!(false);
         pod["status"]["containerStatuses"][0]["state"] = json!({"terminated": {
             "exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
-            "finishedAt": now()
+            "finishedAt": now(), "message": message,
         }});
         pod["status"]["conditions"][3]["status"] = json!("False");
     });
-    Some(code)
+    Some(if deadline_exceeded {
+        DEADLINE_EXCEEDED
+    } else {
+        code
+    })
 }
 
-fn finish_job(state: &State, key: &Key, succeeded: bool) {
+/// What [`run_pod`] returns when the Job's `activeDeadlineSeconds` ended the pod.
+const DEADLINE_EXCEEDED: i32 = -1;
+
+fn finish_job(state: &State, key: &Key, code: i32) {
     let mut store = state.store.lock().unwrap();
     let Some(mut job) = store.get(key).cloned() else {
         return;
     };
-    let condition = if succeeded { "Complete" } else { "Failed" };
+    let succeeded = code == 0;
+    let (condition, reason, message) = match code {
+        0 => ("Complete", "Completed", "Job completed"),
+        DEADLINE_EXCEEDED => (
+            "Failed",
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        ),
+        _ => (
+            "Failed",
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        ),
+    };
     job["status"] = json!({
         "active": 0,
         "succeeded": i32::from(succeeded),
         "failed": i32::from(!succeeded),
-        "completionTime": now(),
-        "conditions": [{"type": condition, "status": "True", "lastTransitionTime": now()}],
+        "completionTime": if succeeded { json!(now()) } else { json!(null) },
+        "conditions": [{"type": condition, "status": "True", "reason": reason, "message": message,
+                        "lastTransitionTime": now()}],
     });
     store.put(JOBS, job);
     drop(store);

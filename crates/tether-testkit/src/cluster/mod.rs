@@ -304,8 +304,8 @@ impl Cluster {
         self.state.faults.lock().unwrap().image_pull_error = message.map(str::to_owned);
     }
 
-    /// Closes every open port-forward at once (TCP reset), as an apiserver restart or a lost
-    /// network does. Returns how many there were.
+    /// Closes every open port-forward at once, as an apiserver restart does: the client's
+    /// connection closes and the pod-side connection too. Returns how many were open.
     pub fn drop_port_forwards(&self) -> usize {
         let handles = std::mem::take(&mut *self.state.port_forwards.lock().unwrap());
         let live = handles.iter().filter(|h| !h.is_finished()).count();
@@ -367,9 +367,15 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let running: Vec<_> = self.state.running.lock().unwrap().drain().collect();
-        for (_, running) in running {
+        // As a node shutting down: every agent pod gets its SIGTERM (its guard removes its rules)
+        // and up to 10 s to end, before the runtime (and with it, `kill_on_drop`) goes.
+        for running in self.state.running.lock().unwrap().values() {
             running.kill();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.state.running.lock().unwrap().is_empty() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(std::time::Duration::from_secs(2));

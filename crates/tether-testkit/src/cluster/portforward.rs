@@ -197,6 +197,8 @@ where
     }
     let (to_ws, mut from_pods) = mpsc::channel::<Message>(16);
     let mut writers = Vec::new();
+    // The pod-side readers end with this task (also when it is aborted).
+    let mut readers = tokio::task::JoinSet::new();
     for (i, port) in ports.iter().enumerate() {
         match dial(netns, *port).await {
             Ok(stream) => {
@@ -204,7 +206,7 @@ where
                 writers.push(Some(write));
                 let to_ws = to_ws.clone();
                 let channel = 2 * i as u8;
-                tokio::spawn(async move {
+                readers.spawn(async move {
                     let mut buf = vec![0u8; 32 * 1024];
                     loop {
                         match read.read(&mut buf[1..]).await {
@@ -262,7 +264,12 @@ where
                         return;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(_))) => {
+                    // Answer the closing handshake, then close the pod side.
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+                None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             },
         }

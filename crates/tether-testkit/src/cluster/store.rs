@@ -217,20 +217,104 @@ pub(crate) fn now() -> String {
     )
 }
 
-/// Equality-based label selectors (`a=b,c!=d,e,!f`), as `kubectl -l` and kube-rs send them.
-pub(crate) fn labels_match(selector: &str, object: &Value) -> bool {
-    let labels = &object["metadata"]["labels"];
-    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
-        if let Some((k, v)) = term.split_once("!=") {
-            labels[k.trim()].as_str() != Some(v.trim())
-        } else if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-            labels[k.trim()].as_str() == Some(v.trim())
-        } else if let Some(k) = term.strip_prefix('!') {
-            labels[k.trim()].is_null()
-        } else {
-            !labels[term.trim()].is_null()
+/// Label selectors as the API server reads them: `a=b`, `a==b`, `a!=b`, `a`, `!a`,
+/// `a in (x,y)`, `a notin (x,y)`, joined by commas. `Err` for what it cannot parse (the API
+/// answers 400).
+pub(crate) fn parse_labels(selector: &str) -> Result<Vec<LabelTerm>, String> {
+    let mut terms = Vec::new();
+    let mut depth = 0;
+    let mut start = 0;
+    let bytes = selector.as_bytes();
+    for i in 0..=bytes.len() {
+        match bytes.get(i) {
+            Some(b'(') => depth += 1,
+            Some(b')') => depth -= 1,
+            Some(b',') if depth == 0 => {}
+            None => {}
+            Some(_) => continue,
         }
-    })
+        if bytes.get(i).is_some_and(|b| *b != b',') {
+            continue;
+        }
+        let term = selector[start..i].trim();
+        start = i + 1;
+        if !term.is_empty() {
+            terms.push(LabelTerm::parse(term)?);
+        }
+    }
+    Ok(terms)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LabelTerm {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl LabelTerm {
+    fn parse(term: &str) -> Result<LabelTerm, String> {
+        let bad = || format!("unable to parse requirement: {term:?}");
+        let set = |rest: &str| -> Result<Vec<String>, String> {
+            let inner = rest
+                .trim()
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(bad)?;
+            Ok(inner.split(',').map(|v| v.trim().to_owned()).collect())
+        };
+        if let Some((key, rest)) = term.split_once(" notin ") {
+            return Ok(LabelTerm::NotIn(key.trim().to_owned(), set(rest)?));
+        }
+        if let Some((key, rest)) = term.split_once(" in ") {
+            return Ok(LabelTerm::In(key.trim().to_owned(), set(rest)?));
+        }
+        if let Some((k, v)) = term.split_once("!=") {
+            return Ok(LabelTerm::NotEquals(
+                k.trim().to_owned(),
+                v.trim().to_owned(),
+            ));
+        }
+        if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            return Ok(LabelTerm::Equals(k.trim().to_owned(), v.trim().to_owned()));
+        }
+        let valid = |k: &str| {
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
+        };
+        match term.strip_prefix('!') {
+            Some(key) if valid(key.trim()) => Ok(LabelTerm::DoesNotExist(key.trim().to_owned())),
+            None if valid(term) => Ok(LabelTerm::Exists(term.to_owned())),
+            _ => Err(bad()),
+        }
+    }
+
+    fn matches(&self, labels: &Value) -> bool {
+        let get = |k: &str| labels[k].as_str();
+        match self {
+            LabelTerm::Equals(k, v) => get(k) == Some(v.as_str()),
+            LabelTerm::NotEquals(k, v) => get(k) != Some(v.as_str()),
+            LabelTerm::In(k, set) => get(k).is_some_and(|v| set.iter().any(|s| s == v)),
+            LabelTerm::NotIn(k, set) => get(k).is_none_or(|v| set.iter().all(|s| s != v)),
+            LabelTerm::Exists(k) => get(k).is_some(),
+            LabelTerm::DoesNotExist(k) => get(k).is_none(),
+        }
+    }
+}
+
+/// True when `object` matches every term.
+pub(crate) fn terms_match(terms: &[LabelTerm], object: &Value) -> bool {
+    let labels = &object["metadata"]["labels"];
+    terms.iter().all(|t| t.matches(labels))
+}
+
+/// [`parse_labels`] and [`terms_match`] in one; a selector that does not parse matches nothing.
+pub(crate) fn labels_match(selector: &str, object: &Value) -> bool {
+    parse_labels(selector).is_ok_and(|terms| terms_match(&terms, object))
 }
 
 /// Field selectors on the fields tether uses (`metadata.name`, `involvedObject.name`, …).
@@ -271,6 +355,12 @@ mod tests {
         assert!(labels_match("app=api,!canary", &pod));
         assert!(!labels_match("app=db", &pod));
         assert!(!labels_match("app!=api", &pod));
+        assert!(labels_match("tier in (web,edge),app", &pod));
+        assert!(!labels_match("tier notin (web, edge)", &pod));
+        assert!(labels_match("tier notin (edge)", &pod));
+        assert!(!labels_match("tier in (edge)", &pod));
+        assert!(parse_labels("app in web").is_err());
+        assert!(parse_labels("a b").is_err());
         assert!(fields_match("metadata.name=api-1", &pod));
         assert!(!fields_match("metadata.name=api-2", &pod));
         assert!(fields_match("metadata.name!=api-2", &pod));
