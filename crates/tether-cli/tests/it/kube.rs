@@ -125,21 +125,32 @@ fn a_filtered_steal_on_a_deployment_takes_only_matching_requests() {
         return;
     }
     let ctx = PodContext::in_cluster();
-    let port = free_port();
-    let _exec = exec_in_cluster(
-        &ctx,
-        "steal",
-        port,
-        &[(
-            "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
-            "^X-Dev: alice$",
-        )],
-        &node_app(port),
-    );
+    type App = fn(u16) -> Vec<String>;
+    let apps: [(App, &str); 2] = [(node_app, "local node"), (python_http_server, "local python")];
+    for (app, answer) in apps {
+        let port = free_port();
+        let mut exec = exec_in_cluster(
+            &ctx,
+            "steal",
+            port,
+            &[(
+                "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
+                "^X-Dev: alice$",
+            )],
+            &app(port),
+        );
+        check_filtered(&ctx, answer);
+        assert!(exec.interrupt().is_some(), "tether exits");
+        assert_nothing_left(&ctx);
+    }
+}
+
+/// Marked requests reach the local app (answering `answer`), the rest and probes the pod.
+fn check_filtered(ctx: &PodContext, answer: &str) {
     let url = pod_url(ctx.net.pod(0));
     for _ in 0..3 {
         let marked = curl(&ctx.net, &url, &["X-Dev: alice"]);
-        assert!(marked.starts_with("local node"), "{marked}");
+        assert!(marked.contains(answer), "{marked}");
         let other = curl(&ctx.net, &url, &[]);
         assert!(other.starts_with("original 80 GET /hello"), "{other}");
         let probe = curl(
@@ -175,6 +186,37 @@ fn a_session_survives_every_port_forward_dropping() {
         assert!(answer.starts_with("local node"), "round {round}: {answer}");
     }
     assert_eq!(exec.count("link to agent lost"), 3, "{}", exec.seen_lines());
+}
+
+#[test]
+fn while_port_forwards_are_refused_the_pod_s_app_serves_and_the_session_resumes_after() {
+    if !require_root(
+        "while_port_forwards_are_refused_the_pod_s_app_serves_and_the_session_resumes_after",
+    ) {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let cluster = ctx.cluster.as_ref().unwrap();
+    let port = free_port();
+    let mut exec = exec_in_cluster(&ctx, "steal", port, &[], &node_app(port));
+    let url = pod_url(ctx.net.pod(0));
+    assert!(curl(&ctx.net, &url, &[]).starts_with("local node"));
+    // The apiserver goes away (no upgrades, open port-forwards dropped) ...
+    cluster.refuse_port_forwards(true);
+    cluster.drop_port_forwards();
+    exec.wait_for("link to agent lost");
+    // ... so new requests go to the pod's own app meanwhile, not into a black hole.
+    for _ in 0..3 {
+        let answer = curl(&ctx.net, &url, &[]);
+        assert!(answer.starts_with("original 80"), "during the outage: {answer}");
+    }
+    // It comes back slow: upgrades answered a second late.
+    cluster.delay_port_forwards(Some(Duration::from_secs(1)));
+    cluster.refuse_port_forwards(false);
+    exec.wait_for_within("resumed after", Duration::from_secs(30));
+    let answer = curl(&ctx.net, &url, &[]);
+    assert!(answer.starts_with("local node"), "after the outage: {answer}");
+    assert_eq!(exec.count("session with the agent is over"), 0, "{}", exec.seen_lines());
 }
 
 /// `tether exec` that must fail: its exit code and stderr, within 60 s.

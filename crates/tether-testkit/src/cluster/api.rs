@@ -130,6 +130,10 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
                     return denied;
                 }
             }
+            let delay = state.faults.lock().unwrap().port_forward_delay;
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
             super::portforward::handle(req, &query, &state, &namespace, &name)
         }
         (

@@ -109,6 +109,8 @@ pub(crate) struct State {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Faults {
     pub(crate) refuse_port_forwards: bool,
+    /// Port-forward upgrades are answered this late (a slow apiserver or kubelet).
+    pub(crate) port_forward_delay: Option<std::time::Duration>,
     /// Image pulls of agent pods fail with this message.
     pub(crate) image_pull_error: Option<String>,
 }
@@ -318,6 +320,11 @@ impl Cluster {
     /// Refuses new port-forward upgrades (HTTP 500, as an unreachable kubelet gives) while on.
     pub fn refuse_port_forwards(&self, on: bool) {
         self.state.faults.lock().unwrap().refuse_port_forwards = on;
+    }
+
+    /// Answers port-forward upgrades `delay` late (or at once again with `None`).
+    pub fn delay_port_forwards(&self, delay: Option<std::time::Duration>) {
+        self.state.faults.lock().unwrap().port_forward_delay = delay;
     }
 
     /// Pods in `namespace` whose labels match `selector` (`""` for all): name and phase.
