@@ -12,7 +12,7 @@ use tether_config::{
 use tether_kube::{
     Client,
     agent::AgentPod,
-    manifest::{AgentSpec, DEFAULT_IMAGE},
+    manifest::{AgentSpec, AgentTarget, DEFAULT_IMAGE},
     target::TargetPod,
 };
 use tether_protocol::TokenDigest;
@@ -23,7 +23,8 @@ use crate::{proxy::link::Connect, ui::Ui};
 pub(crate) struct KubeAgent {
     pub(crate) client: Client,
     pub(crate) pod: AgentPod,
-    pub(crate) target: TargetPod,
+    /// `None` for a targetless session.
+    pub(crate) target: Option<TargetPod>,
     pub(crate) token: String,
 }
 
@@ -50,30 +51,20 @@ pub(crate) async fn client(config: &Config) -> anyhow::Result<(Client, String)> 
 /// Resolves the target, starts its agent and waits until it runs; each phase is a step.
 pub(crate) async fn start(
     config: &Config,
-    target: &KubeTarget,
+    target: Option<&KubeTarget>,
     ui: Ui,
 ) -> anyhow::Result<KubeAgent> {
     let (client, namespace) = client(config).await?;
-    let step = ui.step(&format!("finding {target} in namespace {namespace}"));
-    let pod = match tether_kube::target::resolve(&client, &namespace, target).await {
-        Ok(pod) => {
-            let mut detail = vec![format!("pod {}", pod.pod)];
-            detail.extend(pod.notes.iter().cloned());
-            detail.push(format!("container {}", pod.container));
-            step.done(&detail.join(", "));
-            pod
-        }
-        Err(error) => {
-            step.fail(&format!("{error:#}"));
-            return Err(error.context("no target"));
+    let pod = match target {
+        Some(target) => Some(find(&client, &namespace, target, config, ui).await?),
+        None => {
+            ui.info(&format!(
+                "targetless: outgoing connections and names go through an agent pod in \
+                 namespace {namespace}; incoming traffic, files and environment stay local"
+            ));
+            None
         }
     };
-    if let Some(mesh) = pod.mesh {
-        ui.info(&format!(
-            "{mesh} sidecar found: steals take its plaintext hop to the app"
-        ));
-    }
-    warn_about_probes(config, &pod, ui);
 
     let token: String = rand::random::<[u8; 16]>()
         .iter()
@@ -90,9 +81,11 @@ pub(crate) async fn start(
             .namespace
             .clone()
             .unwrap_or_else(|| namespace.clone()),
-        node: pod.node.clone(),
-        target_pod: pod.pod.clone(),
-        container_id: pod.container_id.clone(),
+        target: pod.as_ref().map(|pod| AgentTarget {
+            node: pod.node.clone(),
+            pod: pod.pod.clone(),
+            container_id: pod.container_id.clone(),
+        }),
         image: config
             .agent
             .image
@@ -116,7 +109,10 @@ pub(crate) async fn start(
     if config.agent.ephemeral {
         ui.warn("agent.ephemeral is not supported yet; starting the agent as a Job");
     }
-    let step = ui.step(&format!("starting the agent on node {}", pod.node));
+    let step = ui.step(&match &pod {
+        Some(pod) => format!("starting the agent on node {}", pod.node),
+        None => format!("starting the agent in namespace {}", spec.namespace),
+    });
     let started = std::time::Instant::now();
     let progress = |state: &str| tracing::info!("agent pod: {state}");
     let starting = tether_kube::agent::start(
@@ -156,6 +152,37 @@ pub(crate) async fn start(
             Err(error.context("the agent did not start"))
         }
     }
+}
+
+/// Resolves the target pod, as a step the user sees.
+async fn find(
+    client: &Client,
+    namespace: &str,
+    target: &KubeTarget,
+    config: &Config,
+    ui: Ui,
+) -> anyhow::Result<TargetPod> {
+    let step = ui.step(&format!("finding {target} in namespace {namespace}"));
+    let pod = match tether_kube::target::resolve(client, namespace, target).await {
+        Ok(pod) => {
+            let mut detail = vec![format!("pod {}", pod.pod)];
+            detail.extend(pod.notes.iter().cloned());
+            detail.push(format!("container {}", pod.container));
+            step.done(&detail.join(", "));
+            pod
+        }
+        Err(error) => {
+            step.fail(&format!("{error:#}"));
+            return Err(error.context("no target"));
+        }
+    };
+    if let Some(mesh) = pod.mesh {
+        ui.info(&format!(
+            "{mesh} sidecar found: steals take its plaintext hop to the app"
+        ));
+    }
+    warn_about_probes(config, &pod, ui);
+    Ok(pod)
 }
 
 /// A whole-port steal takes every connection of the port, the kubelet's TCP and gRPC probes

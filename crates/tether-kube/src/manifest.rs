@@ -31,18 +31,26 @@ pub const SESSION_LABEL: &str = "tether.dev/session";
 /// environment (SYS_PTRACE).
 pub const CAPABILITIES: [&str; 4] = ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"];
 
+/// The pod the agent works for.
+#[derive(Debug, Clone)]
+pub struct AgentTarget {
+    /// The target pod's node.
+    pub node: String,
+    /// The target pod (for the label; the agent finds it by container id).
+    pub pod: String,
+    /// `containerd://…` of the target container.
+    pub container_id: String,
+}
+
 /// Everything the agent's Job depends on.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     /// The session id (lowercase hex); names the Job.
     pub session: String,
     pub namespace: String,
-    /// The target pod's node.
-    pub node: String,
-    /// The target pod (for the label; the agent finds it by container id).
-    pub target_pod: String,
-    /// `containerd://…` of the target container.
-    pub container_id: String,
+    /// The target, or `None` for a targetless session: then the agent runs in a pod of its own
+    /// wherever the scheduler puts it, without `hostPID` or capabilities.
+    pub target: Option<AgentTarget>,
     pub image: String,
     pub pull_policy: Option<String>,
     /// SHA-256 of the session token, in hex.
@@ -86,7 +94,9 @@ impl AgentSpec {
             ("tether.dev/user".to_owned(), label_value(&self.user)),
             (
                 "tether.dev/target-pod".to_owned(),
-                label_value(&self.target_pod),
+                self.target
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |t| label_value(&t.pod)),
             ),
         ]);
         // field-notes.md §4: no sidecar in the agent pod.
@@ -94,16 +104,21 @@ impl AgentSpec {
             ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
             ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
         ]);
-        let mut args = vec![
-            "--target".to_owned(),
-            format!("container/{}", self.container_id),
+        let mut args = Vec::new();
+        if let Some(target) = &self.target {
+            args.extend([
+                "--target".to_owned(),
+                format!("container/{}", target.container_id),
+            ]);
+        }
+        args.extend([
             "--listen".to_owned(),
             format!("127.0.0.1:{AGENT_PORT}"),
             "--token-sha256".to_owned(),
             self.token_sha256.clone(),
             "--idle-exit".to_owned(),
             format!("{}s", self.idle_exit.as_secs().max(1)),
-        ];
+        ]);
         if let Some(nft) = self.nftables {
             args.extend(["--nftables".to_owned(), nft.to_string()]);
         }
@@ -126,7 +141,8 @@ impl AgentSpec {
             }]),
             security_context: Some(SecurityContext {
                 privileged: self.privileged.then_some(true),
-                capabilities: Some(Capabilities {
+                // Targetless, the agent only connects and resolves: no capability needed.
+                capabilities: self.target.as_ref().map(|_| Capabilities {
                     add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
                     drop: None,
                 }),
@@ -165,8 +181,8 @@ impl AgentSpec {
                     spec: Some(PodSpec {
                         // On the target's node, without the scheduler: the agent must share its
                         // kernel to enter the target's namespaces.
-                        node_name: Some(self.node.clone()),
-                        host_pid: Some(true),
+                        node_name: self.target.as_ref().map(|t| t.node.clone()),
+                        host_pid: self.target.as_ref().map(|_| true),
                         restart_policy: Some("Never".into()),
                         automount_service_account_token: Some(false),
                         termination_grace_period_seconds: Some(10),
@@ -217,9 +233,11 @@ mod tests {
         AgentSpec {
             session: "5f2b9c0d1e3a4b6c".into(),
             namespace: "shop".into(),
-            node: "node-a".into(),
-            target_pod: "api-7d9c5b-x2k4q".into(),
-            container_id: format!("containerd://{}", "ab".repeat(32)),
+            target: Some(AgentTarget {
+                node: "node-a".into(),
+                pod: "api-7d9c5b-x2k4q".into(),
+                container_id: format!("containerd://{}", "ab".repeat(32)),
+            }),
             image: DEFAULT_IMAGE.into(),
             pull_policy: Some("IfNotPresent".into()),
             token_sha256: "0f".repeat(32),
@@ -295,6 +313,22 @@ mod tests {
         let pod = privileged.spec.unwrap().template.spec.unwrap();
         let security = pod.containers[0].security_context.clone().unwrap();
         assert_eq!(security.privileged, Some(true));
+    }
+
+    #[test]
+    fn a_targetless_agent_runs_anywhere_without_host_pid_or_capabilities() {
+        let job = AgentSpec {
+            target: None,
+            ..spec()
+        }
+        .job();
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.node_name, None);
+        assert_eq!(pod.host_pid, None);
+        let agent = &pod.containers[0];
+        assert_eq!(agent.security_context.as_ref().unwrap().capabilities, None);
+        let args = agent.args.as_ref().unwrap().join(" ");
+        assert!(!args.contains("--target"), "{args}");
     }
 
     #[test]

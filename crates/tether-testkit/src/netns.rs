@@ -29,6 +29,8 @@ pub const TEST_RANGE: &str = "10.213.0.0/16";
 const SUBNET: [u8; 3] = [10, 213, 0];
 const CLIENT_HOST: u8 = 100;
 const FIRST_POD_HOST: u8 = 10;
+/// Pods added later ([`add_pod`]) get 10.213.0.200 upwards.
+const EXTRA_FIRST_HOST: u8 = 200;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -107,15 +109,6 @@ impl Network {
         );
         self.exec_ok(netns, &["ip", "link", "set", "eth0", "up"]);
         self.exec_ok(netns, &["ip", "link", "set", "lo", "up"]);
-    }
-
-    /// Creates a namespace with only `lo` (up), removed with the network: for processes that
-    /// are reached only through `setns` (the cluster simulator's agent pods).
-    pub fn bare_namespace(&self, suffix: &str) -> String {
-        let netns = format!("{}-{suffix}", self.prefix);
-        run(&["ip", "netns", "add", &netns]);
-        self.exec_ok(&netns, &["ip", "link", "set", "lo", "up"]);
-        netns
     }
 
     /// The prefix of every namespace of this network (`tt-<pid>-<n>`); namespaces named with
@@ -535,4 +528,38 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// Adds pod number `n` (0–49) to the network whose namespaces start with `prefix`, after the
+/// network was made: `<prefix>-<suffix>` at 10.213.0.(200 + n), on the same bridge, removed with
+/// the network. For the cluster simulator's agent pods, which it creates on its own thread.
+pub fn add_pod(prefix: &str, suffix: &str, n: u8) -> Pod {
+    assert!(n < 50, "at most 50 pods can be added to a test network");
+    let netns = format!("{prefix}-{suffix}");
+    let node = format!("{prefix}-node");
+    let ip = Ipv4Addr::new(SUBNET[0], SUBNET[1], SUBNET[2], EXTRA_FIRST_HOST + n);
+    let node_side = format!("vx{n}");
+    run(&["ip", "netns", "add", &netns]);
+    let exec = |ns: &str, args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", ns];
+        all.extend_from_slice(args);
+        run(&all);
+    };
+    exec(
+        &netns,
+        &[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &node_side, "netns", &node,
+        ],
+    );
+    exec(
+        &node,
+        &["ip", "link", "set", &node_side, "master", "br0", "up"],
+    );
+    exec(
+        &netns,
+        &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+    );
+    exec(&netns, &["ip", "link", "set", "eth0", "up"]);
+    exec(&netns, &["ip", "link", "set", "lo", "up"]);
+    Pod { netns, ip }
 }

@@ -82,14 +82,7 @@ fn target(config: &Config) -> anyhow::Result<Target> {
              or target.path in the config"
         );
     };
-    let target: Target = path.parse()?;
-    if target == Target::Targetless {
-        bail!(
-            "targetless sessions (no pod: outgoing, DNS and files from an agent in the namespace) \
-             are not supported yet; name a pod or workload"
-        );
-    }
-    Ok(target)
+    Ok(path.parse()?)
 }
 
 /// The preloaded library: `TETHER_LAYER_PATH`, else next to the `tether` executable.
@@ -120,6 +113,18 @@ fn is_root() -> bool {
 
 async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
     let target = target(config)?;
+    // Targetless: no pod to take traffic from, and the agent pod's files and variables are not
+    // the user's business.
+    let targetless;
+    let config = if target == Target::Targetless {
+        let mut adjusted = config.clone();
+        adjusted.feature.network.incoming.mode = tether_config::model::IncomingMode::Off;
+        adjusted.feature.env.enabled = false;
+        targetless = adjusted;
+        &targetless
+    } else {
+        config
+    };
     let is_local = matches!(target, Target::Netns(_) | Target::Pid(_));
     if is_local && args.agent_addr.is_none() && !is_root() {
         bail!(
@@ -146,7 +151,16 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
                 token,
             })
         }
-        (None, Target::Kube(kube)) => match crate::kube_agent::start(config, kube, ui).await {
+        (None, Target::Kube(_) | Target::Targetless) => match crate::kube_agent::start(
+            config,
+            match &target {
+                Target::Kube(kube) => Some(kube),
+                _ => None,
+            },
+            ui,
+        )
+        .await
+        {
             Ok(agent) => Agent::Kube(agent),
             Err(error) => {
                 tracing::debug!("{error:#}");
@@ -217,8 +231,9 @@ async fn with_agent(
 
     let socket = dir.join("layer.sock");
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    // A bare network namespace has no files of its own (they are this host's): files stay local.
-    let target_files = !matches!(target, Target::Netns(_));
+    // A bare network namespace has no files of its own (they are this host's), nor has a
+    // targetless session: files stay local.
+    let target_files = matches!(target, Target::Pid(_) | Target::Kube(_));
     let proxy = Proxy::start(
         dialer,
         link,
@@ -231,7 +246,13 @@ async fn with_agent(
     .await?;
 
     let env = if config.feature.env.enabled || !config.feature.env.overrides.is_empty() {
-        let target_env = match proxy.environment().await {
+        // Targetless, there is no target process: only the overrides apply.
+        let target_env = if *target == Target::Targetless {
+            Ok(Vec::new())
+        } else {
+            proxy.environment().await
+        };
+        let target_env = match target_env {
             Ok(vars) => vars,
             Err(message) => {
                 ui.warn(&format!("cannot read the target's environment: {message}"));
@@ -264,7 +285,10 @@ async fn with_agent(
     let child_pid = child.id();
     let _status = proxy.status_socket(crate::proxy::status::RunInfo {
         target: match agent {
-            Agent::Kube(kube) => format!("{target} (pod {})", kube.target.pod),
+            Agent::Kube(kube) => match &kube.target {
+                Some(pod) => format!("{target} (pod {})", pod.pod),
+                None => format!("{target} (namespace {})", kube.pod.namespace),
+            },
             Agent::Local(_) => target.to_string(),
         },
         session: welcome.session_id.clone(),

@@ -35,7 +35,7 @@ pub(crate) struct PodContext {
     pub(crate) pid: u32,
     /// The pod-only directory (a tmpfs in the target's mount namespace; empty on the host).
     dir: String,
-    http_port: u16,
+    pub(crate) http_port: u16,
     udp_port: u16,
 }
 
@@ -91,7 +91,10 @@ impl PodContext {
     pub(crate) fn in_cluster() -> PodContext {
         let mut ctx = PodContext::new();
         ctx.net.start_http_app(ctx.net.pod(0), "original", &[80]);
-        let cluster = Cluster::start(&ctx.net, &[env!("CARGO_BIN_EXE_tether"), "agent"]);
+        // Pod 1's service, as the cluster DNS names it for agent pods (targetless sessions).
+        let hosts = format!("{} db.shop.svc\n", ctx.net.pod(1).ip);
+        let cluster =
+            Cluster::start_with_hosts(&ctx.net, &[env!("CARGO_BIN_EXE_tether"), "agent"], &hosts);
         cluster.add_deployment("shop", "api", &[AppPod::new(ctx.net.pod(0), ctx.pid)]);
         ctx.target = ["--target", "deploy/api", "-n", "shop"]
             .map(String::from)

@@ -126,7 +126,10 @@ fn a_filtered_steal_on_a_deployment_takes_only_matching_requests() {
     }
     let ctx = PodContext::in_cluster();
     type App = fn(u16) -> Vec<String>;
-    let apps: [(App, &str); 2] = [(node_app, "local node"), (python_http_server, "local python")];
+    let apps: [(App, &str); 2] = [
+        (node_app, "local node"),
+        (python_http_server, "local python"),
+    ];
     for (app, answer) in apps {
         let port = free_port();
         let mut exec = exec_in_cluster(
@@ -208,15 +211,26 @@ fn while_port_forwards_are_refused_the_pod_s_app_serves_and_the_session_resumes_
     // ... so new requests go to the pod's own app meanwhile, not into a black hole.
     for _ in 0..3 {
         let answer = curl(&ctx.net, &url, &[]);
-        assert!(answer.starts_with("original 80"), "during the outage: {answer}");
+        assert!(
+            answer.starts_with("original 80"),
+            "during the outage: {answer}"
+        );
     }
     // It comes back slow: upgrades answered a second late.
     cluster.delay_port_forwards(Some(Duration::from_secs(1)));
     cluster.refuse_port_forwards(false);
     exec.wait_for_within("resumed after", Duration::from_secs(30));
     let answer = curl(&ctx.net, &url, &[]);
-    assert!(answer.starts_with("local node"), "after the outage: {answer}");
-    assert_eq!(exec.count("session with the agent is over"), 0, "{}", exec.seen_lines());
+    assert!(
+        answer.starts_with("local node"),
+        "after the outage: {answer}"
+    );
+    assert_eq!(
+        exec.count("session with the agent is over"),
+        0,
+        "{}",
+        exec.seen_lines()
+    );
 }
 
 /// `tether exec` that must fail: its exit code and stderr, within 60 s.
@@ -397,4 +411,57 @@ fn ls_lists_the_namespace_s_targets_but_not_tether_s_agents() {
         1,
         "the session's agent pod exists meanwhile"
     );
+}
+
+#[test]
+fn a_targetless_session_connects_and_resolves_from_an_agent_pod_in_the_namespace() {
+    if !require_root(
+        "a_targetless_session_connects_and_resolves_from_an_agent_pod_in_the_namespace",
+    ) {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let service = ctx.net.pod(1).ip;
+    // The names the cluster DNS gives pods (the simulator's agent pods get them in /etc/hosts).
+    let script = format!(
+        "import os, socket, urllib.request\n\
+         print(socket.gethostbyname('db.shop.svc'))\n\
+         print(urllib.request.urlopen('http://db.shop.svc:{}/tl', timeout=10).read().decode().strip())\n\
+         print(os.environ.get('POD_ONLY_VAR'))\n",
+        ctx.http_port
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "exec",
+            "--target",
+            "targetless",
+            "-n",
+            "shop",
+            "--",
+            "python3",
+            "-c",
+            &script,
+        ])
+        .env_remove("TETHER_CONFIG")
+        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{said}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], service.to_string(), "{said}");
+    assert!(
+        lines[1].starts_with(&format!("pod-service {} GET /tl", ctx.http_port)),
+        "{said}"
+    );
+    assert_eq!(
+        lines[2], "None",
+        "no pod's environment in a targetless session: {said}"
+    );
+    assert_nothing_left(&ctx);
 }

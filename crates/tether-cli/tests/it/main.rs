@@ -3,6 +3,7 @@
 mod cleanup;
 mod config;
 mod context;
+mod e2e;
 mod exec;
 mod http_filter;
 mod image;

@@ -163,18 +163,20 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
     let n = state
         .next_netns
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let netns = format!("{}-ag{n}", state.network_prefix);
-    let made = tokio::process::Command::new("sh")
-        .args([
-            "-c",
-            &format!("ip netns add {netns} && ip netns exec {netns} ip link set lo up"),
-        ])
-        .status()
-        .await;
-    assert!(
-        made.is_ok_and(|s| s.success()),
-        "cannot create the agent pod's namespace {netns}"
-    );
+    // A pod of its own on the test network, as an agent pod gets a pod IP.
+    let prefix = state.network_prefix.clone();
+    let agent_pod = tokio::task::spawn_blocking(move || {
+        crate::netns::add_pod(&prefix, &format!("ag{n}"), n as u8)
+    })
+    .await
+    .expect("create the agent pod's namespace");
+    let netns = agent_pod.netns.clone();
+    // Its resolv.conf and hosts (`ip netns exec` bind-mounts /etc/netns/NAME/*): the cluster's.
+    let etc = std::path::Path::new("/etc/netns").join(&netns);
+    std::fs::create_dir_all(&etc).expect("create /etc/netns/NAME");
+    std::fs::write(etc.join("hosts"), &state.hosts).expect("write the agent pod's hosts");
+    std::fs::write(etc.join("resolv.conf"), &state.resolv_conf).expect("write resolv.conf");
+    state.etc_dirs.lock().unwrap().push(etc);
 
     let host_pid = pod["spec"]["hostPID"].as_bool() == Some(true);
     let mut command = tokio::process::Command::new("ip");
@@ -239,7 +241,7 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
     let id = format!("containerd://{:064x}", rand::random::<u128>());
     update_pod(state, &namespace, &name, |pod| {
         pod["status"]["phase"] = json!("Running");
-        pod["status"]["podIP"] = json!(format!("10.213.250.{}", n % 250 + 1));
+        pod["status"]["podIP"] = json!(agent_pod.ip.to_string());
         pod["status"]["hostIP"] = json!("10.213.255.1");
         pod["status"]["startTime"] = json!(now());
         pod["status"]["containerStatuses"] = json!([{

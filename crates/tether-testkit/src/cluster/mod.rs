@@ -100,6 +100,11 @@ pub(crate) struct State {
     /// Where agent pods get their namespaces.
     pub(crate) network_prefix: String,
     pub(crate) next_netns: std::sync::atomic::AtomicU32,
+    /// The `/etc/hosts` and `/etc/resolv.conf` agent pods get (the cluster's names).
+    pub(crate) hosts: String,
+    pub(crate) resolv_conf: String,
+    /// `/etc/netns/NAME` directories written for agent pods, removed on drop.
+    pub(crate) etc_dirs: Mutex<Vec<std::path::PathBuf>>,
     /// Agent pods' output (stdout and stderr), by `namespace/name`.
     pub(crate) logs: Mutex<HashMap<String, Vec<String>>>,
     /// cgroup directories of the app containers (removed with the simulator).
@@ -119,6 +124,12 @@ impl Cluster {
     /// Starts a simulator whose agent pods run `agent_command` (e.g. `[tether, "agent"]`) with
     /// the agent container's `args`, in namespaces of `network`.
     pub fn start(network: &Network, agent_command: &[&str]) -> Cluster {
+        Cluster::start_with_hosts(network, agent_command, "")
+    }
+
+    /// Like [`start`](Self::start); agent pods' `/etc/hosts` also names `hosts` (lines of
+    /// `IP NAME`), as the cluster DNS would answer for them.
+    pub fn start_with_hosts(network: &Network, agent_command: &[&str], hosts: &str) -> Cluster {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cluster-sim")
@@ -140,6 +151,9 @@ impl Cluster {
             next_netns: 0.into(),
             containers: Mutex::default(),
             logs: Mutex::default(),
+            hosts: format!("127.0.0.1 localhost\n{hosts}"),
+            resolv_conf: "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n".into(),
+            etc_dirs: Mutex::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -383,6 +397,9 @@ impl Drop for Cluster {
         while !self.state.running.lock().unwrap().is_empty() && std::time::Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        for dir in self.state.etc_dirs.lock().unwrap().drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(std::time::Duration::from_secs(2));
