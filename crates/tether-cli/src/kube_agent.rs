@@ -12,7 +12,7 @@ use tether_config::{
 use tether_kube::{
     Client,
     agent::AgentPod,
-    manifest::{AgentSpec, AgentTarget, DEFAULT_IMAGE},
+    manifest::{AGENT_PORT, AgentSpec, AgentTarget, DEFAULT_IMAGE, EPHEMERAL_PORTS},
     target::TargetPod,
 };
 use tether_protocol::TokenDigest;
@@ -100,27 +100,49 @@ pub(crate) async fn start(
             .to_owned()
         }),
         token_sha256: TokenDigest::of(&token).to_hex(),
+        port: if config.agent.ephemeral && pod.is_some() {
+            rand::random_range(EPHEMERAL_PORTS)
+        } else {
+            AGENT_PORT
+        },
         idle_exit: config.agent.ttl.get(),
         privileged: config.agent.privileged,
         user: std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
         log_level: config.agent.log_level.clone(),
         nftables: config.agent.nftables,
     };
-    if config.agent.ephemeral {
-        ui.warn("agent.ephemeral is not supported yet; starting the agent as a Job");
+    if config.agent.ephemeral && pod.is_none() {
+        ui.warn("agent.ephemeral needs a target pod; a targetless session starts a Job");
+    }
+    if config.agent.ephemeral && config.agent.namespace.is_some() {
+        ui.warn("agent.namespace does not apply to an ephemeral agent: it runs in the target pod");
     }
     let step = ui.step(&match &pod {
+        Some(pod) if config.agent.ephemeral => {
+            format!("adding the agent to pod {} (ephemeral container)", pod.pod)
+        }
         Some(pod) => format!("starting the agent on node {}", pod.node),
         None => format!("starting the agent in namespace {}", spec.namespace),
     });
     let started = std::time::Instant::now();
     let progress = |state: &str| tracing::info!("agent pod: {state}");
-    let starting = tether_kube::agent::start(
-        &client,
-        &spec,
-        config.agent.startup_timeout.get(),
-        &progress,
-    );
+    let timeout = config.agent.startup_timeout.get();
+    let starting = async {
+        match (&pod, config.agent.ephemeral) {
+            (Some(pod), true) => {
+                tether_kube::agent::start_ephemeral(
+                    &client,
+                    &spec,
+                    &pod.pod,
+                    &pod.container,
+                    timeout,
+                    &progress,
+                )
+                .await
+            }
+            _ => tether_kube::agent::start(&client, &spec, timeout, &progress).await,
+        }
+    };
     // Ctrl-C (or SIGTERM) while the pod starts: remove the Job, as on any failure.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -129,7 +151,7 @@ pub(crate) async fn start(
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
         _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
     };
-    if started_or_stopped.is_err() {
+    if started_or_stopped.is_err() && !(config.agent.ephemeral && pod.is_some()) {
         // Deleting what may not exist yet is harmless; not deleting what does would leave it.
         let _ = tether_kube::agent::delete(&client, &spec.namespace, &spec.job_name()).await;
     }
@@ -165,8 +187,11 @@ async fn find(
     let step = ui.step(&format!("finding {target} in namespace {namespace}"));
     let pod = match tether_kube::target::resolve(client, namespace, target).await {
         Ok(pod) => {
-            let mut detail = vec![format!("pod {}", pod.pod)];
-            detail.extend(pod.notes.iter().cloned());
+            // The notes name the pod when tether chose it.
+            let mut detail = pod.notes.clone();
+            if !detail.iter().any(|n| n.contains(&pod.pod)) {
+                detail.insert(0, format!("pod {}", pod.pod));
+            }
             detail.push(format!("container {}", pod.container));
             step.done(&detail.join(", "));
             pod
@@ -230,11 +255,15 @@ impl KubeAgent {
         })
     }
 
-    /// Deletes the agent's Job and pod (bounded: a lost cluster must not hang the exit).
+    /// Deletes the agent's Job and pod (bounded: a lost cluster must not hang the exit). An
+    /// ephemeral agent cannot be removed: it ends on its own once idle (`agent.ttl`).
     pub(crate) async fn stop(&self) {
+        let Some(job) = &self.pod.job else {
+            return;
+        };
         let deleted = tokio::time::timeout(
             Duration::from_secs(10),
-            tether_kube::agent::delete(&self.client, &self.pod.namespace, &self.pod.job),
+            tether_kube::agent::delete(&self.client, &self.pod.namespace, job),
         )
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))
@@ -242,10 +271,7 @@ impl KubeAgent {
         .context("the agent Job stays; it ends on its own once idle");
         if let Err(error) = deleted {
             tracing::warn!("{error:#}");
-            eprintln!(
-                "warning: cannot delete the agent Job {}: {error:#}",
-                self.pod.job
-            );
+            eprintln!("warning: cannot delete the agent Job {job}: {error:#}");
         }
     }
 }

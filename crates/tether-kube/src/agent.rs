@@ -10,17 +10,20 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{DeleteParams, ListParams, PostParams, PropagationPolicy},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy},
     runtime::watcher,
 };
 
-use crate::manifest::{AGENT_PORT, AgentSpec, SESSION_LABEL};
+use crate::manifest::{AgentSpec, SESSION_LABEL};
 
-/// A running agent pod.
+/// A running agent: a Job's pod, or an ephemeral container in the target pod.
 #[derive(Debug, Clone)]
 pub struct AgentPod {
     pub namespace: String,
-    pub job: String,
+    /// The Job to delete at the end (`None` for an ephemeral container, which cannot be
+    /// removed and ends on its own once idle).
+    pub job: Option<String>,
+    /// The pod to port-forward to.
     pub pod: String,
     pub port: u16,
 }
@@ -57,13 +60,94 @@ pub async fn start(
     match wait_running(client, spec, timeout, progress).await {
         Ok(pod) => Ok(AgentPod {
             namespace: spec.namespace.clone(),
-            job,
+            job: Some(job),
             pod,
-            port: AGENT_PORT,
+            port: spec.port,
         }),
         Err(error) => {
             let _ = delete(client, &spec.namespace, &job).await;
             Err(error)
+        }
+    }
+}
+
+/// Adds the agent as an ephemeral container to `target` (in the spec's namespace), next to
+/// `container`, and waits until it runs.
+pub async fn start_ephemeral(
+    client: &Client,
+    spec: &AgentSpec,
+    target: &str,
+    container: &str,
+    timeout: Duration,
+    progress: &(dyn Fn(&str) + Sync),
+) -> anyhow::Result<AgentPod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &spec.namespace);
+    let agent = spec.ephemeral_container(container);
+    let name = agent.name.clone();
+    let patch = serde_json::json!({"spec": {"ephemeralContainers": [agent]}});
+    pods.patch_ephemeral_containers(target, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .with_context(|| {
+            format!("cannot add the agent to pod {target} as an ephemeral container")
+        })?;
+    let started = Instant::now();
+    let mut last_seen = String::new();
+    let config = watcher::Config::default().fields(&format!("metadata.name={target}"));
+    let mut stream = watcher(pods, config).boxed();
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let next = tokio::time::timeout(left, stream.try_next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the ephemeral agent did not start within {} s (agent.startup_timeout); last seen: {last_seen}",
+                    timeout.as_secs()
+                )
+            })?
+            .context("lost the watch on the target pod")?;
+        let pod = match next {
+            Some(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
+            Some(watcher::Event::Delete(_)) => bail!("the target pod {target} was deleted"),
+            Some(_) => continue,
+            None => bail!("the watch on the target pod ended"),
+        };
+        let status = pod
+            .status
+            .and_then(|s| s.ephemeral_container_statuses)
+            .and_then(|all| all.into_iter().find(|s| s.name == name));
+        let Some(state) = status.and_then(|s| s.state) else {
+            continue;
+        };
+        if state.running.is_some() {
+            return Ok(AgentPod {
+                namespace: spec.namespace.clone(),
+                job: None,
+                pod: target.to_owned(),
+                port: spec.port,
+            });
+        }
+        if let Some(waiting) = state.waiting {
+            let reason = waiting.reason.unwrap_or_default();
+            if reason != last_seen {
+                progress(&format!("{name}: {reason}"));
+                last_seen.clone_from(&reason);
+            }
+            if HOPELESS.contains(&reason.as_str()) {
+                bail!(
+                    "the ephemeral agent cannot start: {reason}: {}",
+                    waiting.message.unwrap_or_default()
+                );
+            }
+        }
+        if let Some(terminated) = state.terminated {
+            bail!(
+                "the ephemeral agent exited before it was ready (exit {}){}",
+                terminated.exit_code,
+                terminated
+                    .message
+                    .map(|m| format!("; it said: {}", m.trim()))
+                    .unwrap_or_default()
+            );
         }
     }
 }

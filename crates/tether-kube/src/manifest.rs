@@ -6,8 +6,8 @@ use k8s_openapi::{
     api::{
         batch::v1::{Job, JobSpec},
         core::v1::{
-            Capabilities, Container, ContainerPort, EnvVar, PodSpec, PodTemplateSpec,
-            ResourceRequirements, SecurityContext, Toleration,
+            Capabilities, Container, ContainerPort, EnvVar, EphemeralContainer, PodSpec,
+            PodTemplateSpec, ResourceRequirements, SecurityContext, Toleration,
         },
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
@@ -19,9 +19,13 @@ pub const DEFAULT_IMAGE: &str = concat!(
     env!("CARGO_PKG_VERSION")
 );
 
-/// The agent's port inside its pod. It listens on loopback only: the kubelet's port-forward
+/// The agent's port inside its own pod. It listens on loopback only: the kubelet's port-forward
 /// dials `localhost` in the pod's namespace, and nothing else in the cluster can reach it.
 pub const AGENT_PORT: u16 = 44128;
+
+/// Ports for ephemeral agents, which share the target pod's network (with its app, and with
+/// the ephemeral agents of earlier sessions, which live on until idle): one per session.
+pub const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 41000..=48999;
 
 /// The label every agent pod and Job carries, with the session id.
 pub const SESSION_LABEL: &str = "tether.dev/session";
@@ -55,6 +59,9 @@ pub struct AgentSpec {
     pub pull_policy: Option<String>,
     /// SHA-256 of the session token, in hex.
     pub token_sha256: String,
+    /// The port the agent listens on (loopback): [`AGENT_PORT`] in its own pod, one of
+    /// [`EPHEMERAL_PORTS`] as an ephemeral container.
+    pub port: u16,
     /// The agent exits after this long without a session.
     pub idle_exit: Duration,
     pub privileged: bool,
@@ -104,63 +111,11 @@ impl AgentSpec {
             ("sidecar.istio.io/inject".to_owned(), "false".to_owned()),
             ("linkerd.io/inject".to_owned(), "disabled".to_owned()),
         ]);
-        let mut args = Vec::new();
-        if let Some(target) = &self.target {
-            args.extend([
-                "--target".to_owned(),
-                format!("container/{}", target.container_id),
-            ]);
-        }
-        args.extend([
-            "--listen".to_owned(),
-            format!("127.0.0.1:{AGENT_PORT}"),
-            "--token-sha256".to_owned(),
-            self.token_sha256.clone(),
-            "--idle-exit".to_owned(),
-            format!("{}s", self.idle_exit.as_secs().max(1)),
-        ]);
-        if let Some(nft) = self.nftables {
-            args.extend(["--nftables".to_owned(), nft.to_string()]);
-        }
-        let container = Container {
-            name: "agent".into(),
-            image: Some(self.image.clone()),
-            image_pull_policy: self.pull_policy.clone(),
-            command: Some(vec!["/tether-agent".into()]),
-            args: Some(args),
-            env: Some(vec![EnvVar {
-                name: "RUST_LOG".into(),
-                value: Some(self.log_level.clone()),
-                ..EnvVar::default()
-            }]),
-            ports: Some(vec![ContainerPort {
-                name: Some("tether".into()),
-                container_port: i32::from(AGENT_PORT),
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            }]),
-            security_context: Some(SecurityContext {
-                privileged: self.privileged.then_some(true),
-                // Targetless, the agent only connects and resolves: no capability needed.
-                capabilities: self.target.as_ref().map(|_| Capabilities {
-                    add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
-                    drop: None,
-                }),
-                run_as_user: Some(0),
-                ..SecurityContext::default()
-            }),
-            // A failing agent's last log lines show up in the pod's status (and in tether's
-            // error), without `pods/log` permission.
-            termination_message_policy: Some("FallbackToLogsOnError".into()),
-            resources: Some(ResourceRequirements {
-                requests: Some(BTreeMap::from([
-                    ("cpu".to_owned(), Quantity("10m".into())),
-                    ("memory".to_owned(), Quantity("32Mi".into())),
-                ])),
-                ..ResourceRequirements::default()
-            }),
-            ..Container::default()
-        };
+        let container = self.container(
+            self.target
+                .as_ref()
+                .map(|t| format!("container/{}", t.container_id)),
+        );
         Job {
             metadata: ObjectMeta {
                 name: Some(self.job_name()),
@@ -198,6 +153,85 @@ impl AgentSpec {
                 ..JobSpec::default()
             }),
             status: None,
+        }
+    }
+
+    /// The agent container; `target` is its `--target` argument (none: targetless).
+    fn container(&self, target: Option<String>) -> Container {
+        let with_target = target.is_some();
+        let mut args = Vec::new();
+        if let Some(target) = target {
+            args.extend(["--target".to_owned(), target]);
+        }
+        args.extend([
+            "--listen".to_owned(),
+            format!("127.0.0.1:{}", self.port),
+            "--token-sha256".to_owned(),
+            self.token_sha256.clone(),
+            "--idle-exit".to_owned(),
+            format!("{}s", self.idle_exit.as_secs().max(1)),
+        ]);
+        if let Some(nft) = self.nftables {
+            args.extend(["--nftables".to_owned(), nft.to_string()]);
+        }
+        Container {
+            name: "agent".into(),
+            image: Some(self.image.clone()),
+            image_pull_policy: self.pull_policy.clone(),
+            command: Some(vec!["/tether-agent".into()]),
+            args: Some(args),
+            env: Some(vec![EnvVar {
+                name: "RUST_LOG".into(),
+                value: Some(self.log_level.clone()),
+                ..EnvVar::default()
+            }]),
+            ports: Some(vec![ContainerPort {
+                name: Some("tether".into()),
+                container_port: i32::from(self.port),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]),
+            security_context: Some(SecurityContext {
+                privileged: self.privileged.then_some(true),
+                // Targetless, the agent only connects and resolves: no capability needed.
+                capabilities: with_target.then(|| Capabilities {
+                    add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+                    drop: None,
+                }),
+                run_as_user: Some(0),
+                ..SecurityContext::default()
+            }),
+            // A failing agent's last log lines show up in the pod's status (and in tether's
+            // error), without `pods/log` permission.
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([
+                    ("cpu".to_owned(), Quantity("10m".into())),
+                    ("memory".to_owned(), Quantity("32Mi".into())),
+                ])),
+                ..ResourceRequirements::default()
+            }),
+            ..Container::default()
+        }
+    }
+
+    /// The agent as an ephemeral container of the target pod (`agent.ephemeral`): it shares the
+    /// pod's network and, through `targetContainerName`, the PID namespace of the target
+    /// container, whose main process is PID 1 there. It cannot be removed once added; it ends
+    /// on its own once idle.
+    pub fn ephemeral_container(&self, target_container: &str) -> EphemeralContainer {
+        let c = self.container(Some("pid/1".to_owned()));
+        EphemeralContainer {
+            name: self.job_name(),
+            image: c.image,
+            image_pull_policy: c.image_pull_policy,
+            command: c.command,
+            args: c.args,
+            env: c.env,
+            security_context: c.security_context,
+            termination_message_policy: c.termination_message_policy,
+            target_container_name: Some(target_container.to_owned()),
+            ..EphemeralContainer::default()
         }
     }
 
@@ -241,6 +275,7 @@ mod tests {
             image: DEFAULT_IMAGE.into(),
             pull_policy: Some("IfNotPresent".into()),
             token_sha256: "0f".repeat(32),
+            port: AGENT_PORT,
             idle_exit: Duration::from_secs(30),
             privileged: false,
             user: "dev@example.com".into(),
@@ -329,6 +364,34 @@ mod tests {
         assert_eq!(agent.security_context.as_ref().unwrap().capabilities, None);
         let args = agent.args.as_ref().unwrap().join(" ");
         assert!(!args.contains("--target"), "{args}");
+    }
+
+    #[test]
+    fn the_ephemeral_agent_targets_pid_1_of_the_target_container() {
+        let container = AgentSpec {
+            port: 41234,
+            ..spec()
+        }
+        .ephemeral_container("app");
+        assert_eq!(container.target_container_name.as_deref(), Some("app"));
+        let args = container.args.unwrap().join(" ");
+        assert!(
+            args.starts_with("--target pid/1 --listen 127.0.0.1:41234"),
+            "{args}"
+        );
+        let mut caps = container
+            .security_context
+            .unwrap()
+            .capabilities
+            .unwrap()
+            .add
+            .unwrap();
+        caps.sort();
+        assert_eq!(caps, CAPABILITIES);
+        assert!(
+            container.ports.is_none(),
+            "ephemeral containers may not declare ports"
+        );
     }
 
     #[test]

@@ -199,6 +199,53 @@ impl Network {
         }
     }
 
+    /// Like [`spawn_pod_process`](Self::spawn_pod_process), with a PID namespace of its own
+    /// too (its `/proc` remounted for it), as a container has: the process is PID 1 inside.
+    /// Returns its pid as this host sees it.
+    pub fn spawn_container_process(&self, pod: &Pod, setup: &str, env: &[(&str, &str)]) -> u32 {
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let script = format!("set -e; {setup}; exec env {} sleep 3600", vars.join(" "));
+        let unshare = self.spawn(
+            &pod.netns,
+            &[
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // `unshare --fork` waits for its one child, PID 1 of the new namespace.
+            let children =
+                std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if cmdline.starts_with(b"sleep\0") {
+                    return pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container process of {unshare} did not finish its setup in 10 s: {setup}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Gives `pod` an Istio sidecar, for real: the nat rules of istio-iptables (REDIRECT mode, as
     /// field-notes §4 lists them) applied with the real `iptables-legacy-restore` or
     /// `iptables-nft-restore` (`backend`: "legacy" or "nft"), and a stand-in Envoy

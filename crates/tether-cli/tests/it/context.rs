@@ -47,6 +47,12 @@ impl Drop for PodContext {
 
 impl PodContext {
     pub(crate) fn new() -> PodContext {
+        PodContext::with_pid_namespace(false)
+    }
+
+    /// With `pid_namespace`, the pod's process is PID 1 of a PID namespace of its own, as a
+    /// container's main process is.
+    fn with_pid_namespace(pid_namespace: bool) -> PodContext {
         let net = Network::new(2);
         let dir = format!(
             "/var/lib/tether-test-{}-{}",
@@ -72,7 +78,12 @@ impl PodContext {
              ln -s /etc/shadow {dir}/absolute-link; \
              ln -s ../../../../../../etc/shadow {dir}/relative-link"
         );
-        let pid = net.spawn_pod_process(net.pod(0), &setup, &[("POD_ONLY_VAR", "only-in-the-pod")]);
+        let env = [("POD_ONLY_VAR", "only-in-the-pod")];
+        let pid = if pid_namespace {
+            net.spawn_container_process(net.pod(0), &setup, &env)
+        } else {
+            net.spawn_pod_process(net.pod(0), &setup, &env)
+        };
         PodContext {
             cluster: None,
             target: vec!["--target".into(), format!("pid/{pid}")],
@@ -89,7 +100,7 @@ impl PodContext {
     /// with an HTTP app on port 80 (answering `original 80 …`); `tether exec` names it
     /// `deploy/api -n shop` through the simulator's kubeconfig.
     pub(crate) fn in_cluster() -> PodContext {
-        let mut ctx = PodContext::new();
+        let mut ctx = PodContext::with_pid_namespace(true);
         ctx.net.start_http_app(ctx.net.pod(0), "original", &[80]);
         // Pod 1's service, as the cluster DNS names it for agent pods (targetless sessions).
         let hosts = format!("{} db.shop.svc\n", ctx.net.pod(1).ip);

@@ -465,3 +465,41 @@ fn a_targetless_session_connects_and_resolves_from_an_agent_pod_in_the_namespace
     );
     assert_nothing_left(&ctx);
 }
+
+#[test]
+fn an_ephemeral_agent_serves_the_session_from_inside_the_target_pod() {
+    if !require_root("an_ephemeral_agent_serves_the_session_from_inside_the_target_pod") {
+        return;
+    }
+    let mut ctx = PodContext::in_cluster();
+    ctx.target_env.extend([
+        ("TETHER_AGENT__EPHEMERAL".to_owned(), "true".to_owned()),
+        ("TETHER_AGENT__TTL".to_owned(), "1s".to_owned()),
+    ]);
+    // The pod's environment, files, names and network, through an agent that sees the target
+    // container's processes as its own PID namespace (the target is PID 1 there).
+    check_python(&ctx);
+    let port = free_port();
+    let mut exec = exec_in_cluster(&ctx, "steal", port, &[], &node_app(port));
+    let answer = curl(&ctx.net, &pod_url(ctx.net.pod(0)), &[]);
+    assert!(answer.starts_with("local node"), "{answer}");
+    let said = exec.seen_lines();
+    assert!(said.contains("(ephemeral container)"), "{said}");
+    assert!(exec.interrupt().is_some());
+
+    let cluster = ctx.cluster.as_ref().unwrap();
+    assert!(
+        cluster.jobs("shop").is_empty(),
+        "no Job for an ephemeral agent"
+    );
+    // It cannot be removed; it ends on its own once idle (agent.ttl: 1 s here).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.running_agents() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the ephemeral agents still run 15 s after the sessions"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rules(&ctx.net, ctx.net.pod(0)), "", "rules left in the pod");
+}

@@ -49,6 +49,10 @@ enum Route {
         namespace: String,
         name: String,
     },
+    EphemeralContainers {
+        namespace: String,
+        name: String,
+    },
     AccessReview,
     Version,
 }
@@ -88,6 +92,12 @@ fn route(path: &str) -> Option<Route> {
             namespace: (*ns).to_owned(),
             name: (*name).to_owned(),
         },
+        ["namespaces", ns, "pods", name, "ephemeralcontainers"] if group.is_empty() => {
+            Route::EphemeralContainers {
+                namespace: (*ns).to_owned(),
+                name: (*name).to_owned(),
+            }
+        }
         _ => return None,
     })
 }
@@ -135,6 +145,16 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
                 tokio::time::sleep(delay).await;
             }
             super::portforward::handle(req, &query, &state, &namespace, &name)
+        }
+        (Route::EphemeralContainers { namespace, name }, Method::PATCH) => {
+            if let Some(denied) = forbidden(&state, "patch", "pods/ephemeralcontainers", &namespace)
+            {
+                return denied;
+            }
+            match read_json(req).await {
+                Ok(patch) => add_ephemeral(&state, &namespace, &name, &patch),
+                Err(message) => status(StatusCode::BAD_REQUEST, "BadRequest", message),
+            }
         }
         (
             Route::Collection {
@@ -529,6 +549,70 @@ fn create_job(state: &Arc<State>, namespace: &str, mut job: Value) -> Response<B
     state.changed.send_modify(|v| *v += 1);
     kubelet::start_job(state, &created);
     json_response(StatusCode::CREATED, &created)
+}
+
+/// A strategic-merge (or merge) patch of `spec.ephemeralContainers`: containers are merged by
+/// name; existing ones cannot change (the API server says so), new ones are started.
+fn add_ephemeral(state: &Arc<State>, namespace: &str, name: &str, patch: &Value) -> Response<Body> {
+    let key = Key {
+        resource: PODS,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    let Some(added) = patch["spec"]["ephemeralContainers"].as_array() else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "the patch has no spec.ephemeralContainers".into(),
+        );
+    };
+    let mut new = Vec::new();
+    let updated = {
+        let mut store = state.store.lock().unwrap();
+        let Some(mut pod) = store.get(&key).cloned() else {
+            return not_found(&key);
+        };
+        let existing = &mut pod["spec"]["ephemeralContainers"];
+        if !existing.is_array() {
+            *existing = json!([]);
+        }
+        let list = existing.as_array_mut().expect("an array");
+        for container in added {
+            if let Err(error) = serde_json::from_value::<
+                k8s_openapi::api::core::v1::EphemeralContainer,
+            >(container.clone())
+            {
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    error.to_string(),
+                );
+            }
+            match list.iter().find(|c| c["name"] == container["name"]) {
+                Some(same) if same == container => {}
+                Some(_) => {
+                    return status(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        format!(
+                            "Pod \"{name}\" is invalid: spec.ephemeralContainers: Forbidden: existing ephemeral containers {} may not be changed",
+                            container["name"]
+                        ),
+                    );
+                }
+                None => {
+                    list.push(container.clone());
+                    new.push(container.clone());
+                }
+            }
+        }
+        store.put(PODS, pod)
+    };
+    state.changed.send_modify(|v| *v += 1);
+    for container in new {
+        kubelet::start_ephemeral(state, namespace, name, container);
+    }
+    json_response(StatusCode::OK, &updated)
 }
 
 fn delete(state: &Arc<State>, key: &Key, policy: Option<&str>) -> Response<Body> {

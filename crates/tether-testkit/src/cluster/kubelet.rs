@@ -179,11 +179,10 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
     state.etc_dirs.lock().unwrap().push(etc);
 
     let host_pid = pod["spec"]["hostPID"].as_bool() == Some(true);
-    let mut command = tokio::process::Command::new("ip");
-    command.args(["netns", "exec", &netns]);
+    let mut wrapper = vec!["netns", "exec", netns.as_str()];
     if !host_pid {
         // A pod without hostPID has a PID namespace (and /proc) of its own.
-        command.args([
+        wrapper.extend([
             "unshare",
             "--pid",
             "--fork",
@@ -191,23 +190,7 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
             "--kill-child=SIGTERM",
         ]);
     }
-    command.args(&state.agent_command);
-    if let Some(args) = container["args"].as_array() {
-        command.args(args.iter().filter_map(Value::as_str));
-    }
-    if let Some(env) = container["env"].as_array() {
-        for var in env {
-            if let (Some(k), Some(v)) = (var["name"].as_str(), var["value"].as_str()) {
-                command.env(k, v);
-            }
-        }
-    }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    let mut command = container_command(state, &wrapper, container);
     if let Some(pod) = current(state, &namespace, &name) {
         event(
             state,
@@ -265,36 +248,7 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
             &format!("Started container {container_name}"),
         );
     }
-    // The container's output is its log: kept per pod ([`super::Cluster::logs`]), and shown
-    // live with TETHER_SIM_LOGS=1.
-    let show = std::env::var_os("TETHER_SIM_LOGS").is_some();
-    let stdout = child
-        .stdout
-        .take()
-        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
-    let stderr = child
-        .stderr
-        .take()
-        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
-    for output in [stdout, stderr].into_iter().flatten() {
-        let state = Arc::clone(state);
-        let key = key.clone();
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(output).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if show {
-                    eprintln!("[{key}] {line}");
-                }
-                state
-                    .logs
-                    .lock()
-                    .unwrap()
-                    .entry(key.clone())
-                    .or_default()
-                    .push(line);
-            }
-        });
-    }
+    keep_logs(state, &key, &mut child);
     let mut deadline_exceeded = false;
     let status = match deadline {
         Some(secs) => {
@@ -343,6 +297,156 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
 
 /// What [`run_pod`] returns when the Job's `activeDeadlineSeconds` ended the pod.
 const DEADLINE_EXCEEDED: i32 = -1;
+
+/// `ip WRAPPER… AGENT_COMMAND… ARGS…` with the container's environment, in a process group of
+/// its own (so the whole container can be signalled), output piped for [`keep_logs`].
+fn container_command(
+    state: &State,
+    wrapper: &[&str],
+    container: &Value,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new("ip");
+    command.args(wrapper).args(&state.agent_command);
+    if let Some(args) = container["args"].as_array() {
+        command.args(args.iter().filter_map(Value::as_str));
+    }
+    if let Some(env) = container["env"].as_array() {
+        for var in env {
+            if let (Some(k), Some(v)) = (var["name"].as_str(), var["value"].as_str()) {
+                command.env(k, v);
+            }
+        }
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    command
+}
+
+/// The container's output is its log: kept by `key` ([`super::Cluster::logs`]), and shown live
+/// with TETHER_SIM_LOGS=1.
+fn keep_logs(state: &Arc<State>, key: &str, child: &mut tokio::process::Child) {
+    let show = std::env::var_os("TETHER_SIM_LOGS").is_some();
+    let stdout = child
+        .stdout
+        .take()
+        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+    for output in [stdout, stderr].into_iter().flatten() {
+        let state = Arc::clone(state);
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(output).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if show {
+                    eprintln!("[{key}] {line}");
+                }
+                state
+                    .logs
+                    .lock()
+                    .unwrap()
+                    .entry(key.clone())
+                    .or_default()
+                    .push(line);
+            }
+        });
+    }
+}
+
+/// The kubelet starting an ephemeral container added to `pod`: it joins the pod's network and,
+/// with `targetContainerName`, the PID namespace of that container (here: the namespaces of its
+/// main process, entered with nsenter; the mount namespace too, where a real one has its own).
+pub(crate) fn start_ephemeral(state: &Arc<State>, namespace: &str, pod: &str, container: Value) {
+    let name = container["name"].as_str().unwrap_or("").to_owned();
+    let image = container["image"].as_str().unwrap_or("").to_owned();
+    let waiting = |reason: &str, message: &str| {
+        json!({"name": name, "image": image, "imageID": "", "ready": false, "restartCount": 0,
+               "state": {"waiting": {"reason": reason, "message": message}}})
+    };
+    let pull_error = state.faults.lock().unwrap().image_pull_error.clone();
+    if let Some(message) = pull_error {
+        let status = waiting(
+            "ErrImagePull",
+            &format!("failed to pull and unpack image \"{image}\": {message}"),
+        );
+        set_ephemeral_status(state, namespace, pod, status);
+        return;
+    }
+    let key = format!("{namespace}/{pod}");
+    let netns = super::netns_of(state, namespace, pod);
+    let main = state.pod_pids.lock().unwrap().get(&key).copied();
+    let (Some(netns), Some(main)) = (netns, main) else {
+        set_ephemeral_status(
+            state,
+            namespace,
+            pod,
+            waiting("CreateContainerError", "no such container"),
+        );
+        return;
+    };
+    let main = main.to_string();
+    let wrapper = [
+        "netns", "exec", &netns, "nsenter", "--target", &main, "--pid", "--mount", "--",
+    ];
+    let mut command = container_command(state, &wrapper, &container);
+    let mut child = command
+        .spawn()
+        .expect("start the ephemeral container's command");
+    let group = child.id().expect("a child that just started has a pid") as i32;
+    let process_key = format!("{key}/{name}");
+    state.running.lock().unwrap().insert(
+        process_key.clone(),
+        Running {
+            group,
+            grace: Duration::from_secs(30),
+        },
+    );
+    keep_logs(state, &process_key, &mut child);
+    let id = format!("containerd://{:064x}", rand::random::<u128>());
+    set_ephemeral_status(
+        state,
+        namespace,
+        pod,
+        json!({"name": name, "image": image, "imageID": format!("{image}@sha256:{:064x}", 3),
+               "containerID": id, "ready": false, "restartCount": 0,
+               "state": {"running": {"startedAt": now()}}}),
+    );
+    let state = Arc::clone(state);
+    let (namespace, pod) = (namespace.to_owned(), pod.to_owned());
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        state.running.lock().unwrap().remove(&process_key);
+        let code = status.ok().and_then(|s| s.code()).unwrap_or(137);
+        set_ephemeral_status(
+            &state,
+            &namespace,
+            &pod,
+            json!({"name": name, "image": image, "imageID": "", "containerID": id, "ready": false,
+                   "restartCount": 0,
+                   "state": {"terminated": {"exitCode": code, "finishedAt": now(),
+                                            "reason": if code == 0 { "Completed" } else { "Error" }}}}),
+        );
+    });
+}
+
+/// Replaces (or adds) one entry of the pod's `ephemeralContainerStatuses`.
+fn set_ephemeral_status(state: &State, namespace: &str, pod: &str, status: Value) {
+    update_pod(state, namespace, pod, |pod| {
+        let statuses = &mut pod["status"]["ephemeralContainerStatuses"];
+        if !statuses.is_array() {
+            *statuses = json!([]);
+        }
+        let list = statuses.as_array_mut().expect("an array");
+        list.retain(|s| s["name"] != status["name"]);
+        list.push(status);
+    });
+}
 
 fn finish_job(state: &State, key: &Key, code: i32) {
     let mut store = state.store.lock().unwrap();

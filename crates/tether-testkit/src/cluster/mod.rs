@@ -18,6 +18,8 @@
 //!   processes, as in a real cluster). Jobs are deleted with their pods only with a
 //!   `propagationPolicy` (the API's default for Jobs orphans them); `ttlSecondsAfterFinished`
 //!   and `activeDeadlineSeconds` are honoured.
+//! - **Ephemeral containers**: `PATCH pods/NAME/ephemeralcontainers` adds them to the pod and
+//!   runs them in the pod's network namespace and its app container's PID namespace.
 //! - **Port-forward** (`portforward.rs`): `pods/NAME/portforward` over WebSocket, byte for byte
 //!   as the kubelet speaks it (field-notes.md §1), into the pod's namespace. Faults:
 //!   [`Cluster::drop_port_forwards`], [`Cluster::refuse_port_forwards`].
@@ -90,6 +92,8 @@ pub(crate) struct State {
     pub(crate) changed: watch::Sender<u64>,
     /// Network namespace of each pod, by `namespace/name`.
     pub(crate) pod_netns: Mutex<HashMap<String, String>>,
+    /// The app container's main process of each pod, by `namespace/name`.
+    pub(crate) pod_pids: Mutex<HashMap<String, u32>>,
     /// Permissions taken away: `(verb, resource[/subresource])`.
     pub(crate) denied: Mutex<HashSet<(String, String)>>,
     pub(crate) faults: Mutex<Faults>,
@@ -143,6 +147,7 @@ impl Cluster {
             store: Mutex::default(),
             changed: watch::channel(0).0,
             pod_netns: Mutex::default(),
+            pod_pids: Mutex::default(),
             denied: Mutex::default(),
             faults: Mutex::default(),
             port_forwards: Mutex::default(),
@@ -304,6 +309,11 @@ impl Cluster {
             .lock()
             .unwrap()
             .insert(format!("{namespace}/{name}"), app.pod.netns.clone());
+        self.state
+            .pod_pids
+            .lock()
+            .unwrap()
+            .insert(format!("{namespace}/{name}"), app.pid);
     }
 
     /// Takes a permission away: `verb` on `resource` (`pods`, `jobs`, `pods/portforward`, …).
