@@ -4,7 +4,7 @@
 //! TETHER_E2E_KUBECONFIG=~/.kube/config   # the cluster (its current context, or:)
 //! TETHER_E2E_CONTEXT=kind-tether         # optional
 //! TETHER_E2E_NAMESPACE=shop              # where the target lives (default: default)
-//! TETHER_E2E_TARGET=deploy/api           # a workload with a running pod whose image has sh
+//! TETHER_E2E_TARGET=deploy/api           # a workload with a running, ready pod
 //! TETHER_E2E_AGENT_IMAGE=…               # optional: an agent image the nodes can pull or have
 //! cargo test -p tether --test it e2e -- --test-threads 1
 //! ```
