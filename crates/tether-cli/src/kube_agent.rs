@@ -25,6 +25,8 @@ pub(crate) struct KubeAgent {
     pub(crate) pod: AgentPod,
     /// `None` for a targetless session.
     pub(crate) target: Option<TargetPod>,
+    /// `agent.ttl`, for saying when an ephemeral agent ends.
+    pub(crate) ttl: tether_config::ConfigDuration,
     pub(crate) token: String,
 }
 
@@ -54,7 +56,14 @@ pub(crate) async fn start(
     target: Option<&KubeTarget>,
     ui: Ui,
 ) -> anyhow::Result<KubeAgent> {
-    let (client, namespace) = client(config).await?;
+    let (client, namespace) = match client(config).await {
+        Ok(found) => found,
+        Err(error) => {
+            ui.step("connecting to the cluster")
+                .fail(&format!("{error:#}"));
+            return Err(error);
+        }
+    };
     let pod = match target {
         Some(target) => Some(find(&client, &namespace, target, config, ui).await?),
         None => {
@@ -66,6 +75,18 @@ pub(crate) async fn start(
         }
     };
 
+    let ephemeral = config.agent.ephemeral && pod.is_some();
+    if let Some(pod) = pod
+        .as_ref()
+        .filter(|p| ephemeral && p.shares_process_namespace)
+    {
+        anyhow::bail!(
+            "agent.ephemeral cannot serve pod {}: it shares one PID namespace between its \
+             containers (shareProcessNamespace), so the agent could not tell the target's \
+             process; use the default Job agent",
+            pod.pod
+        );
+    }
     let token: String = rand::random::<[u8; 16]>()
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -76,11 +97,16 @@ pub(crate) async fn start(
         .collect();
     let spec = AgentSpec {
         session,
-        namespace: config
-            .agent
-            .namespace
-            .clone()
-            .unwrap_or_else(|| namespace.clone()),
+        // An ephemeral agent lives in the target pod; a targetless one is the session's own
+        // foothold in the namespace: only a Job for a target may run elsewhere.
+        namespace: match (&pod, ephemeral) {
+            (Some(_), false) => config
+                .agent
+                .namespace
+                .clone()
+                .unwrap_or_else(|| namespace.clone()),
+            _ => namespace.clone(),
+        },
         target: pod.as_ref().map(|pod| AgentTarget {
             node: pod.node.clone(),
             pod: pod.pod.clone(),
@@ -100,7 +126,7 @@ pub(crate) async fn start(
             .to_owned()
         }),
         token_sha256: TokenDigest::of(&token).to_hex(),
-        port: if config.agent.ephemeral && pod.is_some() {
+        port: if ephemeral {
             rand::random_range(EPHEMERAL_PORTS)
         } else {
             AGENT_PORT
@@ -114,11 +140,11 @@ pub(crate) async fn start(
     if config.agent.ephemeral && pod.is_none() {
         ui.warn("agent.ephemeral needs a target pod; a targetless session starts a Job");
     }
-    if config.agent.ephemeral && config.agent.namespace.is_some() {
-        ui.warn("agent.namespace does not apply to an ephemeral agent: it runs in the target pod");
+    if config.agent.namespace.is_some() && (ephemeral || pod.is_none()) {
+        ui.warn("agent.namespace applies only to a Job agent for a target; ignored");
     }
     let step = ui.step(&match &pod {
-        Some(pod) if config.agent.ephemeral => {
+        Some(pod) if ephemeral => {
             format!("adding the agent to pod {} (ephemeral container)", pod.pod)
         }
         Some(pod) => format!("starting the agent on node {}", pod.node),
@@ -128,8 +154,8 @@ pub(crate) async fn start(
     let progress = |state: &str| tracing::info!("agent pod: {state}");
     let timeout = config.agent.startup_timeout.get();
     let starting = async {
-        match (&pod, config.agent.ephemeral) {
-            (Some(pod), true) => {
+        match &pod {
+            Some(pod) if ephemeral => {
                 tether_kube::agent::start_ephemeral(
                     &client,
                     &spec,
@@ -151,9 +177,14 @@ pub(crate) async fn start(
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
         _ = terminate.recv() => Err(anyhow::anyhow!("terminated")),
     };
-    if started_or_stopped.is_err() && !(config.agent.ephemeral && pod.is_some()) {
+    if started_or_stopped.is_err() && !ephemeral {
         // Deleting what may not exist yet is harmless; not deleting what does would leave it.
-        let _ = tether_kube::agent::delete(&client, &spec.namespace, &spec.job_name()).await;
+        // Bounded: a lost cluster must not hang the exit.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            tether_kube::agent::delete(&client, &spec.namespace, &spec.job_name()),
+        )
+        .await;
     }
     match started_or_stopped {
         Ok(agent) => {
@@ -164,6 +195,7 @@ pub(crate) async fn start(
             ));
             Ok(KubeAgent {
                 client,
+                ttl: config.agent.ttl,
                 pod: agent,
                 target: pod,
                 token,
@@ -256,10 +288,14 @@ impl KubeAgent {
     }
 
     /// Deletes the agent's Job and pod (bounded: a lost cluster must not hang the exit). An
-    /// ephemeral agent cannot be removed: it ends on its own once idle (`agent.ttl`).
-    pub(crate) async fn stop(&self) {
+    /// ephemeral agent cannot be removed: it ends on its own once idle (`agent.ttl`). Says what
+    /// became of the agent.
+    pub(crate) async fn stop(&self) -> String {
         let Some(job) = &self.pod.job else {
-            return;
+            return format!(
+                "the ephemeral agent in pod {} ends on its own in {}",
+                self.pod.pod, self.ttl
+            );
         };
         let deleted = tokio::time::timeout(
             Duration::from_secs(10),
@@ -269,9 +305,12 @@ impl KubeAgent {
         .map_err(|_| anyhow::anyhow!("timed out"))
         .flatten()
         .context("the agent Job stays; it ends on its own once idle");
-        if let Err(error) = deleted {
-            tracing::warn!("{error:#}");
-            eprintln!("warning: cannot delete the agent Job {job}: {error:#}");
+        match deleted {
+            Ok(()) => format!("agent Job {job} deleted"),
+            Err(error) => {
+                tracing::warn!("{error:#}");
+                format!("cannot delete the agent Job {job}: {error:#}")
+            }
         }
     }
 }

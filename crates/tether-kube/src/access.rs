@@ -48,7 +48,7 @@ const fn p(
 }
 
 /// What `deploy/rbac.yaml` grants, in the order a session uses it.
-pub const NEEDED: [Permission; 18] = [
+pub const NEEDED: [Permission; 15] = [
     p("get", "", "pods", "", "find the target pod"),
     p("list", "", "pods", "", "find a workload's pods; tether ls"),
     p("watch", "", "pods", "", "wait for the agent pod"),
@@ -57,10 +57,8 @@ pub const NEEDED: [Permission; 18] = [
     p("get", "apps", "statefulsets", "", "statefulset/ targets"),
     p("list", "apps", "statefulsets", "", "tether ls"),
     p("get", "apps", "replicasets", "", "replicaset/ targets"),
-    p("list", "apps", "replicasets", "", "tether ls"),
     p("create", "batch", "jobs", "", "start the agent"),
     p("get", "batch", "jobs", "", "job/ targets"),
-    p("list", "batch", "jobs", "", "tether ls"),
     p("delete", "batch", "jobs", "", "remove the agent"),
     p("get", "", "pods", "portforward", "reach the agent"),
     p(
@@ -79,13 +77,6 @@ pub const NEEDED: [Permission; 18] = [
     ),
     p(
         "list",
-        "",
-        "events",
-        "",
-        "explain an agent pod that does not start",
-    ),
-    p(
-        "watch",
         "",
         "events",
         "",

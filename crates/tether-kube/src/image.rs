@@ -152,9 +152,11 @@ pub struct Written {
 
 /// Writes the image `name` (`registry/repo:tag`) with `contents` to `out`.
 pub fn write(out: &Path, name: &str, contents: &Contents) -> anyhow::Result<Written> {
-    let Some((_, tag)) = name
+    // The tag follows the last ':' after the last '/' (`localhost:5000/repo` has none).
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let Some((_, tag)) = last
         .rsplit_once(':')
-        .filter(|(repo, _)| !repo.ends_with('/'))
+        .filter(|(repo, tag)| !repo.is_empty() && !tag.is_empty())
     else {
         bail!("the image name {name} has no tag (NAME:TAG)");
     };

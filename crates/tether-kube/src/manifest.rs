@@ -7,7 +7,7 @@ use k8s_openapi::{
         batch::v1::{Job, JobSpec},
         core::v1::{
             Capabilities, Container, ContainerPort, EnvVar, EphemeralContainer, PodSpec,
-            PodTemplateSpec, ResourceRequirements, SecurityContext, Toleration,
+            PodTemplateSpec, ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
         },
     },
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
@@ -24,8 +24,9 @@ pub const DEFAULT_IMAGE: &str = concat!(
 pub const AGENT_PORT: u16 = 44128;
 
 /// Ports for ephemeral agents, which share the target pod's network (with its app, and with
-/// the ephemeral agents of earlier sessions, which live on until idle): one per session.
-pub const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 41000..=48999;
+/// the ephemeral agents of earlier sessions, which live on until idle): one per session, below
+/// the kernel's ephemeral range (32768–60999) so no outgoing connection holds it.
+pub const EPHEMERAL_PORTS: std::ops::RangeInclusive<u16> = 20000..=29999;
 
 /// The label every agent pod and Job carries, with the session id.
 pub const SESSION_LABEL: &str = "tether.dev/session";
@@ -142,10 +143,14 @@ impl AgentSpec {
                         automount_service_account_token: Some(false),
                         termination_grace_period_seconds: Some(10),
                         // Whatever the node's taints, the agent runs there.
-                        tolerations: Some(vec![Toleration {
-                            operator: Some("Exists".into()),
-                            ..Toleration::default()
-                        }]),
+                        // Pinned to the target's node, whatever its taints; a targetless agent
+                        // goes where the scheduler puts ordinary pods.
+                        tolerations: self.target.as_ref().map(|_| {
+                            vec![Toleration {
+                                operator: Some("Exists".into()),
+                                ..Toleration::default()
+                            }]
+                        }),
                         containers: vec![container],
                         ..PodSpec::default()
                     }),
@@ -191,15 +196,33 @@ impl AgentSpec {
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             }]),
-            security_context: Some(SecurityContext {
-                privileged: self.privileged.then_some(true),
-                // Targetless, the agent only connects and resolves: no capability needed.
-                capabilities: with_target.then(|| Capabilities {
-                    add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
-                    drop: None,
-                }),
-                run_as_user: Some(0),
-                ..SecurityContext::default()
+            security_context: Some(if with_target {
+                SecurityContext {
+                    privileged: self.privileged.then_some(true),
+                    capabilities: Some(Capabilities {
+                        add: Some(CAPABILITIES.iter().map(|c| (*c).to_owned()).collect()),
+                        drop: None,
+                    }),
+                    run_as_user: Some(0),
+                    ..SecurityContext::default()
+                }
+            } else {
+                // Targetless, the agent only connects and resolves: nothing but an ordinary
+                // user (Pod Security's `restricted` level).
+                SecurityContext {
+                    capabilities: Some(Capabilities {
+                        add: None,
+                        drop: Some(vec!["ALL".into()]),
+                    }),
+                    run_as_non_root: Some(true),
+                    run_as_user: Some(65534),
+                    allow_privilege_escalation: Some(false),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        localhost_profile: None,
+                    }),
+                    ..SecurityContext::default()
+                }
             }),
             // A failing agent's last log lines show up in the pod's status (and in tether's
             // error), without `pods/log` permission.
@@ -360,8 +383,16 @@ mod tests {
         let pod = job.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.node_name, None);
         assert_eq!(pod.host_pid, None);
+        assert_eq!(pod.tolerations, None);
         let agent = &pod.containers[0];
-        assert_eq!(agent.security_context.as_ref().unwrap().capabilities, None);
+        let security = agent.security_context.as_ref().unwrap();
+        assert_eq!(security.capabilities.as_ref().unwrap().add, None);
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_owned()][..])
+        );
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(security.privileged, None);
         let args = agent.args.as_ref().unwrap().join(" ");
         assert!(!args.contains("--target"), "{args}");
     }

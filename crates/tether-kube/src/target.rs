@@ -31,6 +31,9 @@ pub struct TargetPod {
     pub probes: Vec<ProbePort>,
     /// What tether chose on the user's behalf, to say so (`"pod api-7d9c of deploy/api"`).
     pub notes: Vec<String>,
+    /// `shareProcessNamespace`: the pod's containers share one PID namespace (PID 1 is the
+    /// pause process).
+    pub shares_process_namespace: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +163,7 @@ pub async fn resolve(
         mesh: mesh(&pod),
         probes: probe_ports(container),
         notes,
+        shares_process_namespace: spec.share_process_namespace == Some(true),
     })
 }
 

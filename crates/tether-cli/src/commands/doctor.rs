@@ -29,11 +29,29 @@ pub(crate) fn run(
     ui: Ui,
 ) -> i32 {
     let local = local_checks(ui);
-    let problems = if cluster_configured(context.as_deref()) {
+    let mut loader = crate::commands::config::loader(config_file);
+    if let Some(context) = &context {
+        loader = loader.flag("--context", "/kube_context", serde_json::json!(context));
+    }
+    if let Some(namespace) = &namespace {
+        loader = loader.flag(
+            "--namespace",
+            "/target/namespace",
+            serde_json::json!(namespace),
+        );
+    }
+    let config = match loader.load() {
+        Ok(loaded) => loaded.config,
+        Err(problems) => {
+            eprint!("{}", crate::commands::config::render(&problems));
+            return 1;
+        }
+    };
+    let problems = if cluster_configured(&config) {
         if local > 0 {
             ui.info("(the local checks above matter only for netns/ and pid/ targets)");
         }
-        crate::run_async(cluster_checks(namespace, context, config_file, ui))
+        crate::run_async(cluster_checks(&config, ui))
     } else {
         ui.info("no cluster configured (no kubeconfig, not in a pod): permission checks skipped");
         local
@@ -52,43 +70,23 @@ pub(crate) fn run(
     }
 }
 
-/// A kubeconfig to read, or a pod's service account.
-fn cluster_configured(context: Option<&str>) -> bool {
-    context.is_some()
+/// A kubeconfig to read (named in the config, `KUBECONFIG`, `~/.kube/config`, or a context
+/// asked for), or a pod's service account.
+fn cluster_configured(config: &tether_config::Config) -> bool {
+    config.kubeconfig.is_some()
+        || config.kube_context.is_some()
         || std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
         || std::env::var_os("HOME")
             .is_some_and(|home| Path::new(&home).join(".kube/config").is_file())
 }
 
-/// Every permission a session uses, asked of the API server. Returns how many are missing
-/// (or 1 when the cluster cannot be asked).
-async fn cluster_checks(
-    namespace: Option<String>,
-    context: Option<String>,
-    config_file: Option<&Path>,
-    ui: Ui,
-) -> anyhow::Result<i32> {
-    let mut loader = crate::commands::config::loader(config_file);
-    if let Some(context) = &context {
-        loader = loader.flag("--context", "/kube_context", serde_json::json!(context));
-    }
-    if let Some(namespace) = &namespace {
-        loader = loader.flag(
-            "--namespace",
-            "/target/namespace",
-            serde_json::json!(namespace),
-        );
-    }
-    let config = match loader.load() {
-        Ok(loaded) => loaded.config,
-        Err(problems) => {
-            eprint!("{}", crate::commands::config::render(&problems));
-            return Ok(1);
-        }
-    };
+/// Every permission a session uses, asked of the API server, in the target's namespace and (if
+/// it differs) in `agent.namespace`. Returns how many are missing (or 1 more when the cluster
+/// cannot be asked).
+async fn cluster_checks(config: &tether_config::Config, ui: Ui) -> anyhow::Result<i32> {
     let step = ui.step("Kubernetes cluster");
-    let (client, namespace) = match crate::kube_agent::client(&config).await {
+    let (client, namespace) = match crate::kube_agent::client(config).await {
         Ok(found) => found,
         Err(error) => {
             step.fail(&format!("{error:#}"));
@@ -96,18 +94,29 @@ async fn cluster_checks(
         }
     };
     step.done(&format!("namespace {namespace}"));
+    let mut namespaces = vec![namespace.clone()];
+    if let Some(agents) = config.agent.namespace.as_ref().filter(|a| **a != namespace) {
+        namespaces.push(agents.clone());
+    }
     let mut missing = 0;
-    for permission in &tether_kube::access::NEEDED {
-        let step = ui.step(&format!("may {permission} ({})", permission.why));
-        match tether_kube::access::check(&client, &namespace, permission).await {
-            Ok(true) => step.done("yes"),
-            Ok(false) => {
-                step.fail("missing: deploy/rbac.yaml grants it");
-                missing += 1;
-            }
-            Err(error) => {
-                step.fail(&format!("cannot ask the API server: {error}"));
-                return Ok(missing + 1);
+    for namespace in &namespaces {
+        let suffix = if namespaces.len() > 1 {
+            format!(" in {namespace}")
+        } else {
+            String::new()
+        };
+        for permission in &tether_kube::access::NEEDED {
+            let step = ui.step(&format!("may {permission}{suffix} ({})", permission.why));
+            match tether_kube::access::check(&client, namespace, permission).await {
+                Ok(true) => step.done("yes"),
+                Ok(false) => {
+                    step.fail("missing: deploy/rbac.yaml grants it");
+                    missing += 1;
+                }
+                Err(error) => {
+                    step.fail(&format!("cannot ask the API server: {error}"));
+                    return Ok(missing + 1);
+                }
             }
         }
     }

@@ -212,10 +212,14 @@ async fn with_agent(
                 .with_max_delay(Duration::from_secs(1))
                 .with_total_delay(Some(config.agent.startup_timeout.get()))
                 .without_max_times();
-            (|| dialer.open())
+            let opening = (|| dialer.open())
                 .retry(retry)
-                .when(crate::proxy::link::DialError::retryable)
-                .await
+                .when(crate::proxy::link::DialError::retryable);
+            // Ctrl-C while waiting for the agent: give up (and remove it), as before it started.
+            tokio::select! {
+                opened = opening => opened,
+                _ = tokio::signal::ctrl_c() => Err(crate::proxy::link::DialError::Gone("interrupted".into())),
+            }
         }
         Agent::Local(_) => dialer.open().await,
     };
@@ -331,8 +335,12 @@ async fn with_agent(
     }
     let step = ui.step("cleaning up");
     proxy.shutdown().await;
-    agent.stop().await;
-    step.done("rules removed, agent stopped");
+    let said = agent.stop().await;
+    if said.starts_with("cannot") {
+        step.fail(&said);
+    } else {
+        step.done(&said);
+    }
     use std::os::unix::process::ExitStatusExt as _;
     Ok(status
         .code()
@@ -416,9 +424,13 @@ impl Agent {
         }
     }
 
-    async fn stop(&mut self) {
+    /// Stops the agent; what became of it, for the user.
+    async fn stop(&mut self) -> String {
         match self {
-            Agent::Local(agent) => agent.stop().await,
+            Agent::Local(agent) => {
+                agent.stop().await;
+                "rules removed, agent stopped".into()
+            }
             Agent::Kube(agent) => agent.stop().await,
         }
     }

@@ -76,6 +76,10 @@ fn e2e_doctor_finds_every_permission() {
     };
     let output = cluster.tether(&["doctor", "-n", &cluster.namespace]);
     let said = text(&output);
+    assert!(
+        said.contains("✓ Kubernetes cluster"),
+        "doctor reached the cluster: {said}"
+    );
     assert!(!said.contains(": missing"), "{said}");
 }
 
@@ -130,8 +134,9 @@ fn e2e_a_command_gets_the_pod_s_environment_files_and_names() {
     );
     assert_eq!(lines[0], lines[1], "/etc/hostname is the pod's: {said}");
     assert!(lines[2].parse::<std::net::Ipv4Addr>().is_ok(), "{said}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("rules removed, agent stopped"),
-        "{said}"
+        stderr.contains("agent Job tether-agent-") && stderr.contains(" deleted"),
+        "the agent Job is deleted: {said}"
     );
 }

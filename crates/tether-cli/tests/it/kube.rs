@@ -233,14 +233,11 @@ fn while_port_forwards_are_refused_the_pod_s_app_serves_and_the_session_resumes_
     );
 }
 
-/// `tether exec` that must fail: its exit code and stderr, within 60 s.
-fn failing_exec(ctx: &PodContext, target: &str) -> (Option<i32>, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["exec", "--target", target, "-n", "shop", "--", "true"])
-        .env_remove("TETHER_CONFIG")
-        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
+/// Runs `command` to its end, at most 60 s (then kills it and fails the test).
+fn bounded(mut command: Command) -> std::process::Output {
+    let child = command
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -249,13 +246,22 @@ fn failing_exec(ctx: &PodContext, target: &str) -> (Option<i32>, String) {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    let output = rx
-        .recv_timeout(Duration::from_secs(60))
+    rx.recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("tether exec --target {target} did not end in 60 s");
+            panic!("{command:?} did not end in 60 s");
         })
-        .unwrap();
+        .unwrap()
+}
+
+/// `tether exec` that must fail: its exit code and stderr, within 60 s.
+fn failing_exec(ctx: &PodContext, target: &str) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    command
+        .args(["exec", "--target", target, "-n", "shop", "--", "true"])
+        .env_remove("TETHER_CONFIG")
+        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)));
+    let output = bounded(command);
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -430,7 +436,8 @@ fn a_targetless_session_connects_and_resolves_from_an_agent_pod_in_the_namespace
          print(os.environ.get('POD_ONLY_VAR'))\n",
         ctx.http_port
     );
-    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    command
         .args([
             "exec",
             "--target",
@@ -440,12 +447,11 @@ fn a_targetless_session_connects_and_resolves_from_an_agent_pod_in_the_namespace
             "--",
             "python3",
             "-c",
-            &script,
         ])
+        .arg(&script)
         .env_remove("TETHER_CONFIG")
-        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .unwrap();
+        .envs(ctx.target_env.iter().map(|(k, v)| (k, v)));
+    let output = bounded(command);
     let said = format!(
         "{}\n{}",
         String::from_utf8_lossy(&output.stdout),

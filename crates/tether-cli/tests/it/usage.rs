@@ -42,14 +42,20 @@ fn exec_explains_what_it_cannot_do_and_exits_125() {
         .assert()
         .code(125)
         .stderr(predicate::str::contains(
-            "no target: give one with --target netns/NAME",
+            "no target: give one with --target (deploy/NAME, pod/NAME, netns/NAME, pid/PID, …)",
         ));
+    // No kubeconfig anywhere, not inside a pod.
     tether()
         .current_dir(dir.path())
+        .env("HOME", dir.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .args(["exec", "--target", "deploy/api", "--", "true"])
         .assert()
         .code(125)
-        .stderr(predicate::str::contains("is a Kubernetes target"));
+        .stderr(predicate::str::contains(
+            "no cluster: no kubeconfig ($KUBECONFIG, ~/.kube/config) and not inside a pod",
+        ));
 }
 
 #[test]

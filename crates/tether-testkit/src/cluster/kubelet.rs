@@ -360,8 +360,8 @@ fn keep_logs(state: &Arc<State>, key: &str, child: &mut tokio::process::Child) {
 }
 
 /// The kubelet starting an ephemeral container added to `pod`: it joins the pod's network and,
-/// with `targetContainerName`, the PID namespace of that container (here: the namespaces of its
-/// main process, entered with nsenter; the mount namespace too, where a real one has its own).
+/// with `targetContainerName`, the PID namespace of that container (entered with nsenter, with
+/// a `/proc` of that namespace mounted for it).
 pub(crate) fn start_ephemeral(state: &Arc<State>, namespace: &str, pod: &str, container: Value) {
     let name = container["name"].as_str().unwrap_or("").to_owned();
     let image = container["image"].as_str().unwrap_or("").to_owned();
@@ -391,8 +391,23 @@ pub(crate) fn start_ephemeral(state: &Arc<State>, namespace: &str, pod: &str, co
         return;
     };
     let main = main.to_string();
+    // Its own filesystem stays the node's (the simulator has no images), but its /proc is the
+    // target's PID namespace's, so `/proc/1/root` is the target container's root, not its own.
     let wrapper = [
-        "netns", "exec", &netns, "nsenter", "--target", &main, "--pid", "--mount", "--",
+        "netns",
+        "exec",
+        &netns,
+        "nsenter",
+        "--target",
+        &main,
+        "--pid",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--mount-proc",
+        "--",
     ];
     let mut command = container_command(state, &wrapper, &container);
     let mut child = command
@@ -480,15 +495,13 @@ fn finish_job(state: &State, key: &Key, code: i32) {
     state.changed.send_modify(|v| *v += 1);
 }
 
-/// The kubelet stopping a deleted pod's container.
+/// The kubelet stopping a deleted pod's containers (its ephemeral ones too).
 pub(crate) fn stop_pod(state: &State, namespace: &str, name: &str) {
-    if let Some(running) = state
-        .running
-        .lock()
-        .unwrap()
-        .get(&format!("{namespace}/{name}"))
-    {
-        running.kill();
+    let key = format!("{namespace}/{name}");
+    for (process, running) in state.running.lock().unwrap().iter() {
+        if *process == key || process.starts_with(&format!("{key}/")) {
+            running.kill();
+        }
     }
 }
 

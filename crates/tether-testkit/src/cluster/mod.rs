@@ -134,6 +134,7 @@ impl Cluster {
     /// Like [`start`](Self::start); agent pods' `/etc/hosts` also names `hosts` (lines of
     /// `IP NAME`), as the cluster DNS would answer for them.
     pub fn start_with_hosts(network: &Network, agent_command: &[&str], hosts: &str) -> Cluster {
+        sweep_etc_netns();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cluster-sim")
@@ -367,6 +368,20 @@ impl Cluster {
             .collect()
     }
 
+    /// A pod as the API serves it.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.state
+            .store
+            .lock()
+            .unwrap()
+            .get(&store::Key {
+                resource: PODS,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+            .cloned()
+    }
+
     /// Jobs in `namespace`, as JSON.
     pub fn jobs(&self, namespace: &str) -> Vec<Value> {
         let store = self.state.store.lock().unwrap();
@@ -413,6 +428,23 @@ impl Drop for Cluster {
         }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
+/// Removes `/etc/netns/tt-<pid>-…` directories of test processes that no longer run (a killed
+/// test leaves them; `ip netns exec` would bind-mount them into a reused namespace name).
+fn sweep_etc_netns() {
+    let Ok(entries) = std::fs::read_dir("/etc/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("tt-").and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
