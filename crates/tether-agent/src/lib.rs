@@ -73,6 +73,11 @@ pub struct AgentArgs {
     /// the agent never outlives it, even when tether is killed.
     #[arg(long, value_name = "PID")]
     pub parent_pid: Option<u32>,
+    /// Remove no rules but this agent's own: for an agent in a container's PID namespace (an
+    /// ephemeral container), which cannot see other agents' processes and so cannot tell a dead
+    /// one from a live one.
+    #[arg(long)]
+    pub no_sweep: bool,
     /// Internal: run as the worker of the guard with this owner tag.
     #[arg(long, hide = true, value_name = "OWNER")]
     pub worker_of: Option<String>,
@@ -110,7 +115,11 @@ async fn guard(args: AgentArgs) -> anyhow::Result<i32> {
     let netns = resolve(args.target.as_deref())?;
     token_digest(&args)?;
     let owner = Owner::current();
-    let swept = rules::sweep(&netns, |o| !o.is_alive()).await;
+    let swept = if args.no_sweep {
+        0
+    } else {
+        rules::sweep(&netns, |o| !o.is_alive()).await
+    };
     if swept > 0 {
         tracing::warn!(target = %netns.label, "removed {swept} rule set(s) left by agents that no longer run");
     }

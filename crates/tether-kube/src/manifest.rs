@@ -243,7 +243,11 @@ impl AgentSpec {
     /// container, whose main process is PID 1 there. It cannot be removed once added; it ends
     /// on its own once idle.
     pub fn ephemeral_container(&self, target_container: &str) -> EphemeralContainer {
-        let c = self.container(Some("pid/1".to_owned()));
+        let mut c = self.container(Some("pid/1".to_owned()));
+        // It sees only the container's processes: other agents' rules are not its to judge.
+        c.args
+            .get_or_insert_with(Vec::new)
+            .push("--no-sweep".into());
         EphemeralContainer {
             name: self.job_name(),
             image: c.image,

@@ -313,8 +313,25 @@ impl Owner {
         }
     }
 
-    /// True while the process that owns these rules runs.
+    /// True while the process that owns these rules runs: in this PID namespace, or in one
+    /// nested in it (an agent in a container's PID namespace, as an ephemeral container is,
+    /// tags its rules with its pid *there*; start times count from boot in every namespace).
     pub fn is_alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start_time)
+        start_time(self.pid) == Some(self.start_time) || self.alive_in_nested_namespace()
+    }
+
+    fn alive_in_nested_namespace(&self) -> bool {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return false;
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| start_time(*pid) == Some(self.start_time))
+            .any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|status| plan::innermost_pid(&status))
+                    == Some(self.pid)
+            })
     }
 }

@@ -137,6 +137,18 @@ pub fn detect_mesh(listing: &str) -> Option<Mesh> {
     Some(mesh)
 }
 
+/// A process's pid in its own (innermost) PID namespace, from `/proc/PID/status` (`NSpid:` lists
+/// it in every namespace from this one inwards).
+pub fn innermost_pid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
 /// Identifies an agent instance: its guard's pid and start time (clock ticks after boot, from
 /// `/proc/PID/stat`), both in hex. Together they never repeat while the machine is up, so a sweep
 /// can tell a dead owner from a live one even after pid reuse.

@@ -509,3 +509,36 @@ fn an_ephemeral_agent_serves_the_session_from_inside_the_target_pod() {
     }
     assert_eq!(rules(&ctx.net, ctx.net.pod(0)), "", "rules left in the pod");
 }
+
+#[test]
+fn a_job_agent_starting_on_a_pod_keeps_the_rules_of_its_ephemeral_agent() {
+    if !require_root("a_job_agent_starting_on_a_pod_keeps_the_rules_of_its_ephemeral_agent") {
+        return;
+    }
+    let mut ctx = PodContext::in_cluster();
+    let job_env = ctx.target_env.clone();
+    ctx.target_env
+        .push(("TETHER_AGENT__EPHEMERAL".to_owned(), "true".to_owned()));
+    // One developer steals through an ephemeral agent: its rules carry its pid in the target
+    // container's PID namespace.
+    let port = free_port();
+    let _stealing = exec_in_cluster(&ctx, "steal", port, &[], &node_app(port));
+    let url = pod_url(ctx.net.pod(0));
+    assert!(curl(&ctx.net, &url, &[]).starts_with("local node"));
+    // Another starts a Job agent on the same pod, whose start sweeps rules of dead agents: the
+    // ephemeral agent is alive, only not in the Job agent's PID namespace.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tether"));
+    command
+        .args(["exec", "--target", "deploy/api", "-n", "shop", "--", "true"])
+        .env_remove("TETHER_CONFIG")
+        .envs(job_env.iter().map(|(k, v)| (k, v)));
+    let other = bounded(command);
+    assert!(other.status.success(), "{other:?}");
+    for _ in 0..3 {
+        let answer = curl(&ctx.net, &url, &[]);
+        assert!(
+            answer.starts_with("local node"),
+            "the steal was swept away: {answer}"
+        );
+    }
+}

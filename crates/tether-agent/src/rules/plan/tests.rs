@@ -221,3 +221,11 @@ fn legacy_teardown_removes_whatever_jumps_the_listing_shows() {
     );
     assert!(legacy_jump_removals(ISTIO_NAT, "ISTIO_OUTPUT").len() == 1);
 }
+
+#[test]
+fn the_innermost_pid_is_the_last_of_nspid() {
+    let nested = "Name:\ttether-agent\nTgid:\t48213\nNgid:\t0\nPid:\t48213\nPPid:\t48200\nNSpid:\t48213\t7\n";
+    assert_eq!(innermost_pid(nested), Some(7));
+    assert_eq!(innermost_pid("Name:\tx\nNSpid:\t912\n"), Some(912));
+    assert_eq!(innermost_pid("Name:\tx\n"), None);
+}
