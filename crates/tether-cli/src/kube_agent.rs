@@ -291,6 +291,9 @@ impl KubeAgent {
     /// ephemeral agent cannot be removed: it ends on its own once idle (`agent.ttl`). Says what
     /// became of the agent.
     pub(crate) async fn stop(&self) -> String {
+        // The session's goodbye first: an agent that never hears it keeps the session (and its
+        // rules) for the whole reconnect grace.
+        tether_kube::agent::drain_port_forwards().await;
         let Some(job) = &self.pod.job else {
             return format!(
                 "the ephemeral agent in pod {} ends on its own in {}",

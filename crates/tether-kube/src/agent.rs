@@ -373,14 +373,34 @@ pub async fn port_forward(client: &Client, agent: &AgentPod) -> std::io::Result<
             }
         });
     }
-    Ok(PortForward { stream, forwarder })
+    Ok(PortForward {
+        stream: Some(stream),
+        forwarder: Some(forwarder),
+    })
 }
 
-/// A port-forward's byte stream. Dropping it stops the port-forward's task at once (a link
-/// given up on a dead network must not keep a task and a socket until TCP gives up).
+/// A port-forward's byte stream. When it is dropped, what was written still goes out: the
+/// port-forward's task gets up to [`DRAIN`] to deliver it and see the WebSocket close, then it is
+/// aborted (a link given up on a dead network must not keep a task and a socket until TCP gives
+/// up). [`drain_port_forwards`] waits for those that are still delivering.
 pub struct PortForward {
-    stream: tokio::io::DuplexStream,
-    forwarder: kube::api::Portforwarder,
+    stream: Option<tokio::io::DuplexStream>,
+    forwarder: Option<kube::api::Portforwarder>,
+}
+
+/// How long a dropped port-forward may take to deliver its last bytes.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+static DRAINING: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits (each at most [`DRAIN`]) until every dropped port-forward has delivered what was
+/// written to it: a session's goodbye must reach the agent before tether exits.
+pub async fn drain_port_forwards() {
+    let draining = std::mem::take(&mut *DRAINING.lock().unwrap_or_else(|e| e.into_inner()));
+    for task in draining {
+        let _ = task.await;
+    }
 }
 
 impl std::fmt::Debug for PortForward {
@@ -391,7 +411,29 @@ impl std::fmt::Debug for PortForward {
 
 impl Drop for PortForward {
     fn drop(&mut self) {
-        self.forwarder.abort();
+        let (Some(mut stream), Some(forwarder)) = (self.stream.take(), self.forwarder.take())
+        else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            forwarder.abort();
+            return;
+        };
+        let task = runtime.spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            // Our side is done; the task sends what is queued, then the close. The pod's side
+            // ending (EOF here) means the WebSocket is closed.
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let _ = tokio::time::timeout(DRAIN, async {
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+            forwarder.abort();
+        });
+        let mut draining = DRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        draining.retain(|t| !t.is_finished());
+        draining.push(task);
     }
 }
 
@@ -401,7 +443,10 @@ impl tokio::io::AsyncRead for PortForward {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        match self.stream.as_mut() {
+            Some(stream) => std::pin::Pin::new(stream).poll_read(cx, buf),
+            None => std::task::Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -411,20 +456,29 @@ impl tokio::io::AsyncWrite for PortForward {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        match self.stream.as_mut() {
+            Some(stream) => std::pin::Pin::new(stream).poll_write(cx, buf),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+        match self.stream.as_mut() {
+            Some(stream) => std::pin::Pin::new(stream).poll_flush(cx),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+        match self.stream.as_mut() {
+            Some(stream) => std::pin::Pin::new(stream).poll_shutdown(cx),
+            None => std::task::Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
+        }
     }
 }

@@ -185,18 +185,7 @@ impl Network {
                 &script,
             ],
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline.starts_with(b"sleep\0") {
-                return pid;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the pod process {pid} did not finish its setup in 10 s: {setup}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_sleep(setup, || Some(pid))
     }
 
     /// Like [`spawn_pod_process`](Self::spawn_pod_process), with a PID namespace of its own
@@ -222,28 +211,15 @@ impl Network {
                 &script,
             ],
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            // `unshare --fork` waits for its one child, PID 1 of the new namespace.
-            let children =
-                std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
-                    .unwrap_or_default();
-            if let Some(pid) = children
+        // `unshare --fork` waits for its one child, PID 1 of the new namespace.
+        wait_for_sleep(setup, || {
+            std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+                .ok()?
                 .split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<u32>().ok())
-            {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if cmdline.starts_with(b"sleep\0") {
-                    return pid;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the container process of {unshare} did not finish its setup in 10 s: {setup}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                .next()?
+                .parse()
+                .ok()
+        })
     }
 
     /// Gives `pod` an Istio sidecar, for real: the nat rules of istio-iptables (REDIRECT mode, as
@@ -574,6 +550,25 @@ pub fn free_port() -> u16 {
         if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
             return port;
         }
+    }
+}
+
+/// Waits (at most 10 s) until the process `pid()` names runs `sleep`: a pod process's setup is
+/// done. Returns its pid.
+fn wait_for_sleep(setup: &str, pid: impl Fn() -> Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = pid() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(b"sleep\0") {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod process did not finish its setup in 10 s: {setup}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

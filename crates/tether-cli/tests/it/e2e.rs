@@ -13,7 +13,10 @@
 //! lists the target, and a command run with `tether exec` gets the pod's environment, files and
 //! DNS, and exits with its own code, with the agent Job removed afterwards.
 
-use std::process::{Command, Output};
+use std::{
+    io::Write as _,
+    process::{Command, Output},
+};
 
 struct Cluster {
     kubeconfig: String,
@@ -29,7 +32,9 @@ fn cluster(test: &str) -> Option<Cluster> {
         .ok()
         .filter(|v| !v.is_empty())
     else {
-        eprintln!(
+        // Straight to stderr, past libtest's capture of `eprintln!`: the skip shows in every run.
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED {test}: set TETHER_E2E_KUBECONFIG (and TETHER_E2E_TARGET) to run it against a real cluster"
         );
         return None;

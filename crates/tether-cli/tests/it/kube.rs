@@ -55,11 +55,18 @@ fn assert_nothing_left(ctx: &PodContext) {
         Vec::<(String, String)>::new(),
         "agent pods left"
     );
+    wait_agents_gone(ctx, "after tether exited");
+}
+
+/// Waits (at most 15 s) until no agent process runs, then checks no rule is left in the pod.
+fn wait_agents_gone(ctx: &PodContext, when: &str) {
+    let cluster = ctx.cluster.as_ref().unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     while cluster.running_agents() > 0 {
         assert!(
             Instant::now() < deadline,
-            "the agent process still runs 15 s after tether exited"
+            "agent processes still run 15 s {when}:\n{}",
+            cluster.logs("shop")
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -480,7 +487,7 @@ fn an_ephemeral_agent_serves_the_session_from_inside_the_target_pod() {
     let mut ctx = PodContext::in_cluster();
     ctx.target_env.extend([
         ("TETHER_AGENT__EPHEMERAL".to_owned(), "true".to_owned()),
-        ("TETHER_AGENT__TTL".to_owned(), "1s".to_owned()),
+        ("TETHER_AGENT__TTL".to_owned(), "3s".to_owned()),
     ]);
     // The pod's environment, files, names and network, through an agent that sees the target
     // container's processes as its own PID namespace (the target is PID 1 there).
@@ -493,21 +500,23 @@ fn an_ephemeral_agent_serves_the_session_from_inside_the_target_pod() {
     assert!(said.contains("(ephemeral container)"), "{said}");
     assert!(exec.interrupt().is_some());
 
+    let said = exec.seen_lines();
+    assert!(said.contains("ends on its own in 3s"), "{said}");
     let cluster = ctx.cluster.as_ref().unwrap();
     assert!(
         cluster.jobs("shop").is_empty(),
         "no Job for an ephemeral agent"
     );
-    // It cannot be removed; it ends on its own once idle (agent.ttl: 1 s here).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while cluster.running_agents() > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the ephemeral agents still run 15 s after the sessions"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(rules(&ctx.net, ctx.net.pod(0)), "", "rules left in the pod");
+    let (pod, _) = &cluster.pods("shop", "app=api")[0];
+    let spec = &cluster.pod("shop", pod).unwrap()["spec"];
+    let agents = spec["ephemeralContainers"].as_array().unwrap();
+    assert_eq!(agents.len(), 2, "one ephemeral agent per session: {spec}");
+    assert!(
+        agents.iter().all(|a| a["targetContainerName"] == "app"),
+        "{spec}"
+    );
+    // It cannot be removed; it ends on its own once idle (agent.ttl: 3 s here).
+    wait_agents_gone(&ctx, "after the sessions");
 }
 
 #[test]

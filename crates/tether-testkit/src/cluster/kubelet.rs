@@ -506,16 +506,7 @@ pub(crate) fn stop_pod(state: &State, namespace: &str, name: &str) {
 }
 
 fn current(state: &State, namespace: &str, name: &str) -> Option<Value> {
-    state
-        .store
-        .lock()
-        .unwrap()
-        .get(&Key {
-            resource: PODS,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-        .cloned()
+    state.pod(namespace, name)
 }
 
 fn update_pod(state: &State, namespace: &str, name: &str, change: impl FnOnce(&mut Value)) {

@@ -370,16 +370,7 @@ impl Cluster {
 
     /// A pod as the API serves it.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
-        self.state
-            .store
-            .lock()
-            .unwrap()
-            .get(&store::Key {
-                resource: PODS,
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            })
-            .cloned()
+        self.state.pod(namespace, name)
     }
 
     /// Jobs in `namespace`, as JSON.
@@ -498,6 +489,21 @@ fn write_kubeconfig(addr: SocketAddr, token: &str) -> tempfile::NamedTempFile {
     );
     std::fs::write(file.path(), text).unwrap();
     file
+}
+
+impl State {
+    /// A pod as the API serves it.
+    pub(crate) fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.store
+            .lock()
+            .unwrap()
+            .get(&store::Key {
+                resource: PODS,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })
+            .cloned()
+    }
 }
 
 /// Where a `namespace/name` pod's network namespace is, if the simulator knows the pod.

@@ -28,7 +28,6 @@ use tokio_tungstenite::{
 use super::{
     State,
     api::{Body, Query, status},
-    store::{Key, PODS},
 };
 
 const BINARY: &str = "v4.channel.k8s.io";
@@ -48,17 +47,7 @@ pub(crate) fn handle(
                 .into(),
         );
     }
-    let pod = state
-        .store
-        .lock()
-        .unwrap()
-        .get(&Key {
-            resource: PODS,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
-        .cloned();
-    let Some(pod) = pod else {
+    let Some(pod) = state.pod(namespace, name) else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
