@@ -80,12 +80,15 @@ pub(crate) async fn start(
         .as_ref()
         .filter(|p| ephemeral && p.shares_process_namespace)
     {
-        anyhow::bail!(
+        let message = format!(
             "agent.ephemeral cannot serve pod {}: it shares one PID namespace between its \
              containers (shareProcessNamespace), so the agent could not tell the target's \
              process; use the default Job agent",
             pod.pod
         );
+        // Every failure of this start is shown as a failed step (exec prints nothing more).
+        ui.step("choosing how to run the agent").fail(&message);
+        anyhow::bail!(message);
     }
     let token: String = rand::random::<[u8; 16]>()
         .iter()
