@@ -140,8 +140,9 @@ async fn guard(args: AgentArgs) -> anyhow::Result<i32> {
             _ = interrupt.recv() => forward_sigterm(worker_pid),
         }
     };
-    // Whatever ended the worker, its rules go with it.
-    if netns.exists() {
+    // Whatever ended the worker, its rules go with it (also when the target's process is gone
+    // but its namespace is not: a pod terminating).
+    if netns.reachable() {
         let removed = rules::sweep(&netns, |o| *o == owner).await;
         if removed > 0 && !status.success() {
             tracing::warn!(

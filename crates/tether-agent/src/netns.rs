@@ -15,8 +15,15 @@ use nix::sched::CloneFlags;
 /// A network namespace to work in.
 #[derive(Debug, Clone)]
 pub struct Netns {
-    /// A file naming the namespace: `/run/netns/NAME` or `/proc/PID/ns/net`.
+    /// A file naming the namespace, to enter it: `/run/netns/NAME`, or for a process's
+    /// namespace this agent's own open descriptor of it (`/proc/SELF/fd/N`), which stays valid
+    /// when the process exits (a pod's namespace outlives its app container while the pod
+    /// terminates; the agent must still be able to remove its rules there).
     pub path: PathBuf,
+    /// How the target names it: `/run/netns/NAME` or `/proc/PID/ns/net`; gone with the target.
+    origin: PathBuf,
+    /// The open namespace `path` refers to, for a process's namespace.
+    held: Option<std::sync::Arc<File>>,
     /// How the user named it (`netns/NAME`, `pid/PID`, `container/ID`).
     pub label: String,
     /// The target's process, for `pid/PID` and `container/ID` targets.
@@ -75,8 +82,10 @@ impl Netns {
             }
             _ => return Err(TargetError::Syntax(target.to_owned())),
         };
-        let netns = Netns {
-            path,
+        let mut netns = Netns {
+            path: path.clone(),
+            origin: path,
+            held: None,
             label: target.to_owned(),
             pid,
             current: false,
@@ -84,14 +93,23 @@ impl Netns {
         if !netns.exists() {
             return Err(TargetError::Missing {
                 label: netns.label,
-                path: netns.path.display().to_string(),
+                path: netns.origin.display().to_string(),
                 hint,
             });
         }
-        File::open(&netns.path).map_err(|source| TargetError::Open {
+        let file = File::open(&netns.origin).map_err(|source| TargetError::Open {
             label: netns.label.clone(),
             source,
         })?;
+        if netns.pid.is_some() {
+            use std::os::fd::AsRawFd as _;
+            netns.path = PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                file.as_raw_fd()
+            ));
+            netns.held = Some(std::sync::Arc::new(file));
+        }
         Ok(netns)
     }
 
@@ -99,6 +117,8 @@ impl Netns {
     pub fn current() -> Netns {
         Netns {
             path: PathBuf::from("/proc/self/ns/net"),
+            origin: PathBuf::from("/proc/self/ns/net"),
+            held: None,
             label: "the agent's own namespace".into(),
             pid: None,
             current: true,
@@ -129,8 +149,15 @@ impl Netns {
         }
     }
 
+    /// True while the target is there (its process runs, its named namespace exists).
     pub fn exists(&self) -> bool {
-        self.path.exists()
+        self.origin.exists()
+    }
+
+    /// True while the namespace can still be entered: a process's namespace as long as this
+    /// agent holds it, even after the process exited.
+    pub fn reachable(&self) -> bool {
+        self.held.is_some() || self.path.exists()
     }
 
     /// A command that runs `program` inside the namespace.

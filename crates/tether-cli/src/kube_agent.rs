@@ -17,9 +17,17 @@ use tether_kube::{
 };
 use tether_protocol::TokenDigest;
 
-use crate::{proxy::link::Connect, ui::Ui};
+use backon::Retryable as _;
+use tether_agent::carrier::Link;
+use tether_protocol::Welcome;
+
+use crate::{
+    proxy::link::{Connect, DialError, Dialer, StillThere},
+    ui::Ui,
+};
 
 /// A running agent pod and how to reach it.
+#[derive(Clone)]
 pub(crate) struct KubeAgent {
     pub(crate) client: Client,
     pub(crate) pod: AgentPod,
@@ -28,6 +36,8 @@ pub(crate) struct KubeAgent {
     /// `agent.ttl`, for saying when an ephemeral agent ends.
     pub(crate) ttl: tether_config::ConfigDuration,
     pub(crate) token: String,
+    /// The target's namespace.
+    pub(crate) namespace: String,
 }
 
 impl std::fmt::Debug for KubeAgent {
@@ -74,7 +84,20 @@ pub(crate) async fn start(
             None
         }
     };
+    start_for(&client, &namespace, config, pod, ui).await
+}
 
+/// Starts an agent for `pod` (or a targetless one) and waits until it runs; each phase is a
+/// step.
+pub(crate) async fn start_for(
+    client: &Client,
+    namespace: &str,
+    config: &Config,
+    pod: Option<TargetPod>,
+    ui: Ui,
+) -> anyhow::Result<KubeAgent> {
+    let client = client.clone();
+    let namespace = namespace.to_owned();
     let ephemeral = config.agent.ephemeral && pod.is_some();
     if let Some(pod) = pod
         .as_ref()
@@ -202,6 +225,7 @@ pub(crate) async fn start(
                 pod: agent,
                 target: pod,
                 token,
+                namespace,
             })
         }
         Err(error) => {
@@ -269,7 +293,31 @@ fn warn_about_probes(config: &Config, pod: &TargetPod, ui: Ui) {
     }
 }
 
+/// Opens a session with a Kubernetes agent that was just started. Its pod runs, but the agent
+/// may not listen yet: a port-forward dialled too early gets "connection refused" inside the pod.
+/// Retried within the startup timeout.
+pub(crate) async fn open_session(
+    dialer: &Dialer,
+    config: &Config,
+) -> Result<(Link, Welcome), DialError> {
+    let retry = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_total_delay(Some(config.agent.startup_timeout.get()))
+        .without_max_times();
+    (|| dialer.open())
+        .retry(retry)
+        .when(DialError::retryable)
+        .await
+}
+
 impl KubeAgent {
+    /// How to reach this agent now and after every drop.
+    pub(crate) fn dialer(&self, config: &Config) -> Dialer {
+        let there: StillThere = Arc::new(|| Ok(()));
+        Dialer::new(config, self.connect(), self.token.clone(), there)
+    }
+
     /// A new port-forward to the agent for each link.
     pub(crate) fn connect(&self) -> Connect {
         let client = self.client.clone();
@@ -297,6 +345,11 @@ impl KubeAgent {
         // The session's goodbye first: an agent that never hears it keeps the session (and its
         // rules) for the whole reconnect grace.
         tether_kube::agent::drain_port_forwards().await;
+        self.remove().await
+    }
+
+    /// Deletes the agent's Job (its session is over); says what became of the agent.
+    pub(crate) async fn remove(&self) -> String {
         let Some(job) = &self.pod.job else {
             return format!(
                 "the ephemeral agent in pod {} ends on its own in {}",

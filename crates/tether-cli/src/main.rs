@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod environment;
+mod follow;
 mod kube_agent;
 mod proxy;
 mod ui;

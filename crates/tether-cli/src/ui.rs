@@ -18,6 +18,8 @@ enum Mode {
     Plain,
     /// One JSON object per event on stdout.
     Json,
+    /// Nothing (debug logs only): for work the user hears about in one line of its own.
+    Quiet,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +37,11 @@ impl Ui {
         Ui { mode }
     }
 
+    /// A `Ui` that shows nothing.
+    pub(crate) fn quiet() -> Ui {
+        Ui { mode: Mode::Quiet }
+    }
+
     pub(crate) fn is_json(self) -> bool {
         matches!(self.mode, Mode::Json)
     }
@@ -50,7 +57,7 @@ impl Ui {
                 bar.enable_steady_tick(Duration::from_millis(80));
                 Some(bar)
             }
-            Mode::Plain => None,
+            Mode::Plain | Mode::Quiet => None,
             Mode::Json => {
                 emit(json!({ "event": "step_started", "step": name }));
                 None
@@ -67,6 +74,7 @@ impl Ui {
     pub(crate) fn info(self, message: &str) {
         match self.mode {
             Mode::Json => emit(json!({ "event": "info", "message": message })),
+            Mode::Quiet => tracing::debug!("{message}"),
             _ => eprintln!("  {message}"),
         }
     }
@@ -75,6 +83,7 @@ impl Ui {
     pub(crate) fn warn(self, message: &str) {
         match self.mode {
             Mode::Json => emit(json!({ "event": "warning", "message": message })),
+            Mode::Quiet => tracing::debug!("{message}"),
             _ => eprintln!("warning: {message}"),
         }
     }
@@ -108,6 +117,7 @@ impl Step {
             (Mode::Json, _) => emit(
                 json!({ "event": "step_finished", "step": self.name, "ok": ok, "detail": detail }),
             ),
+            (Mode::Quiet, _) => tracing::debug!("{line}"),
             _ => eprintln!("{line}"),
         }
     }

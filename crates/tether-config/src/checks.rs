@@ -3,7 +3,7 @@
 use std::ops::Range;
 
 use crate::{
-    model::{Config, HttpFilterConfig, InnerFilter, TrafficFilterConfig},
+    model::{Config, HttpFilterConfig, IncomingMode, InnerFilter, TrafficFilterConfig},
     target::{TARGET_FORMS, Target},
     validate::Issue,
 };
@@ -41,6 +41,16 @@ pub(crate) fn check(config: &Config) -> Vec<Issue> {
                 ));
             }
         }
+    }
+    if incoming.mirror_all_replicas && incoming.mode != IncomingMode::Mirror {
+        issues.push(
+            Issue::new(
+                "/feature/network/incoming/mirror_all_replicas",
+                "mirror_all_replicas needs `mode: mirror`: a steal takes the traffic of one pod",
+                "needs mode: mirror",
+            )
+            .help("set feature.network.incoming.mode to mirror, or drop mirror_all_replicas"),
+        );
     }
     for (i, pair) in incoming.port_mapping.iter().enumerate() {
         if pair.contains(&0) {

@@ -94,6 +94,10 @@ pub struct IncomingConfig {
     pub ignore_ports: Vec<u16>,
     /// Keep listeners bound to loopback only (127.0.0.1, ::1) local.
     pub ignore_localhost: bool,
+    /// Mirror every ready replica of a workload target (`deploy/`, `statefulset/`,
+    /// `replicaset/`), not only the pod tether chose: one agent per pod, their traffic merged
+    /// into the local process, following pods as they come and go. Needs `mode: mirror`.
+    pub mirror_all_replicas: bool,
 }
 
 impl Default for IncomingConfig {
@@ -105,6 +109,7 @@ impl Default for IncomingConfig {
             ports: None,
             ignore_ports: Vec::new(),
             ignore_localhost: true,
+            mirror_all_replicas: false,
         }
     }
 }

@@ -7,12 +7,14 @@
 //! - [`agent`]: create the Job, wait for its pod with a watch, port-forward, delete.
 //! - [`image`]: the agent image as a tarball, without a container engine.
 //! - [`access`]: the permissions tether needs, checked with SelfSubjectAccessReview.
+//! - [`pods`]: the target's pods kept current with a watch, to follow a replaced pod.
 
 pub mod access;
 pub mod agent;
 pub mod client;
 pub mod image;
 pub mod manifest;
+pub mod pods;
 pub mod target;
 
 pub use kube::Client;

@@ -132,8 +132,21 @@ pub async fn resolve(
             (pod, vec![note])
         }
     };
+    let mut found = target_pod(&pod, namespace, target.container.as_deref(), &mut notes)?;
+    found.notes = notes;
+    Ok(found)
+}
+
+/// The target in `pod`: its `container` (by default the app's, skipping sidecars), where it
+/// runs, its probes. What tether chose on the user's behalf is added to `notes`.
+pub fn target_pod(
+    pod: &Pod,
+    namespace: &str,
+    container: Option<&str>,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<TargetPod> {
     let spec = pod.spec.clone().unwrap_or_default();
-    let container = pick_container(&spec.containers, target.container.as_deref(), &mut notes)
+    let container = pick_container(&spec.containers, container, notes)
         .with_context(|| format!("in pod {}", pod.name_any()))?;
     let container_id = pod
         .status
@@ -160,15 +173,15 @@ pub async fn resolve(
         container: container.name.clone(),
         container_id,
         pod_ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
-        mesh: mesh(&pod),
+        mesh: mesh(pod),
         probes: probe_ports(container),
-        notes,
+        notes: Vec::new(),
         shares_process_namespace: spec.share_process_namespace == Some(true),
     })
 }
 
 /// The pods a workload selects, as a label selector string.
-async fn workload_selector(
+pub async fn workload_selector(
     client: &Client,
     namespace: &str,
     kind: KubeKind,
@@ -255,7 +268,7 @@ pub fn selector_string(selector: &LabelSelector) -> Option<String> {
 }
 
 /// Why a pod cannot be a target now (`None`: it can).
-fn not_ready(pod: &Pod) -> Option<String> {
+pub fn not_ready(pod: &Pod) -> Option<String> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Some("terminating".into());
     }

@@ -403,6 +403,48 @@ COMMIT
             .collect()
     }
 
+    /// Starts a loop in `netns` sending a GET to `url` on a new connection every `interval`
+    /// (each with a 1 s timeout), bounded: at most 2000 requests and 120 s.
+    pub fn request_loop(&self, netns: &str, url: &str, interval: Duration) -> RequestLoop {
+        let script = apps_dir().join("request_loop.py");
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                netns,
+                "python3",
+                script.to_str().unwrap(),
+                url,
+            ])
+            .arg(format!("{}", interval.as_secs_f64()))
+            .args(["2000", "120"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start the request loop");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some((at, body)) = line.split_once(' ')
+                    && let Ok(at) = at.parse()
+                {
+                    let _ = tx.send((at, body.to_owned()));
+                }
+            }
+        });
+        RequestLoop {
+            child,
+            answers,
+            seen: Vec::new(),
+        }
+    }
+
     /// Opens one keep-alive HTTP connection from `netns` to `url`, driven request by request.
     pub fn keepalive_client(&self, netns: &str, url: &str) -> KeepaliveClient {
         let script = apps_dir().join("http_keepalive.py");
@@ -439,6 +481,69 @@ COMMIT
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A request loop in a namespace ([`Network::request_loop`]); stopped on drop.
+#[derive(Debug)]
+pub struct RequestLoop {
+    child: Child,
+    answers: std::sync::mpsc::Receiver<(u64, String)>,
+    seen: Vec<(u64, String)>,
+}
+
+impl RequestLoop {
+    /// Waits (at most `limit`) until an answer sent at or after `since_ms` (Unix epoch) satisfies
+    /// `wanted`; returns it. Panics with every answer seen on timeout.
+    pub fn wait_for(
+        &mut self,
+        since_ms: u64,
+        limit: Duration,
+        wanted: impl Fn(&str) -> bool,
+    ) -> (u64, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(found) = self
+                .seen
+                .iter()
+                .find(|(at, body)| *at >= since_ms && wanted(body))
+            {
+                return found.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.answers.recv_timeout(left) {
+                Ok(answer) => self.seen.push(answer),
+                Err(_) => panic!(
+                    "no wanted answer within {limit:?}; answers:\n{}",
+                    self.describe()
+                ),
+            }
+        }
+    }
+
+    /// Stops the loop; every answer: when it was sent (ms, Unix epoch) and its body.
+    pub fn stop(mut self) -> Vec<(u64, String)> {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+        while let Ok(answer) = self.answers.try_recv() {
+            self.seen.push(answer);
+        }
+        std::mem::take(&mut self.seen)
+    }
+
+    fn describe(&self) -> String {
+        self.seen
+            .iter()
+            .map(|(at, body)| format!("{at} {body}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for RequestLoop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -12,9 +12,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use backon::Retryable as _;
 use serde_json::json;
-use tether_agent::carrier::{Io, Settings};
+use tether_agent::carrier::Io;
 use tether_config::{Config, Target, model::OnLinkLost};
 use tokio::{
     io::AsyncBufReadExt as _,
@@ -26,7 +25,7 @@ use tokio::{
 use crate::{
     cli::ExecArgs,
     proxy::{
-        Event, Proxy,
+        Event, Opened, Proxy,
         link::{Connect, Dialer, StillThere},
     },
     ui::Ui,
@@ -145,11 +144,11 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
                 .with_context(|| format!("cannot read the token file {}", file.display()))?
                 .trim()
                 .to_owned();
-            Agent::Local(AgentChild {
+            Agent::Local(Box::new(AgentChild {
                 child: None,
                 addr: *addr,
                 token,
-            })
+            }))
         }
         (None, Target::Kube(_) | Target::Targetless) => match crate::kube_agent::start(
             config,
@@ -161,7 +160,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
         )
         .await
         {
-            Ok(agent) => Agent::Kube(agent),
+            Ok(agent) => Agent::Kube(Box::new(agent), None),
             Err(error) => {
                 tracing::debug!("{error:#}");
                 return Ok(TETHER_FAILED);
@@ -173,7 +172,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
             match start_agent(&target.to_string(), config, dir.path()).await {
                 Ok(agent) => {
                     step.done(&format!("ready in {} ms", started.elapsed().as_millis()));
-                    Agent::Local(agent)
+                    Agent::Local(Box::new(agent))
                 }
                 Err(error) => {
                     step.fail(&format!("{error:#}"));
@@ -204,20 +203,10 @@ async fn with_agent(
     let step = ui.step("opening the session");
     let dialer = Arc::new(agent.dialer(target, config));
     let opened = match agent {
-        // The agent pod runs, but its agent may not listen yet: a port-forward dialled too early
-        // gets "connection refused" inside the pod. Retried within the startup timeout.
-        Agent::Kube(_) => {
-            let retry = backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(1))
-                .with_total_delay(Some(config.agent.startup_timeout.get()))
-                .without_max_times();
-            let opening = (|| dialer.open())
-                .retry(retry)
-                .when(crate::proxy::link::DialError::retryable);
+        Agent::Kube(..) => {
             // Ctrl-C while waiting for the agent: give up (and remove it), as before it started.
             tokio::select! {
-                opened = opening => opened,
+                opened = crate::kube_agent::open_session(&dialer, config) => opened,
                 _ = tokio::signal::ctrl_c() => Err(crate::proxy::link::DialError::Gone("interrupted".into())),
             }
         }
@@ -238,16 +227,27 @@ async fn with_agent(
     // A bare network namespace has no files of its own (they are this host's), nor has a
     // targetless session: files stay local.
     let target_files = matches!(target, Target::Pid(_) | Target::Kube(_));
-    let proxy = Proxy::start(
+    let pod = match agent {
+        Agent::Kube(kube, _) => kube.target.as_ref().map(|t| t.pod.clone()),
+        Agent::Local(_) => None,
+    };
+    let opened = Opened {
         dialer,
         link,
-        &welcome,
-        config,
-        target_files,
-        &socket,
-        events_tx,
-    )
-    .await?;
+        welcome,
+        pod: pod.unwrap_or_default(),
+    };
+    let proxy = Proxy::start(opened, config, target_files, &socket, events_tx).await?;
+    match (&mut *agent, target) {
+        (Agent::Kube(kube, follower), Target::Kube(kube_target)) => {
+            *follower =
+                Some(crate::follow::Follower::start(kube, kube_target, config, &proxy, ui).await);
+        }
+        _ if config.feature.network.incoming.mirror_all_replicas => {
+            ui.warn("mirror_all_replicas applies to workload targets in a cluster (deploy/, statefulset/, replicaset/); ignored");
+        }
+        _ => {}
+    }
 
     let env = if config.feature.env.enabled || !config.feature.env.overrides.is_empty() {
         // Targetless, there is no target process: only the overrides apply.
@@ -289,13 +289,12 @@ async fn with_agent(
     let child_pid = child.id();
     let _status = proxy.status_socket(crate::proxy::status::RunInfo {
         target: match agent {
-            Agent::Kube(kube) => match &kube.target {
+            Agent::Kube(kube, _) => match &kube.target {
                 Some(pod) => format!("{target} (pod {})", pod.pod),
                 None => format!("{target} (namespace {})", kube.pod.namespace),
             },
             Agent::Local(_) => target.to_string(),
         },
-        session: welcome.session_id.clone(),
         command: args.command.join(" "),
     });
     ui.info(&format!(
@@ -391,8 +390,13 @@ fn show(event: Event, ui: Ui) {
 
 /// The agent of this run.
 enum Agent {
-    Local(AgentChild),
-    Kube(crate::kube_agent::KubeAgent),
+    Local(Box<AgentChild>),
+    /// The first agent; once the session runs, what follows the target (and holds every agent
+    /// it started).
+    Kube(
+        Box<crate::kube_agent::KubeAgent>,
+        Option<crate::follow::Follower>,
+    ),
 }
 
 impl Agent {
@@ -404,24 +408,9 @@ impl Agent {
                 agent.token.clone(),
                 local_still_there(agent, &target.to_string()),
             ),
-            Agent::Kube(agent) => {
-                let there: StillThere = Arc::new(|| Ok(()));
-                (agent.connect(), agent.token.clone(), there)
-            }
+            Agent::Kube(agent, _) => return agent.dialer(config),
         };
-        Dialer {
-            connect,
-            token,
-            settings: Settings {
-                keepalive_interval: config.keepalive.interval.get(),
-                keepalive_timeout: config.keepalive.timeout.get(),
-                grace: Some(config.reconnect.grace.get()),
-                buffer: usize::try_from(config.resume.buffer).unwrap_or(usize::MAX),
-            },
-            initial: config.reconnect.initial.get(),
-            max_delay: config.reconnect.max_delay.get(),
-            still_there,
-        }
+        Dialer::new(config, connect, token, still_there)
     }
 
     /// Stops the agent; what became of it, for the user.
@@ -431,7 +420,10 @@ impl Agent {
                 agent.stop().await;
                 "rules removed, agent stopped".into()
             }
-            Agent::Kube(agent) => agent.stop().await,
+            Agent::Kube(agent, follower) => match follower.take() {
+                Some(follower) => follower.stop().await,
+                None => agent.stop().await,
+            },
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Shared, ToStream};
+use super::{Shared, ToStream, Upstream};
 
 /// How long an outgoing stream waits for the process's socket to connect to the proxy.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +37,7 @@ const UDP_IDLE: Duration = Duration::from_secs(30 * 60);
 /// An outgoing stream open in the target, waiting for the process's socket.
 #[derive(Debug)]
 pub(super) struct PendingOutgoing {
+    up: Arc<Upstream>,
     stream_id: u64,
     from_agent: mpsc::UnboundedReceiver<ToStream>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
@@ -97,8 +98,11 @@ impl Shared {
         hostname: Option<String>,
     ) -> Answer {
         let stream_id = self.new_stream_id();
+        // The connection stays with the agent it was opened through, even when the primary
+        // session moves to another pod's agent.
+        let up = self.primary();
         // Registered before asking: the remote side may speak first, right after `Connected`.
-        let (from_agent, queued) = self.open_stream(stream_id, false);
+        let (from_agent, queued) = up.open_stream(stream_id, false);
         let connect = OutgoingConnect {
             stream_id,
             transport: match transport {
@@ -108,17 +112,14 @@ impl Shared {
             remote: Some(remote.into()),
             hostname: hostname.unwrap_or_default(),
         };
-        let local = match self.request(request::Op::OutgoingConnect(connect)).await {
+        let local = match up.request(request::Op::OutgoingConnect(connect)).await {
             Ok(response::Result::Connected(connected)) => connected
                 .local
                 .as_ref()
                 .and_then(|l| SocketAddr::try_from(l).ok()),
             Ok(_) => None,
             Err(error) => {
-                self.streams
-                    .lock()
-                    .expect("streams lock")
-                    .remove(&stream_id);
+                up.close_stream(stream_id);
                 tracing::debug!(%remote, error = %error.message, "outgoing connection refused in the target");
                 return errno_answer(&error, libc::ECONNREFUSED);
             }
@@ -131,7 +132,7 @@ impl Shared {
                     self.outgoing_v6
                 };
                 let Some(via) = via else {
-                    self.end_stream(stream_id).await;
+                    end_stream(&up, stream_id).await;
                     return Answer::Errno {
                         errno: libc::ENETUNREACH,
                         message: "IPv6 loopback is not available to the proxy".into(),
@@ -140,6 +141,7 @@ impl Shared {
                 let replaced = self.pending_outgoing.lock().expect("pending lock").insert(
                     from,
                     PendingOutgoing {
+                        up: Arc::clone(&up),
                         stream_id,
                         from_agent,
                         queued,
@@ -147,7 +149,7 @@ impl Shared {
                 );
                 if let Some(replaced) = replaced {
                     // The socket asked again before connecting: its first stream is not needed.
-                    self.end_stream(replaced.stream_id).await;
+                    end_stream(&replaced.up, replaced.stream_id).await;
                 }
                 let shared = Arc::clone(self);
                 tokio::spawn(async move {
@@ -158,7 +160,7 @@ impl Shared {
                         ours && pending.remove(&from).is_some()
                     };
                     if unclaimed {
-                        shared.end_stream(stream_id).await;
+                        end_stream(&up, stream_id).await;
                     }
                 });
                 Answer::Connected {
@@ -167,14 +169,14 @@ impl Shared {
                     stream: stream_id,
                 }
             }
-            Transport::Udp => match self.udp_relay(stream_id, from, from_agent).await {
+            Transport::Udp => match self.udp_relay(&up, stream_id, from, from_agent).await {
                 Ok(via) => Answer::Connected {
                     via,
                     local,
                     stream: stream_id,
                 },
                 Err(error) => {
-                    self.end_stream(stream_id).await;
+                    end_stream(&up, stream_id).await;
                     Answer::Errno {
                         errno: error.raw_os_error().unwrap_or(libc::EIO),
                         message: format!("cannot open a UDP relay: {error}"),
@@ -182,20 +184,6 @@ impl Shared {
                 }
             },
         }
-    }
-
-    /// Closes a stream this side opened (both directions).
-    async fn end_stream(&self, stream_id: u64) {
-        self.streams
-            .lock()
-            .expect("streams lock")
-            .remove(&stream_id);
-        let reset = StreamReset {
-            stream_id,
-            reason: "closed by the local process".into(),
-            errno: 0,
-        };
-        let _ = self.out.send(Body::StreamReset(reset)).await;
     }
 
     /// Accepts the process's sockets for outgoing connections and pumps each to its stream.
@@ -223,19 +211,20 @@ impl Shared {
             let shared = Arc::clone(&self);
             tokio::spawn(async move {
                 let PendingOutgoing {
+                    up,
                     stream_id,
                     mut from_agent,
                     queued,
                 } = pending;
                 let window = Arc::new(tether_agent::flow::SendWindow::default());
-                shared
-                    .windows
+                up.windows
                     .lock()
                     .expect("windows lock")
                     .insert(stream_id, Arc::clone(&window));
                 let (mut read, mut write) = socket.into_split();
                 shared
                     .pump(
+                        &up,
                         &mut read,
                         &mut write,
                         stream_id,
@@ -245,16 +234,7 @@ impl Shared {
                         &queued,
                     )
                     .await;
-                shared
-                    .streams
-                    .lock()
-                    .expect("streams lock")
-                    .remove(&stream_id);
-                shared
-                    .windows
-                    .lock()
-                    .expect("windows lock")
-                    .remove(&stream_id);
+                up.close_stream(stream_id);
             });
         }
     }
@@ -262,6 +242,7 @@ impl Shared {
     /// A relay socket for one UDP destination, connected to the process's socket `app`.
     async fn udp_relay(
         self: &Arc<Self>,
+        up: &Arc<Upstream>,
         stream_id: u64,
         app: SocketAddr,
         mut from_agent: mpsc::UnboundedReceiver<ToStream>,
@@ -274,7 +255,7 @@ impl Shared {
         let socket = UdpSocket::bind(bind).await?;
         socket.connect(app).await?;
         let via = socket.local_addr()?;
-        let shared = Arc::clone(self);
+        let up = Arc::clone(up);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             loop {
@@ -287,7 +268,7 @@ impl Shared {
                                 data: Bytes::copy_from_slice(&buf[..n]),
                                 peer: None,
                             };
-                            if shared.out.send(Body::Datagram(datagram)).await.is_err() {
+                            if up.out.send(Body::Datagram(datagram)).await.is_err() {
                                 break;
                             }
                         }
@@ -299,7 +280,7 @@ impl Shared {
                         // Released by the process (the entry was removed): end it in the agent.
                         None => {
                             let end = StreamEnd { stream_id, trailers: Vec::new() };
-                            let _ = shared.out.send(Body::StreamEnd(end)).await;
+                            let _ = up.out.send(Body::StreamEnd(end)).await;
                             break;
                         }
                         // Ended or reset by the agent.
@@ -307,26 +288,26 @@ impl Shared {
                     },
                     () = tokio::time::sleep(UDP_IDLE) => {
                         let end = StreamEnd { stream_id, trailers: Vec::new() };
-                        let _ = shared.out.send(Body::StreamEnd(end)).await;
+                        let _ = up.out.send(Body::StreamEnd(end)).await;
                         break;
                     }
                 }
             }
-            shared
-                .streams
-                .lock()
-                .expect("streams lock")
-                .remove(&stream_id);
+            up.close_stream(stream_id);
         });
         Ok(via)
     }
 
     /// The process closed the sockets of these UDP relays.
     pub(super) fn release(&self, streams: &[u64]) -> Answer {
-        let mut open = self.streams.lock().expect("streams lock");
-        for stream in streams {
-            // Dropping the entry ends the relay's task, which ends the stream in the agent.
-            open.remove(stream);
+        // The ids this side opens are unique across upstreams.
+        let mirrors = self.mirrors.lock().expect("mirrors lock").clone();
+        for up in std::iter::once(self.primary()).chain(mirrors) {
+            let mut open = up.streams.lock().expect("streams lock");
+            for stream in streams {
+                // Dropping the entry ends the relay's task, which ends the stream in the agent.
+                open.remove(stream);
+            }
         }
         Answer::Done
     }
@@ -340,7 +321,7 @@ impl Shared {
                 _ => AddressFamily::Any,
             } as i32,
         };
-        match self.request(request::Op::DnsLookup(lookup)).await {
+        match self.primary().request(request::Op::DnsLookup(lookup)).await {
             Ok(response::Result::DnsAnswer(answer)) => Answer::Resolved {
                 addresses: answer
                     .addresses
@@ -376,7 +357,7 @@ impl Shared {
             };
             return (bad, Vec::new());
         };
-        match self.request(request::Op::Fs(request)).await {
+        match self.primary().request(request::Op::Fs(request)).await {
             Ok(response::Result::Fs(response)) => {
                 let bytes = response.encode_to_vec();
                 (Answer::Fs { len: bytes.len() }, bytes)
@@ -385,4 +366,15 @@ impl Shared {
             Err(error) => (errno_answer(&error, libc::EIO), Vec::new()),
         }
     }
+}
+
+/// Closes a stream this side opened (both directions).
+async fn end_stream(up: &Upstream, stream_id: u64) {
+    up.close_stream(stream_id);
+    let reset = StreamReset {
+        stream_id,
+        reason: "closed by the local process".into(),
+        errno: 0,
+    };
+    let _ = up.out.send(Body::StreamReset(reset)).await;
 }

@@ -82,6 +82,28 @@ impl DialError {
 }
 
 impl Dialer {
+    /// A dialer with the link settings of `config` (keepalive, resume buffer, reconnect).
+    pub(crate) fn new(
+        config: &tether_config::Config,
+        connect: Connect,
+        token: String,
+        still_there: StillThere,
+    ) -> Dialer {
+        Dialer {
+            connect,
+            token,
+            settings: Settings {
+                keepalive_interval: config.keepalive.interval.get(),
+                keepalive_timeout: config.keepalive.timeout.get(),
+                grace: Some(config.reconnect.grace.get()),
+                buffer: usize::try_from(config.resume.buffer).unwrap_or(usize::MAX),
+            },
+            initial: config.reconnect.initial.get(),
+            max_delay: config.reconnect.max_delay.get(),
+            still_there,
+        }
+    }
+
     fn hello(&self, resume: Option<Resume>) -> Hello {
         Hello {
             token: self.token.clone(),

@@ -19,6 +19,7 @@ mod context;
 pub(crate) mod link;
 pub(crate) mod ports;
 pub(crate) mod status;
+mod upstream;
 
 use std::{
     collections::HashMap,
@@ -36,15 +37,16 @@ use tether_agent::carrier::{Attach, Carrier, Endpoints, LinkState};
 use tether_config::model::IncomingConfig;
 use tether_layer::channel::{Answer, Request as LayerRequest};
 use tether_protocol::{
-    Body, ErrorInfo, Frame, IncomingConnection, LogLevel, PortSubscribe, PortUnsubscribe, Request,
-    Response, StreamData, StreamEnd, StreamReset, SubscriptionMode, request, response,
+    Body, Frame, IncomingConnection, LogLevel, PortSubscribe, PortUnsubscribe, StreamData,
+    StreamEnd, StreamReset, SubscriptionMode, request, response,
 };
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpSocket, TcpStream, UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     task::JoinSet,
 };
+pub(crate) use upstream::Upstream;
 
 use self::ports::Decision;
 
@@ -105,6 +107,8 @@ enum ToStream {
 #[derive(Debug, Clone)]
 struct Listener {
     local: SocketAddr,
+    /// What was asked of the agent, asked again of every new upstream.
+    subscribe: PortSubscribe,
     /// The processes that called `listen` for this port. A forked child that inherited the socket
     /// and closes its copy is not among them, so it cannot end the subscription.
     owners: std::collections::BTreeSet<u32>,
@@ -121,45 +125,66 @@ struct Shared {
     /// Outgoing connections open in the target, waiting for the process's socket (by the local
     /// port it connects from).
     pending_outgoing: Mutex<HashMap<SocketAddr, context::PendingOutgoing>>,
-    /// Stream ids this side opens (odd).
+    /// Stream ids this side opens (odd), unique across upstreams.
     next_stream: AtomicU64,
     /// Also steal kubelet probes (`probes.steal`).
     steal_probes: bool,
     /// Close the connections already open to a port when its steal starts
     /// (`agent.flush_connections`).
     flush_connections: bool,
-    out: mpsc::Sender<Body>,
-    /// True while the session has a link.
-    connected: Arc<std::sync::atomic::AtomicBool>,
-    next_request: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
+    /// The session everything goes through (see `upstream.rs`).
+    primary: tokio::sync::watch::Sender<Arc<Upstream>>,
+    /// Sessions with the workload's other replicas, which only mirror (`mirror_all_replicas`).
+    mirrors: Mutex<Vec<Arc<Upstream>>>,
+    next_upstream: std::sync::atomic::AtomicU32,
+    /// Where the end of the primary session goes when something follows the target (it may be
+    /// the pod's replacement, not news for the user); else it is `Event::SessionLost`.
+    primary_lost: Mutex<Option<mpsc::UnboundedSender<Lost>>>,
     /// By target port.
     listeners: Mutex<HashMap<u16, Listener>>,
     /// The proxy's end of each delivered connection → the remote client it stands for.
     peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
-    streams: Mutex<HashMap<u64, StreamEntry>>,
-    /// Credit for the bytes the proxy sends on each stolen stream.
-    windows: Mutex<HashMap<u64, Arc<tether_agent::flow::SendWindow>>>,
-    /// Idle HTTP/1 connections to the app, by stolen client connection and listener.
-    app_pool: Mutex<HashMap<(u64, SocketAddr), AppSender>>,
+    /// Idle HTTP/1 connections to the app, by upstream, stolen client connection and listener.
+    app_pool: Mutex<HashMap<(u32, u64, SocketAddr), AppSender>>,
     events: mpsc::UnboundedSender<Event>,
+}
+
+/// The end of a primary session, for whoever follows the target.
+#[derive(Debug)]
+pub(crate) struct Lost {
+    /// The pod of the agent whose session ended.
+    pub(crate) pod: String,
+    pub(crate) reason: String,
+}
+
+/// A session just opened with an agent, to be attached to the proxy.
+pub(crate) struct Opened {
+    pub(crate) dialer: Arc<link::Dialer>,
+    pub(crate) link: tether_agent::carrier::Link,
+    pub(crate) welcome: tether_protocol::Welcome,
+    /// The pod the agent serves (empty for local targets).
+    pub(crate) pod: String,
 }
 
 /// A running proxy; dropping it ends the session and the layer server.
 #[derive(Debug)]
 pub(crate) struct Proxy {
     tasks: JoinSet<()>,
-    carrier: Carrier,
+    shared: Arc<Shared>,
+}
+
+/// What follows the target holds of the proxy: moving the session, adding and removing
+/// mirroring replicas.
+#[derive(Debug, Clone)]
+pub(crate) struct Handle {
     shared: Arc<Shared>,
 }
 
 impl Proxy {
-    /// Starts serving the layer on `socket` over the session just opened on `link`; when the
-    /// link drops, `dialer` reconnects and the session resumes.
+    /// Starts serving the layer on `socket` over the session just opened; when its link drops,
+    /// its dialer reconnects and the session resumes.
     pub(crate) async fn start(
-        dialer: Arc<link::Dialer>,
-        link: tether_agent::carrier::Link,
-        welcome: &tether_protocol::Welcome,
+        opened: Opened,
         config: &tether_config::Config,
         target_files: bool,
         socket: &Path,
@@ -171,15 +196,7 @@ impl Proxy {
         let outgoing_v6 = tokio::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
             .await
             .ok();
-        let (carrier, endpoints) = Carrier::spawn(
-            dialer.settings,
-            Attach {
-                link,
-                peer_received: 0,
-                welcome: None,
-            },
-        );
-        let Endpoints { out, mut incoming } = endpoints;
+        let (first, start_first) = Shared::upstream(0, opened);
         let shared = Arc::new(Shared {
             incoming: config.feature.network.incoming.clone(),
             policy: context::policy_spec(config, target_files),
@@ -189,43 +206,17 @@ impl Proxy {
             next_stream: AtomicU64::new(1),
             steal_probes: config.probes.steal,
             flush_connections: config.agent.flush_connections,
-            out,
-            connected: carrier.connected(),
-            next_request: AtomicU64::new(1),
-            pending: Mutex::default(),
+            primary: tokio::sync::watch::channel(Arc::clone(&first)).0,
+            mirrors: Mutex::default(),
+            next_upstream: 1.into(),
+            primary_lost: Mutex::default(),
             listeners: Mutex::default(),
             peers: Mutex::default(),
-            streams: Mutex::default(),
-            windows: Mutex::default(),
             app_pool: Mutex::default(),
             events,
         });
+        start_first(&shared);
         let mut tasks = JoinSet::new();
-        let reader = Arc::clone(&shared);
-        let mut status = carrier.status();
-        tasks.spawn(async move {
-            while let Some(frame) = incoming.recv().await {
-                reader.on_frame(frame);
-            }
-            // Nobody will answer what is still waiting: fail it now.
-            reader.pending.lock().expect("pending lock").clear();
-            let reason = match &status.borrow_and_update().state {
-                LinkState::Ended { reason } => reason.clone(),
-                _ => "the link closed".to_owned(),
-            };
-            let _ = reader.events.send(Event::SessionLost { reason });
-        });
-        if dialer.settings.grace.is_some() {
-            let received = carrier.received_counter();
-            tasks.spawn(link::reconnect_forever(
-                Arc::clone(&dialer),
-                welcome.session_id.clone(),
-                carrier.control(),
-                carrier.status(),
-                move || received.load(Ordering::Acquire),
-                shared.events.clone(),
-            ));
-        }
         let server = Arc::clone(&shared);
         tasks.spawn(async move {
             while let Ok((stream, _)) = layer_listener.accept().await {
@@ -235,17 +226,27 @@ impl Proxy {
         for listener in std::iter::once(outgoing_v4).chain(outgoing_v6) {
             tasks.spawn(Arc::clone(&shared).accept_outgoing(listener));
         }
-        Ok(Proxy {
-            tasks,
-            carrier,
-            shared,
-        })
+        Ok(Proxy { tasks, shared })
+    }
+
+    /// For following the target: the end of the primary session goes to the returned receiver
+    /// instead of ending the run's session.
+    pub(crate) fn follow(&self) -> (Handle, mpsc::UnboundedReceiver<Lost>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.shared.primary_lost.lock().expect("lost lock") = Some(tx);
+        (
+            Handle {
+                shared: Arc::clone(&self.shared),
+            },
+            rx,
+        )
     }
 
     /// The target process's environment.
     pub(crate) async fn environment(&self) -> Result<Vec<(String, String)>, String> {
         match self
             .shared
+            .primary()
             .request(request::Op::EnvGet(Default::default()))
             .await
         {
@@ -257,40 +258,230 @@ impl Proxy {
         }
     }
 
-    /// Serves `tether status` and `tether doctor latency` for this run.
+    /// Serves `tether status` and `tether doctor latency` for this run, about the session of
+    /// the moment.
     pub(crate) fn status_socket(&self, info: status::RunInfo) -> Option<status::StatusSocket> {
-        status::StatusSocket::start(info, self.carrier.status(), self.carrier.control())
+        let primary = self.shared.primary.subscribe();
+        status::StatusSocket::start(info, primary)
     }
 
-    /// Tells the agent the session ends on purpose, then stops.
+    /// Tells the agents the session ends on purpose, then stops.
     pub(crate) async fn shutdown(mut self) {
-        let goodbye = Body::Goodbye(tether_protocol::Goodbye {
-            reason: "the command exited".into(),
-        });
-        // During an outage, give the reconnect a moment, so the agent learns the session is over
-        // (and frees its ports) now rather than at the end of its grace.
-        let mut status = self.carrier.status();
-        let up = tokio::time::timeout(
-            Duration::from_secs(2),
-            status.wait_for(|s| !matches!(s.state, LinkState::Down { .. })),
-        )
-        .await;
-        let up = matches!(up, Ok(Ok(s)) if s.state == LinkState::Up);
         self.tasks.abort_all();
-        if up {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), self.shared.out.send(goodbye)).await;
+        let mirrors = std::mem::take(&mut *self.shared.mirrors.lock().expect("mirrors lock"));
+        let primary = self.shared.primary();
+        let closing = std::iter::once(primary)
+            .chain(mirrors)
+            .map(|up| async move { up.close("the command exited").await });
+        futures_util::future::join_all(closing).await;
+    }
+}
+
+impl Handle {
+    /// Makes `opened` the primary session: every port is subscribed again on it first, then it
+    /// takes over and the old session ends (its stolen connections close, as the old pod's
+    /// would). With `mirror_all_replicas` a session that already mirrors that pod is promoted
+    /// instead (`opened` is `None`).
+    pub(crate) async fn replace_primary(
+        &self,
+        opened: Option<Opened>,
+        pod: &str,
+    ) -> Result<(), String> {
+        let shared = &self.shared;
+        let new = match opened {
+            Some(opened) => {
+                let up = shared.attach(opened);
+                if let Err(error) = shared.subscribe_all(&up, false).await {
+                    up.close("cannot take over the session").await;
+                    return Err(error);
+                }
+                up
+            }
+            None => {
+                let mut mirrors = shared.mirrors.lock().expect("mirrors lock");
+                let index = mirrors
+                    .iter()
+                    .position(|m| m.pod == pod)
+                    .ok_or_else(|| format!("no session with pod {pod}"))?;
+                mirrors.remove(index)
+            }
+        };
+        let old = shared.primary.send_replace(new);
+        tokio::spawn(async move { old.close("the target pod was replaced").await });
+        Ok(())
+    }
+
+    /// Adds a session that mirrors every mirrored port of another replica.
+    pub(crate) async fn add_mirror(&self, opened: Opened) -> Result<(), String> {
+        let up = self.shared.attach(opened);
+        if let Err(error) = self.shared.subscribe_all(&up, true).await {
+            up.close("cannot mirror").await;
+            return Err(error);
         }
-        // Writes what is queued (the goodbye last) on the current link, bounded.
-        self.carrier.close().await;
+        self.shared.mirrors.lock().expect("mirrors lock").push(up);
+        Ok(())
+    }
+
+    /// Ends the mirroring session with `pod` (scaled away or replaced).
+    pub(crate) async fn remove_mirror(&self, pod: &str) {
+        let removed = {
+            let mut mirrors = self.shared.mirrors.lock().expect("mirrors lock");
+            mirrors
+                .iter()
+                .position(|m| m.pod == pod)
+                .map(|index| mirrors.remove(index))
+        };
+        if let Some(up) = removed {
+            up.close("the pod left the workload").await;
+        }
+    }
+
+    /// The pods of the mirroring sessions.
+    pub(crate) fn mirrored_pods(&self) -> Vec<String> {
+        let mirrors = self.shared.mirrors.lock().expect("mirrors lock");
+        mirrors.iter().map(|m| m.pod.clone()).collect()
+    }
+
+    /// Ends the run's session (the target is gone for good): `Event::SessionLost` with `reason`.
+    pub(crate) async fn end(&self, reason: String) {
+        *self.shared.primary_lost.lock().expect("lost lock") = None;
+        self.shared.primary().control.end(reason).await;
+    }
+
+    /// Tells the user (as the proxy's own events).
+    pub(crate) fn event(&self, event: Event) {
+        let _ = self.shared.events.send(event);
     }
 }
 
 impl Shared {
-    fn on_frame(self: &Arc<Self>, frame: Frame) {
+    /// The session of the moment.
+    fn primary(&self) -> Arc<Upstream> {
+        self.primary.borrow().clone()
+    }
+
+    /// A new upstream over `opened`; the returned function starts its tasks (once the proxy's
+    /// state exists).
+    fn upstream(id: u32, opened: Opened) -> (Arc<Upstream>, impl FnOnce(&Arc<Shared>)) {
+        let Opened {
+            dialer,
+            link,
+            welcome,
+            pod,
+        } = opened;
+        let (carrier, endpoints) = Carrier::spawn(
+            dialer.settings,
+            Attach {
+                link,
+                peer_received: 0,
+                welcome: None,
+            },
+        );
+        let Endpoints { out, mut incoming } = endpoints;
+        let received = carrier.received_counter();
+        let up = Arc::new(Upstream::new(
+            id,
+            pod,
+            welcome.session_id.clone(),
+            carrier,
+            out,
+        ));
+        let this = Arc::clone(&up);
+        let start = move |shared: &Arc<Shared>| {
+            let mut tasks = this.tasks.lock().expect("tasks lock");
+            let reader = Arc::clone(shared);
+            let up = Arc::clone(&this);
+            tasks.spawn(async move {
+                while let Some(frame) = incoming.recv().await {
+                    reader.on_frame(&up, frame);
+                }
+                let reason = match &up.status.borrow().state {
+                    LinkState::Ended { reason } => reason.clone(),
+                    _ => "the link closed".to_owned(),
+                };
+                reader.upstream_ended(&up, reason);
+            });
+            if dialer.settings.grace.is_some() {
+                tasks.spawn(link::reconnect_forever(
+                    Arc::clone(&dialer),
+                    welcome.session_id.clone(),
+                    this.control.clone(),
+                    this.status.clone(),
+                    move || received.load(Ordering::Acquire),
+                    shared.events.clone(),
+                ));
+            }
+        };
+        (up, start)
+    }
+
+    /// A new upstream over `opened`, running.
+    fn attach(self: &Arc<Self>, opened: Opened) -> Arc<Upstream> {
+        let id = self.next_upstream.fetch_add(1, Ordering::Relaxed);
+        let (up, start) = Shared::upstream(id, opened);
+        start(self);
+        up
+    }
+
+    /// Subscribes `up` to every port the process listens on (only the mirrored ones for a
+    /// mirroring replica).
+    async fn subscribe_all(&self, up: &Upstream, mirror_only: bool) -> Result<(), String> {
+        let subscriptions: Vec<PortSubscribe> = self
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .values()
+            .map(|l| l.subscribe.clone())
+            .filter(|s| !mirror_only || s.mode() == SubscriptionMode::Mirror)
+            .collect();
+        for subscribe in subscriptions {
+            let port = subscribe.port;
+            up.request(request::Op::PortSubscribe(subscribe))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot subscribe port {port} in pod {}: {}",
+                        up.pod, e.message
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// An upstream's session is over: nobody will answer what waits on it, and its streams
+    /// end. Unless the proxy ended it on purpose, that is news: for the primary, the run's
+    /// session is lost (or, when something follows the target, that decides).
+    fn upstream_ended(&self, up: &Arc<Upstream>, reason: String) {
+        up.pending.lock().expect("pending lock").clear();
+        up.streams.lock().expect("streams lock").clear();
+        if up.retired.load(Ordering::Acquire) {
+            return;
+        }
+        if Arc::ptr_eq(&self.primary(), up) {
+            let follower = self.primary_lost.lock().expect("lost lock").clone();
+            let lost = Lost {
+                pod: up.pod.clone(),
+                reason: reason.clone(),
+            };
+            if follower.is_none_or(|tx| tx.send(lost).is_err()) {
+                let _ = self.events.send(Event::SessionLost { reason });
+            }
+        } else {
+            self.mirrors
+                .lock()
+                .expect("mirrors lock")
+                .retain(|m| !Arc::ptr_eq(m, up));
+            let _ = self.events.send(Event::Warning(format!(
+                "mirroring pod {} stopped: {reason}",
+                up.pod
+            )));
+        }
+    }
+
+    fn on_frame(self: &Arc<Self>, up: &Arc<Upstream>, frame: Frame) {
         match frame.body {
             Some(Body::Response(response)) => {
-                if let Some(waiter) = self
+                if let Some(waiter) = up
                     .pending
                     .lock()
                     .expect("pending lock")
@@ -301,11 +492,11 @@ impl Shared {
             }
             Some(Body::IncomingConnection(info)) => {
                 let (rx, queued) =
-                    self.open_stream(info.stream_id, info.mode() == SubscriptionMode::Mirror);
-                tokio::spawn(Arc::clone(self).deliver(info, rx, queued));
+                    up.open_stream(info.stream_id, info.mode() == SubscriptionMode::Mirror);
+                tokio::spawn(Arc::clone(self).deliver(Arc::clone(up), info, rx, queued));
             }
             Some(Body::WindowUpdate(update)) => {
-                if let Some(window) = self
+                if let Some(window) = up
                     .windows
                     .lock()
                     .expect("windows lock")
@@ -315,62 +506,58 @@ impl Shared {
                 }
             }
             Some(Body::StreamData(data)) => {
-                self.to_stream(data.stream_id, ToStream::Data(data.data))
+                self.to_stream(up, data.stream_id, ToStream::Data(data.data))
             }
             Some(Body::StreamEnd(end)) => {
-                self.to_stream(end.stream_id, ToStream::End(end.trailers))
+                self.to_stream(up, end.stream_id, ToStream::End(end.trailers))
             }
             Some(Body::StreamReset(reset)) => {
-                self.to_stream(reset.stream_id, ToStream::Reset(reset.reason))
+                self.to_stream(up, reset.stream_id, ToStream::Reset(reset.reason))
             }
             Some(Body::Datagram(datagram)) => {
-                self.to_stream(datagram.stream_id, ToStream::Data(datagram.data))
+                self.to_stream(up, datagram.stream_id, ToStream::Data(datagram.data))
             }
             Some(Body::HttpRequestHead(head)) => {
                 // A mirrored request's body cannot be slowed: its queue is bounded instead.
                 let mirror = head.mode() == SubscriptionMode::Mirror;
-                let (rx, queued) = self.open_stream(head.stream_id, mirror);
-                tokio::spawn(Arc::clone(self).deliver_http(head, rx, mirror.then_some(queued)));
+                let (rx, queued) = up.open_stream(head.stream_id, mirror);
+                tokio::spawn(Arc::clone(self).deliver_http(
+                    Arc::clone(up),
+                    head,
+                    rx,
+                    mirror.then_some(queued),
+                ));
             }
             Some(Body::Log(log)) if log.level() >= LogLevel::Warn => {
-                let _ = self
-                    .events
-                    .send(Event::Warning(format!("agent: {}", log.message)));
+                let _ =
+                    self.events
+                        .send(Event::Warning(format!("{}: {}", self.who(up), log.message)));
             }
             Some(Body::Log(log)) if log.level() == LogLevel::Info => {
                 let _ = self.events.send(Event::Notice(log.message));
             }
             Some(Body::Error(error)) => {
-                let _ = self
-                    .events
-                    .send(Event::Warning(format!("agent: {}", error.message)));
+                let _ = self.events.send(Event::Warning(format!(
+                    "{}: {}",
+                    self.who(up),
+                    error.message
+                )));
             }
             _ => {}
         }
     }
 
-    /// Registers a stream the agent opened; its frames reach the returned receiver.
-    fn open_stream(
-        &self,
-        id: u64,
-        mirror: bool,
-    ) -> (
-        mpsc::UnboundedReceiver<ToStream>,
-        Arc<std::sync::atomic::AtomicUsize>,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let entry = StreamEntry {
-            tx,
-            queued: Arc::clone(&queued),
-            mirror,
-        };
-        self.streams.lock().expect("streams lock").insert(id, entry);
-        (rx, queued)
+    /// Who speaks, in messages: the agent, or with several, which one.
+    fn who(&self, up: &Arc<Upstream>) -> String {
+        if Arc::ptr_eq(&self.primary(), up) {
+            "agent".into()
+        } else {
+            format!("agent for pod {}", up.pod)
+        }
     }
 
-    fn to_stream(&self, id: u64, item: ToStream) {
-        let mut streams = self.streams.lock().expect("streams lock");
+    fn to_stream(&self, up: &Upstream, id: u64, item: ToStream) {
+        let mut streams = up.streams.lock().expect("streams lock");
         let Some(entry) = streams.get(&id) else {
             return;
         };
@@ -387,47 +574,6 @@ impl Shared {
             }
         }
         let _ = entry.tx.send(item);
-    }
-
-    async fn request(&self, op: request::Op) -> Result<response::Result, ErrorInfo> {
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.pending.lock().expect("pending lock").insert(id, tx);
-        let lost = || ErrorInfo {
-            message: "the link to the agent is closed".into(),
-            ..Default::default()
-        };
-        self.out
-            .send(Body::Request(Request { id, op: Some(op) }))
-            .await
-            .map_err(|_| lost())?;
-        // 30 s of link time: while the link is down the request waits for the resume.
-        let mut rx = std::pin::pin!(rx);
-        let mut waited = Duration::ZERO;
-        let response = loop {
-            const STEP: Duration = Duration::from_secs(1);
-            match tokio::time::timeout(STEP, &mut rx).await {
-                Ok(answer) => break answer.map_err(|_| lost())?,
-                Err(_) if self.connected.load(Ordering::Acquire) => {
-                    waited += STEP;
-                    if waited >= Duration::from_secs(30) {
-                        return Err(ErrorInfo {
-                            message: "the agent did not answer within 30 s".into(),
-                            ..Default::default()
-                        });
-                    }
-                }
-                Err(_) => {}
-            }
-        };
-        match response.result {
-            Some(response::Result::Error(error)) => Err(error),
-            Some(result) => Ok(result),
-            None => Err(ErrorInfo {
-                message: "empty response from the agent".into(),
-                ..Default::default()
-            }),
-        }
     }
 
     async fn serve_layer(self: Arc<Self>, stream: UnixStream) {
@@ -530,15 +676,42 @@ impl Shared {
             steal_probes: self.steal_probes,
             flush_connections: steal && self.flush_connections,
         };
-        match self.request(request::Op::PortSubscribe(subscribe)).await {
+        let primary = self.primary();
+        match primary
+            .request(request::Op::PortSubscribe(subscribe.clone()))
+            .await
+        {
             Ok(_) => {
                 self.listeners.lock().expect("listeners lock").insert(
                     remote_port,
                     Listener {
                         local,
+                        subscribe: subscribe.clone(),
                         owners: [pid].into(),
                     },
                 );
+                // The other replicas mirror it too; and a primary that took over meanwhile
+                // (its pod replaced) did not see the listener yet.
+                let mut others: Vec<Arc<Upstream>> = if steal {
+                    Vec::new()
+                } else {
+                    self.mirrors.lock().expect("mirrors lock").clone()
+                };
+                let now = self.primary();
+                if !Arc::ptr_eq(&now, &primary) {
+                    others.push(now);
+                }
+                for other in others {
+                    if let Err(error) = other
+                        .request(request::Op::PortSubscribe(subscribe.clone()))
+                        .await
+                    {
+                        let _ = self.events.send(Event::Warning(format!(
+                            "cannot {mode} target port {remote_port} in pod {}: {}",
+                            other.pod, error.message
+                        )));
+                    }
+                }
                 let _ = self.events.send(Event::Subscribed {
                     local,
                     remote_port,
@@ -574,16 +747,20 @@ impl Shared {
             listeners.remove(&port);
             port
         };
-        let _ = self
-            .request(request::Op::PortUnsubscribe(PortUnsubscribe {
-                port: u32::from(port),
-            }))
-            .await;
+        let mirrors = self.mirrors.lock().expect("mirrors lock").clone();
+        for up in std::iter::once(self.primary()).chain(mirrors) {
+            let _ = up
+                .request(request::Op::PortUnsubscribe(PortUnsubscribe {
+                    port: u32::from(port),
+                }))
+                .await;
+        }
     }
 
     /// Connects to the process's listener for one incoming connection and pumps it.
     async fn deliver(
         self: Arc<Self>,
+        up: Arc<Upstream>,
         info: IncomingConnection,
         mut from_agent: mpsc::UnboundedReceiver<ToStream>,
         queued: Arc<std::sync::atomic::AtomicUsize>,
@@ -619,21 +796,22 @@ impl Shared {
                         reason: format!("the local process did not accept: {error}"),
                         errno: 0,
                     };
-                    let _ = self.out.send(Body::StreamReset(reset)).await;
+                    let _ = up.out.send(Body::StreamReset(reset)).await;
                 }
-                self.streams.lock().expect("streams lock").remove(&id);
+                up.close_stream(id);
                 return;
             }
         };
         let window = Arc::new(tether_agent::flow::SendWindow::default());
         if !mirror {
-            self.windows
+            up.windows
                 .lock()
                 .expect("windows lock")
                 .insert(id, Arc::clone(&window));
         }
         let (mut app_read, mut app_write) = app.split();
         self.pump(
+            &up,
             &mut app_read,
             &mut app_write,
             id,
@@ -643,8 +821,7 @@ impl Shared {
             &queued,
         )
         .await;
-        self.streams.lock().expect("streams lock").remove(&id);
-        self.windows.lock().expect("windows lock").remove(&id);
+        up.close_stream(id);
         self.peers.lock().expect("peers lock").remove(&our_end);
     }
 
@@ -654,6 +831,7 @@ impl Shared {
     #[allow(clippy::too_many_arguments)]
     async fn pump<R, W>(
         &self,
+        up: &Upstream,
         app_read: &mut R,
         app_write: &mut W,
         id: u64,
@@ -665,6 +843,9 @@ impl Shared {
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
     {
+        // A reset, or a stream whose session is gone, closes the app's connection at once (it
+        // would otherwise wait for the app to speak).
+        let aborted = tokio::sync::Notify::new();
         let to_app = async {
             let mut credit = tether_agent::flow::RecvCredit::default();
             while let Some(item) = from_agent.recv().await {
@@ -679,18 +860,19 @@ impl Shared {
                                 stream_id: id,
                                 increment,
                             };
-                            let _ = self.out.send(Body::WindowUpdate(update)).await;
+                            let _ = up.out.send(Body::WindowUpdate(update)).await;
                         }
                     }
                     ToStream::End(_) => {
                         let _ = app_write.shutdown().await;
                         return;
                     }
-                    ToStream::Reset(_) => return,
+                    ToStream::Reset(_) => break,
                 }
             }
+            aborted.notify_one();
         };
-        let from_app = async {
+        let copy = async {
             let mut buf = vec![0u8; tether_protocol::MAX_DATA_CHUNK];
             loop {
                 // Mirror answers are dropped, so they need no credit.
@@ -709,7 +891,7 @@ impl Shared {
                     Ok(_) if mirror => {}
                     Ok(n) => {
                         let data = Bytes::copy_from_slice(&buf[..n]);
-                        if self
+                        if up
                             .out
                             .send(Body::StreamData(StreamData {
                                 stream_id: id,
@@ -724,13 +906,19 @@ impl Shared {
                 }
             }
             if !mirror {
-                let _ = self
+                let _ = up
                     .out
                     .send(Body::StreamEnd(StreamEnd {
                         stream_id: id,
                         trailers: Vec::new(),
                     }))
                     .await;
+            }
+        };
+        let from_app = async {
+            tokio::select! {
+                () = copy => {}
+                () = aborted.notified() => {}
             }
         };
         tokio::join!(to_app, from_app);
@@ -740,25 +928,29 @@ impl Shared {
     /// stream reset, which the agent answers with a 502 and the reason.
     async fn deliver_http(
         self: Arc<Self>,
+        up: Arc<Upstream>,
         head: tether_protocol::HttpRequestHead,
         from_agent: mpsc::UnboundedReceiver<ToStream>,
         mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
     ) {
         let id = head.stream_id;
-        if let Err(reason) = self.http_exchange(&head, from_agent, mirror_queue).await {
+        if let Err(reason) = self
+            .http_exchange(&up, &head, from_agent, mirror_queue)
+            .await
+        {
             let reset = StreamReset {
                 stream_id: id,
                 reason,
                 errno: 0,
             };
-            let _ = self.out.send(Body::StreamReset(reset)).await;
+            let _ = up.out.send(Body::StreamReset(reset)).await;
         }
-        self.streams.lock().expect("streams lock").remove(&id);
-        self.windows.lock().expect("windows lock").remove(&id);
+        up.close_stream(id);
     }
 
     async fn http_exchange(
         &self,
+        up: &Upstream,
         head: &tether_protocol::HttpRequestHead,
         from_agent: mpsc::UnboundedReceiver<ToStream>,
         mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
@@ -787,7 +979,7 @@ impl Shared {
             .ok_or("the local process no longer listens on this port")?;
         // HTTP/1 connections to the app are kept per stolen client connection, so a keep-alive
         // client's requests reuse one (and the app still sees that client as the peer).
-        let pool_key = (head.connection_id, listener.local);
+        let pool_key = (up.id, head.connection_id, listener.local);
         let mut our_end = None;
         let mut reusable = None;
         let result = async {
@@ -817,7 +1009,7 @@ impl Shared {
                 (empty, None)
             } else {
                 (
-                    request_body(from_agent, id, self.out.clone(), mirror_queue),
+                    request_body(from_agent, id, up.out.clone(), mirror_queue),
                     None,
                 )
             };
@@ -898,7 +1090,7 @@ impl Shared {
                     version: tether_agent::http::wire_version(response.version()) as i32,
                     headers: tether_agent::http::to_wire(response.headers()),
                 };
-                self.out
+                up.out
                     .send(Body::HttpResponseHead(response_head))
                     .await
                     .map_err(|_| "the session closed")?;
@@ -906,7 +1098,7 @@ impl Shared {
                     .await
                     .map_err(|e| format!("the local process's upgrade failed: {e}"))?;
                 let window = Arc::new(tether_agent::flow::SendWindow::default());
-                self.windows
+                up.windows
                     .lock()
                     .expect("windows lock")
                     .insert(id, Arc::clone(&window));
@@ -914,7 +1106,7 @@ impl Shared {
                     tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
                 let queued = std::sync::atomic::AtomicUsize::new(0);
                 self.pump(
-                    &mut read, &mut write, id, from_agent, false, &window, &queued,
+                    up, &mut read, &mut write, id, from_agent, false, &window, &queued,
                 )
                 .await;
                 return Ok(());
@@ -932,11 +1124,11 @@ impl Shared {
                 headers: tether_agent::http::to_wire(&parts.headers),
             };
             let window = Arc::new(tether_agent::flow::SendWindow::default());
-            self.windows
+            up.windows
                 .lock()
                 .expect("windows lock")
                 .insert(id, Arc::clone(&window));
-            self.out
+            up.out
                 .send(Body::HttpResponseHead(response_head))
                 .await
                 .map_err(|_| "the session closed")?;
@@ -951,7 +1143,7 @@ impl Shared {
                                 .reserve(data.len().min(tether_protocol::MAX_DATA_CHUNK))
                                 .await;
                             let chunk = data.split_to(allowed);
-                            self.out
+                            up.out
                                 .send(Body::StreamData(StreamData {
                                     stream_id: id,
                                     data: chunk,
@@ -967,7 +1159,7 @@ impl Shared {
                     }
                 }
             }
-            self.out
+            up.out
                 .send(Body::StreamEnd(StreamEnd {
                     stream_id: id,
                     trailers,

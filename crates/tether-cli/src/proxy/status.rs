@@ -5,6 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -15,6 +16,8 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::watch,
 };
+
+use super::Upstream;
 
 /// Where running sessions put their status sockets.
 pub(crate) fn dir() -> PathBuf {
@@ -33,7 +36,6 @@ pub(crate) fn dir() -> PathBuf {
 #[derive(Debug, Clone)]
 pub(crate) struct RunInfo {
     pub(crate) target: String,
-    pub(crate) session: String,
     pub(crate) command: String,
 }
 
@@ -56,8 +58,7 @@ impl StatusSocket {
     /// convenience, never a reason to fail a run.
     pub(crate) fn start(
         info: RunInfo,
-        status: watch::Receiver<Status>,
-        control: Control,
+        primary: watch::Receiver<Arc<Upstream>>,
     ) -> Option<StatusSocket> {
         let dir = dir();
         let bound = std::fs::create_dir_all(&dir)
@@ -82,9 +83,10 @@ impl StatusSocket {
             .map_or(0, |d| d.as_secs());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (info, status, control) = (info.clone(), status.clone(), control.clone());
+                // The session of the moment: following the target replaces it.
+                let (info, up) = (info.clone(), primary.borrow().clone());
                 tokio::spawn(async move {
-                    let _ = answer(stream, &info, started, &status, &control).await;
+                    let _ = answer(stream, &info, started, &up).await;
                 });
             }
         });
@@ -96,8 +98,7 @@ async fn answer(
     stream: UnixStream,
     info: &RunInfo,
     started: u64,
-    status: &watch::Receiver<Status>,
-    control: &Control,
+    up: &Upstream,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -115,14 +116,14 @@ async fn answer(
                 .and_then(|n| n.parse::<u32>().ok())
                 .unwrap_or(10)
                 .clamp(1, 1000);
-            latency(control, count).await
+            latency(&up.control, count).await
         }
-        _ => report(info, started, &status.borrow()),
+        _ => report(info, started, up, &up.status.borrow()),
     };
     write.write_all(format!("{reply}\n").as_bytes()).await
 }
 
-fn report(info: &RunInfo, started: u64, status: &Status) -> Value {
+fn report(info: &RunInfo, started: u64, up: &Upstream, status: &Status) -> Value {
     let (state, down_ms, reason) = match &status.state {
         LinkState::Up => ("up", None, None),
         LinkState::Down { since, reason } => (
@@ -135,7 +136,8 @@ fn report(info: &RunInfo, started: u64, status: &Status) -> Value {
     json!({
         "pid": std::process::id(),
         "target": info.target,
-        "session": info.session,
+        "session": up.session_id,
+        "pod": (!up.pod.is_empty()).then_some(&up.pod),
         "command": info.command,
         "started_unix": started,
         "link": state,

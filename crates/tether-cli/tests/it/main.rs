@@ -5,6 +5,7 @@ mod config;
 mod context;
 mod e2e;
 mod exec;
+mod follow;
 mod http_filter;
 mod image;
 mod kube;

@@ -622,6 +622,7 @@ fn delete(state: &Arc<State>, key: &Key, policy: Option<&str>) -> Response<Body>
     };
     if key.resource == PODS {
         kubelet::stop_pod(state, &key.namespace, &key.name);
+        super::workload::sync_services(state);
     }
     if key.resource == JOBS && matches!(policy, Some("Background" | "Foreground")) {
         let uid = object["metadata"]["uid"].as_str().unwrap_or("").to_owned();

@@ -20,6 +20,10 @@
 //!   and `activeDeadlineSeconds` are honoured.
 //! - **Ephemeral containers**: `PATCH pods/NAME/ephemeralcontainers` adds them to the pod and
 //!   runs them in the pod's network namespace and its app container's PID namespace.
+//! - **Workloads** (`workload.rs`): pods deleted gracefully (terminating, then gone) and replaced
+//!   by successors with new addresses and container ids, rollouts through a new ReplicaSet,
+//!   scaling, with the workloads' status kept; Services as kube-proxy programs them (nft DNAT in
+//!   the client's namespace to the ready pods).
 //! - **Port-forward** (`portforward.rs`): `pods/NAME/portforward` over WebSocket, byte for byte
 //!   as the kubelet speaks it (field-notes.md §1), into the pod's namespace. Faults:
 //!   [`Cluster::drop_port_forwards`], [`Cluster::refuse_port_forwards`].
@@ -28,6 +32,7 @@ mod api;
 mod kubelet;
 mod portforward;
 mod store;
+mod workload;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -113,6 +118,8 @@ pub(crate) struct State {
     pub(crate) logs: Mutex<HashMap<String, Vec<String>>>,
     /// cgroup directories of the app containers (removed with the simulator).
     pub(crate) containers: Mutex<Vec<Container>>,
+    /// Services whose virtual IPs follow their pods ([`Cluster::expose`]).
+    pub(crate) services: Mutex<Vec<workload::Service>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -156,6 +163,7 @@ impl Cluster {
             network_prefix: network.prefix().to_owned(),
             next_netns: 0.into(),
             containers: Mutex::default(),
+            services: Mutex::default(),
             logs: Mutex::default(),
             hosts: format!("127.0.0.1 localhost\n{hosts}"),
             resolv_conf: "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n".into(),

@@ -1,0 +1,421 @@
+//! Following a Kubernetes target for the whole session. Pods are replaced all the time
+//! (rollouts, evictions, crashes, autoscaling); a session on `deploy/api` keeps working across
+//! that without the developer doing anything:
+//!
+//! - the target's pods are watched (the workload's selector, or the one pod of `pod/NAME`);
+//! - when the pod of the primary session goes (deleted, terminating, finished), a ready pod of
+//!   the workload is chosen, an agent started for it, every port subscribed again with the same
+//!   modes and filters, and the session (incoming, outgoing, names, files) moved to it; the old
+//!   pod's agent is deleted. One line tells the user;
+//! - a `pod/NAME` target (or `job/NAME`) cannot follow: its deletion ends the run's session,
+//!   which then stops the command or lets it run on, per `on_link_lost`;
+//! - with `mirror_all_replicas`, every other ready pod gets an agent that only mirrors, added
+//!   and removed as pods come and go.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tether_config::{Config, KubeKind, KubeTarget};
+use tether_kube::{
+    Client,
+    pods::{self, Pod, PodWatch},
+};
+use tokio::{sync::mpsc, task::JoinSet};
+
+use crate::{
+    kube_agent::{self, KubeAgent},
+    proxy::{self, Event, Lost, Opened, Proxy},
+    ui::Ui,
+};
+
+/// How long the end of the primary session waits for the watch to say its pod went away,
+/// before it counts as the end of the run's session.
+const LOST_WAIT: Duration = Duration::from_secs(5);
+
+/// After a failed move or a failed mirror start, the next try.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Follows the target until stopped; holds every agent it started.
+#[derive(Debug)]
+pub(crate) struct Follower {
+    task: tokio::task::JoinHandle<()>,
+    agents: Arc<Mutex<Agents>>,
+}
+
+/// The agents of the run, by the pod they serve, and the ones being deleted.
+#[derive(Debug, Default)]
+struct Agents {
+    by_pod: BTreeMap<String, KubeAgent>,
+    removing: JoinSet<String>,
+}
+
+impl Agents {
+    /// Deletes the agent of `pod` in the background (its session is over).
+    fn retire(&mut self, pod: &str) {
+        if let Some(agent) = self.by_pod.remove(pod) {
+            self.removing.spawn(async move { agent.remove().await });
+        }
+    }
+}
+
+impl Follower {
+    /// Starts following `target`, whose first agent (`first`) the proxy's session runs on.
+    pub(crate) async fn start(
+        first: &KubeAgent,
+        target: &KubeTarget,
+        config: &Config,
+        proxy: &Proxy,
+        ui: Ui,
+    ) -> Follower {
+        let agents = Arc::new(Mutex::new(Agents::default()));
+        let Some(pod) = first.target.clone() else {
+            // Targetless: nothing to follow; the follower only owns the agent.
+            agents
+                .lock()
+                .expect("agents lock")
+                .by_pod
+                .insert(String::new(), first.clone());
+            return Follower {
+                task: tokio::spawn(async {}),
+                agents,
+            };
+        };
+        agents
+            .lock()
+            .expect("agents lock")
+            .by_pod
+            .insert(pod.pod.clone(), first.clone());
+        let follows = matches!(
+            target.kind,
+            KubeKind::Deployment | KubeKind::StatefulSet | KubeKind::ReplicaSet
+        );
+        let mirror_all = config.feature.network.incoming.mirror_all_replicas;
+        let selector = if follows {
+            tether_kube::target::workload_selector(
+                &first.client,
+                &first.namespace,
+                target.kind,
+                &target.name,
+            )
+            .await
+            .inspect_err(|error| {
+                ui.warn(&format!(
+                    "cannot follow {}/{}: {error:#}; the session stays with pod {}",
+                    target.kind.as_str(),
+                    target.name,
+                    pod.pod
+                ));
+            })
+            .ok()
+        } else {
+            if mirror_all {
+                ui.warn(&format!(
+                    "mirror_all_replicas applies to deploy/, statefulset/ and replicaset/ \
+                     targets; mirroring pod {} only",
+                    pod.pod
+                ));
+            }
+            None
+        };
+        let watch = match &selector {
+            Some(selector) => PodWatch::selector(&first.client, &first.namespace, selector),
+            None => PodWatch::named(&first.client, &first.namespace, &pod.pod),
+        };
+        let (handle, lost) = proxy.follow();
+        let follow = Follow {
+            client: first.client.clone(),
+            namespace: first.namespace.clone(),
+            config: config.clone(),
+            ui,
+            proxy: handle,
+            workload: selector
+                .is_some()
+                .then(|| format!("{}/{}", target.kind.as_str(), target.name)),
+            container: target.container.clone(),
+            primary: pod.pod.clone(),
+            mirror_all: mirror_all && selector.is_some(),
+            agents: Arc::clone(&agents),
+            moving_since: None,
+            waiting_said: false,
+            lost: None,
+            retry_at: None,
+        };
+        Follower {
+            task: tokio::spawn(follow.run(watch, lost)),
+            agents,
+        }
+    }
+
+    /// Stops following and removes every agent of the run; says what became of them.
+    pub(crate) async fn stop(self) -> String {
+        self.task.abort();
+        let _ = self.task.await;
+        // The sessions' goodbyes first: an agent that never hears its goodbye keeps its session
+        // (and its rules) for the whole reconnect grace.
+        tether_kube::agent::drain_port_forwards().await;
+        let (agents, mut removing) = {
+            let mut all = self.agents.lock().expect("agents lock");
+            (
+                std::mem::take(&mut all.by_pod),
+                std::mem::take(&mut all.removing),
+            )
+        };
+        let mut said: Vec<String> =
+            futures_util::future::join_all(agents.values().map(KubeAgent::remove)).await;
+        // Agents of replaced pods still being deleted: their fate is news only if it failed.
+        while let Some(done) = removing.join_next().await {
+            if let Ok(message) = done
+                && message.starts_with("cannot")
+            {
+                said.push(message);
+            }
+        }
+        // Failures first: the caller shows the whole as failed when it starts so.
+        said.sort_by_key(|m| !m.starts_with("cannot"));
+        said.join("; ")
+    }
+}
+
+/// The follower's task.
+struct Follow {
+    client: Client,
+    namespace: String,
+    config: Config,
+    ui: Ui,
+    proxy: proxy::Handle,
+    /// `deploy/api` when the target is a workload (then pods are followed), `None` for
+    /// `pod/NAME` and `job/NAME`.
+    workload: Option<String>,
+    /// The container the user named (`…/container/NAME`).
+    container: Option<String>,
+    /// The pod of the primary session.
+    primary: String,
+    mirror_all: bool,
+    agents: Arc<Mutex<Agents>>,
+    /// When the primary's pod was seen going (the move's clock).
+    moving_since: Option<Instant>,
+    waiting_said: bool,
+    /// The primary session ended on its own: why, and until when its pod may still be reported
+    /// gone (then it was a replacement, not a loss).
+    lost: Option<(String, Instant)>,
+    retry_at: Option<Instant>,
+}
+
+impl Follow {
+    async fn run(mut self, mut watch: PodWatch, mut lost: mpsc::UnboundedReceiver<Lost>) {
+        loop {
+            let wake = [self.lost.as_ref().map(|l| l.1), self.retry_at]
+                .into_iter()
+                .flatten()
+                .min();
+            tokio::select! {
+                changed = watch.changed() => {
+                    if changed.is_none() {
+                        return;
+                    }
+                }
+                Some(ended) = lost.recv() => {
+                    if ended.pod == self.primary {
+                        self.lost = Some((ended.reason, Instant::now() + LOST_WAIT));
+                    }
+                }
+                () = sleep_until(wake) => {}
+            }
+            let pods = watch.pods().clone();
+            if !self.reconcile(&pods).await {
+                return;
+            }
+        }
+    }
+
+    /// Brings the sessions in line with the pods; `false` when there is nothing more to follow.
+    async fn reconcile(&mut self, pods: &BTreeMap<String, Pod>) -> bool {
+        if self.retry_at.is_some_and(|at| at > Instant::now()) {
+            return true;
+        }
+        self.retry_at = None;
+        if let Some(why) = pods::gone(pods.get(&self.primary)) {
+            let Some(workload) = self.workload.clone() else {
+                let reason = format!(
+                    "target pod {} {why}; a pod/NAME or job/NAME target cannot follow its \
+                     replacement (target the workload, e.g. deploy/NAME, to follow it)",
+                    self.primary
+                );
+                self.proxy.end(reason).await;
+                return false;
+            };
+            self.move_primary(pods, why, &workload).await;
+        } else if let Some((reason, deadline)) = &self.lost
+            && Instant::now() >= *deadline
+        {
+            // The session ended while its pod is still there: that is the run's session lost.
+            self.proxy.event(Event::SessionLost {
+                reason: reason.clone(),
+            });
+            return false;
+        }
+        if self.mirror_all {
+            self.follow_replicas(pods).await;
+        }
+        true
+    }
+
+    /// The primary's pod is going: moves the session to another ready pod (one that already
+    /// mirrors, if any: that is instant), or waits for one.
+    async fn move_primary(&mut self, pods: &BTreeMap<String, Pod>, why: &str, workload: &str) {
+        let since = *self.moving_since.get_or_insert_with(Instant::now);
+        let mirrored = self.proxy.mirrored_pods();
+        let candidates: Vec<&Pod> = pods::ready(pods)
+            .into_iter()
+            .filter(|p| pods::name(p) != self.primary)
+            .collect();
+        let choice = candidates
+            .iter()
+            .find(|p| mirrored.contains(&pods::name(p)))
+            .or(candidates.first());
+        let Some(pod) = choice else {
+            if !self.waiting_said {
+                self.ui.warn(&format!(
+                    "target pod {} {why}; waiting for a ready pod of {workload} to move the \
+                     session to",
+                    self.primary
+                ));
+                self.waiting_said = true;
+            }
+            return;
+        };
+        let name = pods::name(pod);
+        let moved = if mirrored.contains(&name) {
+            self.proxy.replace_primary(None, &name).await
+        } else {
+            match self.open(pod).await {
+                Ok(opened) => self.proxy.replace_primary(Some(opened), &name).await,
+                Err(error) => Err(error),
+            }
+        };
+        match moved {
+            Ok(()) => {
+                let old = std::mem::replace(&mut self.primary, name.clone());
+                self.agents.lock().expect("agents lock").retire(&old);
+                self.ui.info(&format!(
+                    "target pod {old} replaced by {name}; session moved in {:.1} s",
+                    since.elapsed().as_secs_f64()
+                ));
+                self.moving_since = None;
+                self.waiting_said = false;
+                self.lost = None;
+            }
+            Err(error) => {
+                self.agents.lock().expect("agents lock").retire(&name);
+                self.ui.warn(&format!(
+                    "cannot move the session to pod {name}: {error}; trying again in {} s",
+                    RETRY.as_secs()
+                ));
+                self.retry_at = Some(Instant::now() + RETRY);
+            }
+        }
+    }
+
+    /// `mirror_all_replicas`: a mirroring session per other ready pod, none for pods gone.
+    async fn follow_replicas(&mut self, pods: &BTreeMap<String, Pod>) {
+        let workload = self.workload.clone().unwrap_or_default();
+        let mirrored: BTreeSet<String> = self.proxy.mirrored_pods().into_iter().collect();
+        for name in &mirrored {
+            if let Some(why) = pods::gone(pods.get(name)) {
+                self.proxy.remove_mirror(name).await;
+                self.agents.lock().expect("agents lock").retire(name);
+                self.ui.info(&format!(
+                    "pod {name} of {workload} {why}: no longer mirrored ({} pods are)",
+                    self.proxy.mirrored_pods().len() + 1
+                ));
+            }
+        }
+        let wanted: Vec<&Pod> = pods::ready(pods)
+            .into_iter()
+            .filter(|p| {
+                let name = pods::name(p);
+                name != self.primary && !mirrored.contains(&name)
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        {
+            // A mirroring session that ended on its own left its agent behind: replace it.
+            let mut agents = self.agents.lock().expect("agents lock");
+            for pod in &wanted {
+                agents.retire(&pods::name(pod));
+            }
+        }
+        let opening = wanted.iter().map(|pod| async {
+            let name = pods::name(pod);
+            (name, self.open(pod).await)
+        });
+        for (name, opened) in futures_util::future::join_all(opening).await {
+            let added = match opened {
+                Ok(opened) => self.proxy.add_mirror(opened).await,
+                Err(error) => Err(error),
+            };
+            match added {
+                Ok(()) => self.ui.info(&format!(
+                    "mirroring pod {name} of {workload} too ({} pods are mirrored)",
+                    self.proxy.mirrored_pods().len() + 1
+                )),
+                Err(error) => {
+                    self.agents.lock().expect("agents lock").retire(&name);
+                    self.ui.warn(&format!(
+                        "cannot mirror pod {name}: {error}; trying again in {} s",
+                        RETRY.as_secs()
+                    ));
+                    self.retry_at = Some(Instant::now() + RETRY);
+                }
+            }
+        }
+    }
+
+    /// Starts an agent for `pod` and opens a session with it.
+    async fn open(&self, pod: &Pod) -> Result<Opened, String> {
+        let name = pods::name(pod);
+        let target = tether_kube::target::target_pod(
+            pod,
+            &self.namespace,
+            self.container.as_deref(),
+            &mut Vec::new(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        let agent = kube_agent::start_for(
+            &self.client,
+            &self.namespace,
+            &self.config,
+            Some(target),
+            Ui::quiet(),
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+        let dialer = Arc::new(agent.dialer(&self.config));
+        self.agents
+            .lock()
+            .expect("agents lock")
+            .by_pod
+            .insert(name.clone(), agent);
+        let (link, welcome) = kube_agent::open_session(&dialer, &self.config)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Opened {
+            dialer,
+            link,
+            welcome,
+            pod: name,
+        })
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
