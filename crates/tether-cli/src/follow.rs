@@ -45,17 +45,17 @@ pub(crate) struct Follower {
     agents: Arc<Mutex<Agents>>,
 }
 
-/// The agents of the run, by the pod they serve, and the ones being deleted.
+/// The agents of the run, by the uid of the pod they serve, and the ones being deleted.
 #[derive(Debug, Default)]
 struct Agents {
-    by_pod: BTreeMap<String, KubeAgent>,
+    by_uid: BTreeMap<String, KubeAgent>,
     removing: JoinSet<String>,
 }
 
 impl Agents {
-    /// Deletes the agent of `pod` in the background (its session is over).
-    fn retire(&mut self, pod: &str) {
-        if let Some(agent) = self.by_pod.remove(pod) {
+    /// Deletes the agent of pod `uid` in the background (its session is over).
+    fn retire(&mut self, uid: &str) {
+        if let Some(agent) = self.by_uid.remove(uid) {
             self.removing.spawn(async move { agent.remove().await });
         }
     }
@@ -76,7 +76,7 @@ impl Follower {
             agents
                 .lock()
                 .expect("agents lock")
-                .by_pod
+                .by_uid
                 .insert(String::new(), first.clone());
             return Follower {
                 task: tokio::spawn(async {}),
@@ -86,8 +86,8 @@ impl Follower {
         agents
             .lock()
             .expect("agents lock")
-            .by_pod
-            .insert(pod.pod.clone(), first.clone());
+            .by_uid
+            .insert(pod.uid.clone(), first.clone());
         let follows = matches!(
             target.kind,
             KubeKind::Deployment | KubeKind::StatefulSet | KubeKind::ReplicaSet
@@ -136,6 +136,7 @@ impl Follower {
                 .then(|| format!("{}/{}", target.kind.as_str(), target.name)),
             container: target.container.clone(),
             primary: pod.pod.clone(),
+            primary_uid: pod.uid.clone(),
             mirror_all: mirror_all && selector.is_some(),
             agents: Arc::clone(&agents),
             moving_since: None,
@@ -159,7 +160,7 @@ impl Follower {
         let (agents, mut removing) = {
             let mut all = self.agents.lock().expect("agents lock");
             (
-                std::mem::take(&mut all.by_pod),
+                std::mem::take(&mut all.by_uid),
                 std::mem::take(&mut all.removing),
             )
         };
@@ -191,8 +192,9 @@ struct Follow {
     workload: Option<String>,
     /// The container the user named (`…/container/NAME`).
     container: Option<String>,
-    /// The pod of the primary session.
+    /// The pod of the primary session: its name and uid.
     primary: String,
+    primary_uid: String,
     mirror_all: bool,
     agents: Arc<Mutex<Agents>>,
     /// When the primary's pod was seen going (the move's clock).
@@ -218,7 +220,7 @@ impl Follow {
                     }
                 }
                 Some(ended) = lost.recv() => {
-                    if ended.pod == self.primary {
+                    if ended.key == self.primary_uid {
                         self.lost = Some((ended.reason, Instant::now() + LOST_WAIT));
                     }
                 }
@@ -237,7 +239,7 @@ impl Follow {
             return true;
         }
         self.retry_at = None;
-        if let Some(why) = pods::gone(pods.get(&self.primary)) {
+        if let Some(why) = pods::gone(pods, &self.primary, &self.primary_uid) {
             let Some(workload) = self.workload.clone() else {
                 let reason = format!(
                     "target pod {} {why}; a pod/NAME or job/NAME target cannot follow its \
@@ -267,14 +269,14 @@ impl Follow {
     /// mirrors, if any: that is instant), or waits for one.
     async fn move_primary(&mut self, pods: &BTreeMap<String, Pod>, why: &str, workload: &str) {
         let since = *self.moving_since.get_or_insert_with(Instant::now);
-        let mirrored = self.proxy.mirrored_pods();
+        let mirrored: BTreeSet<String> = self.proxy.mirrored().into_iter().map(|m| m.0).collect();
         let candidates: Vec<&Pod> = pods::ready(pods)
             .into_iter()
-            .filter(|p| pods::name(p) != self.primary)
+            .filter(|p| pods::uid(p) != self.primary_uid)
             .collect();
         let choice = candidates
             .iter()
-            .find(|p| mirrored.contains(&pods::name(p)))
+            .find(|p| mirrored.contains(&pods::uid(p)))
             .or(candidates.first());
         let Some(pod) = choice else {
             if !self.waiting_said {
@@ -287,19 +289,20 @@ impl Follow {
             }
             return;
         };
-        let name = pods::name(pod);
-        let moved = if mirrored.contains(&name) {
-            self.proxy.replace_primary(None, &name).await
+        let (name, uid) = (pods::name(pod), pods::uid(pod));
+        let moved = if mirrored.contains(&uid) {
+            self.proxy.replace_primary(None, &uid).await
         } else {
             match self.open(pod).await {
-                Ok(opened) => self.proxy.replace_primary(Some(opened), &name).await,
+                Ok(opened) => self.proxy.replace_primary(Some(opened), &uid).await,
                 Err(error) => Err(error),
             }
         };
         match moved {
             Ok(()) => {
                 let old = std::mem::replace(&mut self.primary, name.clone());
-                self.agents.lock().expect("agents lock").retire(&old);
+                let old_uid = std::mem::replace(&mut self.primary_uid, uid);
+                self.agents.lock().expect("agents lock").retire(&old_uid);
                 self.ui.info(&format!(
                     "target pod {old} replaced by {name}; session moved in {:.1} s",
                     since.elapsed().as_secs_f64()
@@ -309,7 +312,7 @@ impl Follow {
                 self.lost = None;
             }
             Err(error) => {
-                self.agents.lock().expect("agents lock").retire(&name);
+                self.agents.lock().expect("agents lock").retire(&uid);
                 self.ui.warn(&format!(
                     "cannot move the session to pod {name}: {error}; trying again in {} s",
                     RETRY.as_secs()
@@ -322,22 +325,23 @@ impl Follow {
     /// `mirror_all_replicas`: a mirroring session per other ready pod, none for pods gone.
     async fn follow_replicas(&mut self, pods: &BTreeMap<String, Pod>) {
         let workload = self.workload.clone().unwrap_or_default();
-        let mirrored: BTreeSet<String> = self.proxy.mirrored_pods().into_iter().collect();
-        for name in &mirrored {
-            if let Some(why) = pods::gone(pods.get(name)) {
-                self.proxy.remove_mirror(name).await;
-                self.agents.lock().expect("agents lock").retire(name);
+        let mirrored = self.proxy.mirrored();
+        for (uid, name) in &mirrored {
+            if let Some(why) = pods::gone(pods, name, uid) {
+                self.proxy.remove_mirror(uid).await;
+                self.agents.lock().expect("agents lock").retire(uid);
                 self.ui.info(&format!(
                     "pod {name} of {workload} {why}: no longer mirrored ({} pods are)",
-                    self.proxy.mirrored_pods().len() + 1
+                    self.proxy.mirrored().len() + 1
                 ));
             }
         }
+        let mirrored: BTreeSet<String> = mirrored.into_iter().map(|m| m.0).collect();
         let wanted: Vec<&Pod> = pods::ready(pods)
             .into_iter()
             .filter(|p| {
-                let name = pods::name(p);
-                name != self.primary && !mirrored.contains(&name)
+                let uid = pods::uid(p);
+                uid != self.primary_uid && !mirrored.contains(&uid)
             })
             .collect();
         if wanted.is_empty() {
@@ -347,14 +351,13 @@ impl Follow {
             // A mirroring session that ended on its own left its agent behind: replace it.
             let mut agents = self.agents.lock().expect("agents lock");
             for pod in &wanted {
-                agents.retire(&pods::name(pod));
+                agents.retire(&pods::uid(pod));
             }
         }
-        let opening = wanted.iter().map(|pod| async {
-            let name = pods::name(pod);
-            (name, self.open(pod).await)
-        });
-        for (name, opened) in futures_util::future::join_all(opening).await {
+        let opening = wanted
+            .iter()
+            .map(|pod| async { (pods::name(pod), pods::uid(pod), self.open(pod).await) });
+        for (name, uid, opened) in futures_util::future::join_all(opening).await {
             let added = match opened {
                 Ok(opened) => self.proxy.add_mirror(opened).await,
                 Err(error) => Err(error),
@@ -362,10 +365,10 @@ impl Follow {
             match added {
                 Ok(()) => self.ui.info(&format!(
                     "mirroring pod {name} of {workload} too ({} pods are mirrored)",
-                    self.proxy.mirrored_pods().len() + 1
+                    self.proxy.mirrored().len() + 1
                 )),
                 Err(error) => {
-                    self.agents.lock().expect("agents lock").retire(&name);
+                    self.agents.lock().expect("agents lock").retire(&uid);
                     self.ui.warn(&format!(
                         "cannot mirror pod {name}: {error}; trying again in {} s",
                         RETRY.as_secs()
@@ -378,7 +381,7 @@ impl Follow {
 
     /// Starts an agent for `pod` and opens a session with it.
     async fn open(&self, pod: &Pod) -> Result<Opened, String> {
-        let name = pods::name(pod);
+        let (name, uid) = (pods::name(pod), pods::uid(pod));
         let target = tether_kube::target::target_pod(
             pod,
             &self.namespace,
@@ -399,8 +402,8 @@ impl Follow {
         self.agents
             .lock()
             .expect("agents lock")
-            .by_pod
-            .insert(name.clone(), agent);
+            .by_uid
+            .insert(uid.clone(), agent);
         let (link, welcome) = kube_agent::open_session(&dialer, &self.config)
             .await
             .map_err(|e| e.to_string())?;
@@ -409,6 +412,7 @@ impl Follow {
             link,
             welcome,
             pod: name,
+            key: uid,
         })
     }
 }

@@ -93,11 +93,15 @@ impl PodWatch {
     }
 }
 
-/// Why a session can no longer stay with `pod`, as said after its name ("was deleted", "is
-/// terminating", "has finished"); `None` while it can (a pod that is only not ready, say during
-/// a container restart, keeps its session).
-pub fn gone(pod: Option<&Pod>) -> Option<&'static str> {
-    let Some(pod) = pod else {
+/// Why a session can no longer stay with the pod `uid` (named `name`), as said after its name
+/// ("was deleted", "is terminating", "has finished"); `None` while it can (a pod that is only
+/// not ready, say during a container restart, keeps its session). A pod of the same name but
+/// another uid (a StatefulSet's replacement) is another pod.
+pub fn gone(pods: &BTreeMap<String, Pod>, name: &str, uid: &str) -> Option<&'static str> {
+    let Some(pod) = pods
+        .get(name)
+        .filter(|p| p.metadata.uid.as_deref() == Some(uid))
+    else {
         return Some("was deleted");
     };
     if pod.metadata.deletion_timestamp.is_some() {
@@ -123,4 +127,9 @@ pub fn ready(pods: &BTreeMap<String, Pod>) -> Vec<&Pod> {
 /// A pod's name.
 pub fn name(pod: &Pod) -> String {
     pod.name_any()
+}
+
+/// A pod's uid.
+pub fn uid(pod: &Pod) -> String {
+    pod.metadata.uid.clone().unwrap_or_default()
 }

@@ -22,6 +22,8 @@ const SIDECARS: [&str; 2] = ["istio-proxy", "linkerd-proxy"];
 pub struct TargetPod {
     pub namespace: String,
     pub pod: String,
+    /// The pod's uid: a StatefulSet's replacement pod has the same name, never the same uid.
+    pub uid: String,
     pub node: String,
     pub container: String,
     /// `containerd://…`, `cri-o://…`, `docker://…`.
@@ -169,6 +171,7 @@ pub fn target_pod(
     Ok(TargetPod {
         namespace: namespace.to_owned(),
         pod: pod.name_any(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
         node,
         container: container.name.clone(),
         container_id,

@@ -228,14 +228,15 @@ async fn with_agent(
     // targetless session: files stay local.
     let target_files = matches!(target, Target::Pid(_) | Target::Kube(_));
     let pod = match agent {
-        Agent::Kube(kube, _) => kube.target.as_ref().map(|t| t.pod.clone()),
+        Agent::Kube(kube, _) => kube.target.clone(),
         Agent::Local(_) => None,
     };
     let opened = Opened {
         dialer,
         link,
         welcome,
-        pod: pod.unwrap_or_default(),
+        pod: pod.as_ref().map(|p| p.pod.clone()).unwrap_or_default(),
+        key: pod.map(|p| p.uid).unwrap_or_default(),
     };
     let proxy = Proxy::start(opened, config, target_files, &socket, events_tx).await?;
     match (&mut *agent, target) {

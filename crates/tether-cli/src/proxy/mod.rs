@@ -152,8 +152,8 @@ struct Shared {
 /// The end of a primary session, for whoever follows the target.
 #[derive(Debug)]
 pub(crate) struct Lost {
-    /// The pod of the agent whose session ended.
-    pub(crate) pod: String,
+    /// Which session ended ([`Opened::key`]).
+    pub(crate) key: String,
     pub(crate) reason: String,
 }
 
@@ -162,8 +162,11 @@ pub(crate) struct Opened {
     pub(crate) dialer: Arc<link::Dialer>,
     pub(crate) link: tether_agent::carrier::Link,
     pub(crate) welcome: tether_protocol::Welcome,
-    /// The pod the agent serves (empty for local targets).
+    /// The pod the agent serves (empty for local targets), for messages.
     pub(crate) pod: String,
+    /// What identifies the session for whoever follows the target: the pod's uid (a
+    /// StatefulSet's replacement pod has the same name).
+    pub(crate) key: String,
 }
 
 /// A running proxy; dropping it ends the session and the layer server.
@@ -281,11 +284,11 @@ impl Handle {
     /// Makes `opened` the primary session: every port is subscribed again on it first, then it
     /// takes over and the old session ends (its stolen connections close, as the old pod's
     /// would). With `mirror_all_replicas` a session that already mirrors that pod is promoted
-    /// instead (`opened` is `None`).
+    /// instead (`opened` is `None`, `key` names it).
     pub(crate) async fn replace_primary(
         &self,
         opened: Option<Opened>,
-        pod: &str,
+        key: &str,
     ) -> Result<(), String> {
         let shared = &self.shared;
         let new = match opened {
@@ -301,8 +304,8 @@ impl Handle {
                 let mut mirrors = shared.mirrors.lock().expect("mirrors lock");
                 let index = mirrors
                     .iter()
-                    .position(|m| m.pod == pod)
-                    .ok_or_else(|| format!("no session with pod {pod}"))?;
+                    .position(|m| m.key == key)
+                    .ok_or_else(|| format!("no mirroring session {key}"))?;
                 mirrors.remove(index)
             }
         };
@@ -322,13 +325,13 @@ impl Handle {
         Ok(())
     }
 
-    /// Ends the mirroring session with `pod` (scaled away or replaced).
-    pub(crate) async fn remove_mirror(&self, pod: &str) {
+    /// Ends the mirroring session `key` (its pod scaled away or replaced).
+    pub(crate) async fn remove_mirror(&self, key: &str) {
         let removed = {
             let mut mirrors = self.shared.mirrors.lock().expect("mirrors lock");
             mirrors
                 .iter()
-                .position(|m| m.pod == pod)
+                .position(|m| m.key == key)
                 .map(|index| mirrors.remove(index))
         };
         if let Some(up) = removed {
@@ -336,10 +339,13 @@ impl Handle {
         }
     }
 
-    /// The pods of the mirroring sessions.
-    pub(crate) fn mirrored_pods(&self) -> Vec<String> {
+    /// The mirroring sessions: key and pod.
+    pub(crate) fn mirrored(&self) -> Vec<(String, String)> {
         let mirrors = self.shared.mirrors.lock().expect("mirrors lock");
-        mirrors.iter().map(|m| m.pod.clone()).collect()
+        mirrors
+            .iter()
+            .map(|m| (m.key.clone(), m.pod.clone()))
+            .collect()
     }
 
     /// Ends the run's session (the target is gone for good): `Event::SessionLost` with `reason`.
@@ -368,6 +374,7 @@ impl Shared {
             link,
             welcome,
             pod,
+            key,
         } = opened;
         let (carrier, endpoints) = Carrier::spawn(
             dialer.settings,
@@ -382,6 +389,7 @@ impl Shared {
         let up = Arc::new(Upstream::new(
             id,
             pod,
+            key,
             welcome.session_id.clone(),
             carrier,
             out,
@@ -460,7 +468,7 @@ impl Shared {
         if Arc::ptr_eq(&self.primary(), up) {
             let follower = self.primary_lost.lock().expect("lost lock").clone();
             let lost = Lost {
-                pod: up.pod.clone(),
+                key: up.key.clone(),
                 reason: reason.clone(),
             };
             if follower.is_none_or(|tx| tx.send(lost).is_err()) {

@@ -29,6 +29,8 @@ pub(crate) struct Upstream {
     pub(crate) id: u32,
     /// The pod this agent serves (empty for local targets), for messages.
     pub(crate) pod: String,
+    /// Its identity for whoever follows the target ([`super::Opened::key`]).
+    pub(crate) key: String,
     pub(crate) session_id: String,
     pub(super) out: mpsc::Sender<Body>,
     /// True while the session has a link.
@@ -51,6 +53,7 @@ impl Upstream {
     pub(super) fn new(
         id: u32,
         pod: String,
+        key: String,
         session_id: String,
         carrier: Carrier,
         out: mpsc::Sender<Body>,
@@ -58,6 +61,7 @@ impl Upstream {
         Upstream {
             id,
             pod,
+            key,
             session_id,
             out,
             connected: carrier.connected(),
