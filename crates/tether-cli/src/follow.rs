@@ -303,10 +303,15 @@ impl Follow {
                 let old = std::mem::replace(&mut self.primary, name.clone());
                 let old_uid = std::mem::replace(&mut self.primary_uid, uid);
                 self.agents.lock().expect("agents lock").retire(&old_uid);
-                self.ui.info(&format!(
-                    "target pod {old} replaced by {name}; session moved in {:.1} s",
-                    since.elapsed().as_secs_f64()
-                ));
+                let took = since.elapsed().as_secs_f64();
+                self.ui.info(&if old == name {
+                    format!(
+                        "target pod {old} was recreated (a new pod with the same name); session \
+                         moved in {took:.1} s"
+                    )
+                } else {
+                    format!("target pod {old} replaced by {name}; session moved in {took:.1} s")
+                });
                 self.moving_since = None;
                 self.waiting_said = false;
                 self.lost = None;

@@ -28,6 +28,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 254);
 struct Workload {
     cluster: Cluster,
     net: Network,
+    /// How tether names it: `deploy/api`, `statefulset/db`.
+    target: &'static str,
     /// Every replica ever made, by pod name: its namespace and address.
     pods: Vec<(String, Pod)>,
     next: u8,
@@ -36,14 +38,7 @@ struct Workload {
 impl Workload {
     /// `replicas` pods of `deploy/api`, and a Service for them on [`VIP`]:80.
     fn new(replicas: usize) -> Workload {
-        let net = Network::new(0);
-        let cluster = Cluster::start(&net, &[env!("CARGO_BIN_EXE_tether"), "agent"]);
-        let mut workload = Workload {
-            cluster,
-            net,
-            pods: Vec::new(),
-            next: 0,
-        };
+        let mut workload = Workload::empty("deploy/api");
         let made: Vec<(Pod, u32)> = (0..replicas).map(|_| workload.replica()).collect();
         let apps: Vec<AppPod<'_>> = made
             .iter()
@@ -57,6 +52,19 @@ impl Workload {
             .cluster
             .expose("shop", "api", "app=api", workload.net.client(), VIP, 80);
         workload
+    }
+
+    /// A simulated cluster with nothing in it yet.
+    fn empty(target: &'static str) -> Workload {
+        let net = Network::new(0);
+        let cluster = Cluster::start(&net, &[env!("CARGO_BIN_EXE_tether"), "agent"]);
+        Workload {
+            cluster,
+            net,
+            target,
+            pods: Vec::new(),
+            next: 0,
+        }
     }
 
     /// A new pod namespace running the app (`original-N`): not yet in the cluster.
@@ -99,7 +107,7 @@ impl Workload {
             .1
     }
 
-    /// `tether exec --target deploy/api -n shop` in `mode`, the local app on `port` for the
+    /// `tether exec --target TARGET -n shop` in `mode`, the local app on `port` for the
     /// pods' port 80; waits until the port is subscribed.
     fn exec(&self, mode: &str, port: u16, env: &[(&str, &str)], command: &[String]) -> Exec {
         let mut all_env: Vec<(&str, String)> = vec![
@@ -115,11 +123,7 @@ impl Workload {
         ];
         all_env.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let command: Vec<&str> = command.iter().map(String::as_str).collect();
-        let mut exec = Exec::spawn(
-            &["--target", "deploy/api", "-n", "shop"],
-            &all_env,
-            &command,
-        );
+        let mut exec = Exec::spawn(&["--target", self.target, "-n", "shop"], &all_env, &command);
         exec.wait_for_within(&format!(":{port} ("), Duration::from_secs(60));
         exec
     }
@@ -130,7 +134,7 @@ impl Workload {
         self.pods
             .iter()
             .map(|(name, _)| name.clone())
-            .find(|name| said.contains(&format!(": pod {name} of deploy/api")))
+            .find(|name| said.contains(&format!(": pod {name} of {}", self.target)))
             .unwrap_or_else(|| panic!("tether names the pod it chose:\n{said}"))
     }
 
@@ -438,5 +442,45 @@ fn a_pod_target_s_deletion_ends_the_session_and_stops_the_command_when_asked() {
         said.contains("stopping the command (on_link_lost: stop)"),
         "tether says why the command stops:\n{said}"
     );
+    workload.wait_agents_for(&[], &mut exec);
+}
+
+#[test]
+fn a_steal_on_a_statefulset_follows_its_pod_recreated_with_the_same_name() {
+    if !require_root("a_steal_on_a_statefulset_follows_its_pod_recreated_with_the_same_name") {
+        return;
+    }
+    let mut workload = Workload::empty("statefulset/db");
+    let (pod, pid) = workload.replica();
+    let names = workload
+        .cluster
+        .add_statefulset("shop", "db", &[AppPod::new(&pod, pid)]);
+    assert_eq!(names, ["db-0"]);
+    workload.pods.push(("db-0".into(), pod));
+    let port = free_port();
+    let mut exec = workload.exec("steal", port, &[], &python_http_server(port));
+    assert_eq!(workload.chosen(&mut exec), "db-0");
+    // The old pod's namespace stays known under another name, for the rules check.
+    workload.pods[0].0 = "db-0 (deleted)".into();
+
+    let (successor, pid) = workload.replica();
+    workload
+        .cluster
+        .recreate_pod("shop", "db", "db-0", &AppPod::new(&successor, pid));
+    workload.pods.push(("db-0".into(), successor));
+    exec.wait_for_within(
+        "target pod db-0 was recreated (a new pod with the same name); session moved in",
+        Duration::from_secs(30),
+    );
+    let answers = workload
+        .net
+        .http_requests(&pod_url(workload.pod("db-0")), 3, false);
+    assert!(
+        answers.iter().all(|a| a.contains("local python")),
+        "the new db-0's traffic is stolen: {answers:?}\ntether said:\n{}",
+        exec.seen_lines()
+    );
+    workload.wait_agents_for(&["db-0"], &mut exec);
+    assert!(exec.interrupt().is_some(), "tether exits");
     workload.wait_agents_for(&[], &mut exec);
 }

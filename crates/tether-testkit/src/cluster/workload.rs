@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{
     AppPod, Cluster, State, checked, kubelet,
-    store::{self, DEPLOYMENTS, Key, PODS, REPLICASETS},
+    store::{self, DEPLOYMENTS, Key, PODS, REPLICASETS, STATEFULSETS},
 };
 
 /// A Service's virtual IP in the client's namespace.
@@ -154,6 +154,61 @@ impl Cluster {
         drop(store);
         self.state.changed.send_modify(|v| *v += 1);
         rs_name
+    }
+
+    /// Publishes a StatefulSet `name` in `namespace` with one pod per entry, named `NAME-0`,
+    /// `NAME-1`, … and labelled `app=NAME`. Returns the pods' names.
+    pub fn add_statefulset(&self, namespace: &str, name: &str, pods: &[AppPod<'_>]) -> Vec<String> {
+        let replicas = pods.len();
+        let labels = json!({"app": name});
+        let set = self.state.store.lock().unwrap().put(
+            STATEFULSETS,
+            checked::<k8s_openapi::api::apps::v1::StatefulSet>(json!({
+                "metadata": {"name": name, "namespace": namespace, "labels": labels, "generation": 1},
+                "spec": {
+                    "replicas": replicas, "serviceName": name,
+                    "selector": {"matchLabels": labels},
+                    "template": {"metadata": {"labels": labels},
+                                 "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}}
+                },
+                "status": {"replicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas,
+                           "currentReplicas": replicas, "updatedReplicas": replicas, "observedGeneration": 1}
+            })),
+        );
+        let names = pods
+            .iter()
+            .enumerate()
+            .map(|(i, app)| {
+                let pod = format!("{name}-{i}");
+                self.publish_pod(namespace, &pod, &labels, Some(&set), app);
+                pod
+            })
+            .collect();
+        self.state.changed.send_modify(|v| *v += 1);
+        sync_services(&self.state);
+        names
+    }
+
+    /// The StatefulSet controller's answer to a deleted pod: pod `name` is deleted, then created
+    /// again with the same name (its identity) but a new uid, address and container (`app`).
+    pub fn recreate_pod(&self, namespace: &str, statefulset: &str, name: &str, app: &AppPod<'_>) {
+        self.delete_pod(namespace, name);
+        let set = self
+            .state
+            .store
+            .lock()
+            .unwrap()
+            .get(&Key {
+                resource: STATEFULSETS,
+                namespace: namespace.to_owned(),
+                name: statefulset.to_owned(),
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no statefulset {namespace}/{statefulset}"));
+        let labels = set["spec"]["template"]["metadata"]["labels"].clone();
+        self.publish_pod(namespace, name, &labels, Some(&set), app);
+        self.state.changed.send_modify(|v| *v += 1);
+        sync_services(&self.state);
     }
 
     /// A new pod of `deployment` in its newest ReplicaSet.
