@@ -181,10 +181,21 @@ enum Handle {
 }
 
 /// One session's open files, by handle. Dropped with the session: every file closes.
-#[derive(Default)]
 pub struct Files {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next: AtomicU64,
+}
+
+impl Default for Files {
+    /// Handles start at a random point (below 2^48), so a handle of another session (the
+    /// session of a pod that was replaced, whose files the process still holds) is unknown
+    /// here, and answered with EBADF, instead of naming another file.
+    fn default() -> Files {
+        Files {
+            handles: Mutex::default(),
+            next: AtomicU64::new(u64::from(rand::random::<u32>()) << 16),
+        }
+    }
 }
 
 impl std::fmt::Debug for Files {
