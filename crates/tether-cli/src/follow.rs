@@ -41,7 +41,8 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Follows the target until stopped; holds every agent it started.
 #[derive(Debug)]
 pub(crate) struct Follower {
-    task: tokio::task::JoinHandle<()>,
+    /// `None` once halted.
+    task: Option<tokio::task::JoinHandle<()>>,
     agents: Arc<Mutex<Agents>>,
 }
 
@@ -78,10 +79,7 @@ impl Follower {
                 .expect("agents lock")
                 .by_uid
                 .insert(String::new(), first.clone());
-            return Follower {
-                task: tokio::spawn(async {}),
-                agents,
-            };
+            return Follower { task: None, agents };
         };
         agents
             .lock()
@@ -145,15 +143,22 @@ impl Follower {
             retry_at: None,
         };
         Follower {
-            task: tokio::spawn(follow.run(watch, lost)),
+            task: Some(tokio::spawn(follow.run(watch, lost))),
             agents,
         }
     }
 
+    /// Stops following (the agents stay).
+    pub(crate) async fn halt(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
     /// Stops following and removes every agent of the run; says what became of them.
-    pub(crate) async fn stop(self) -> String {
-        self.task.abort();
-        let _ = self.task.await;
+    pub(crate) async fn stop(mut self) -> String {
+        self.halt().await;
         // The sessions' goodbyes first: an agent that never hears its goodbye keeps its session
         // (and its rules) for the whole reconnect grace.
         tether_kube::agent::drain_port_forwards().await;

@@ -282,6 +282,7 @@ async fn with_agent(
         Ok(child) => child,
         Err((code, message)) => {
             eprintln!("error: {message}");
+            agent.halt().await;
             proxy.shutdown().await;
             agent.stop().await;
             return Ok(code);
@@ -334,6 +335,7 @@ async fn with_agent(
         show(event, ui);
     }
     let step = ui.step("cleaning up");
+    agent.halt().await;
     proxy.shutdown().await;
     let said = agent.stop().await;
     if said.starts_with("cannot") {
@@ -412,6 +414,14 @@ impl Agent {
             Agent::Kube(agent, _) => return agent.dialer(config),
         };
         Dialer::new(config, connect, token, still_there)
+    }
+
+    /// Stops following the target (before the proxy shuts down: nothing may start a session
+    /// then).
+    async fn halt(&mut self) {
+        if let Agent::Kube(_, Some(follower)) = self {
+            follower.halt().await;
+        }
     }
 
     /// Stops the agent; what became of it, for the user.

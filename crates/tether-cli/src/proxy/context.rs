@@ -321,7 +321,7 @@ impl Shared {
                 _ => AddressFamily::Any,
             } as i32,
         };
-        match self.primary().request(request::Op::DnsLookup(lookup)).await {
+        match self.request(request::Op::DnsLookup(lookup)).await {
             Ok(response::Result::DnsAnswer(answer)) => Answer::Resolved {
                 addresses: answer
                     .addresses
@@ -357,7 +357,7 @@ impl Shared {
             };
             return (bad, Vec::new());
         };
-        match self.primary().request(request::Op::Fs(request)).await {
+        match self.request(request::Op::Fs(request)).await {
             Ok(response::Result::Fs(response)) => {
                 let bytes = response.encode_to_vec();
                 (Answer::Fs { len: bytes.len() }, bytes)

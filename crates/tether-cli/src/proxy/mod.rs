@@ -137,6 +137,11 @@ struct Shared {
     /// Sessions with the workload's other replicas, which only mirror (`mirror_all_replicas`).
     mirrors: Mutex<Vec<Arc<Upstream>>>,
     next_upstream: std::sync::atomic::AtomicU32,
+    /// Held by whatever changes subscriptions (a listen, an unlisten, a session taking over, a
+    /// mirror added), so each session sees every port exactly once.
+    subscribing: tokio::sync::Mutex<()>,
+    /// Sessions being closed after a move, awaited at shutdown.
+    closing: Mutex<JoinSet<()>>,
     /// Where the end of the primary session goes when something follows the target (it may be
     /// the pod's replacement, not news for the user); else it is `Event::SessionLost`.
     primary_lost: Mutex<Option<mpsc::UnboundedSender<Lost>>>,
@@ -212,6 +217,8 @@ impl Proxy {
             primary: tokio::sync::watch::channel(Arc::clone(&first)).0,
             mirrors: Mutex::default(),
             next_upstream: 1.into(),
+            subscribing: tokio::sync::Mutex::new(()),
+            closing: Mutex::default(),
             primary_lost: Mutex::default(),
             listeners: Mutex::default(),
             peers: Mutex::default(),
@@ -249,7 +256,6 @@ impl Proxy {
     pub(crate) async fn environment(&self) -> Result<Vec<(String, String)>, String> {
         match self
             .shared
-            .primary()
             .request(request::Op::EnvGet(Default::default()))
             .await
         {
@@ -277,6 +283,20 @@ impl Proxy {
             .chain(mirrors)
             .map(|up| async move { up.close("the command exited").await });
         futures_util::future::join_all(closing).await;
+        // Sessions of replaced pods still saying goodbye.
+        let mut moved = std::mem::take(&mut *self.shared.closing.lock().expect("closing lock"));
+        while moved.join_next().await.is_some() {}
+    }
+}
+
+/// Without a shutdown (tether failing on its way), the sessions end with the proxy: their tasks
+/// hold them (and the proxy's state) until aborted.
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let mirrors = self.shared.mirrors.lock().expect("mirrors lock").clone();
+        for up in std::iter::once(self.shared.primary()).chain(mirrors) {
+            up.tasks.lock().expect("tasks lock").abort_all();
+        }
     }
 }
 
@@ -291,33 +311,51 @@ impl Handle {
         key: &str,
     ) -> Result<(), String> {
         let shared = &self.shared;
+        let _subscribing = shared.subscribing.lock().await;
         let new = match opened {
             Some(opened) => {
                 let up = shared.attach(opened);
-                if let Err(error) = shared.subscribe_all(&up, false).await {
+                if let Err(error) = shared.subscribe_all(&up, |_| true).await {
                     up.close("cannot take over the session").await;
                     return Err(error);
                 }
                 up
             }
             None => {
-                let mut mirrors = shared.mirrors.lock().expect("mirrors lock");
-                let index = mirrors
-                    .iter()
-                    .position(|m| m.key == key)
-                    .ok_or_else(|| format!("no mirroring session {key}"))?;
-                mirrors.remove(index)
+                let up = {
+                    let mut mirrors = shared.mirrors.lock().expect("mirrors lock");
+                    let index = mirrors
+                        .iter()
+                        .position(|m| m.key == key)
+                        .ok_or_else(|| format!("no mirroring session {key}"))?;
+                    mirrors.remove(index)
+                };
+                // It mirrors already; what only the primary has (steals) it takes now.
+                let steals = |s: &PortSubscribe| s.mode() != SubscriptionMode::Mirror;
+                if let Err(error) = shared.subscribe_all(&up, steals).await {
+                    shared.mirrors.lock().expect("mirrors lock").push(up);
+                    return Err(error);
+                }
+                up
             }
         };
         let old = shared.primary.send_replace(new);
-        tokio::spawn(async move { old.close("the target pod was replaced").await });
+        // Its end is no news from now on (it is closed below, in the background).
+        old.retired.store(true, Ordering::Release);
+        shared
+            .closing
+            .lock()
+            .expect("closing lock")
+            .spawn(async move { old.close("the target pod was replaced").await });
         Ok(())
     }
 
     /// Adds a session that mirrors every mirrored port of another replica.
     pub(crate) async fn add_mirror(&self, opened: Opened) -> Result<(), String> {
+        let _subscribing = self.shared.subscribing.lock().await;
         let up = self.shared.attach(opened);
-        if let Err(error) = self.shared.subscribe_all(&up, true).await {
+        let mirrored = |s: &PortSubscribe| s.mode() == SubscriptionMode::Mirror;
+        if let Err(error) = self.shared.subscribe_all(&up, mirrored).await {
             up.close("cannot mirror").await;
             return Err(error);
         }
@@ -351,7 +389,14 @@ impl Handle {
     /// Ends the run's session (the target is gone for good): `Event::SessionLost` with `reason`.
     pub(crate) async fn end(&self, reason: String) {
         *self.shared.primary_lost.lock().expect("lost lock") = None;
-        self.shared.primary().control.end(reason).await;
+        let primary = self.shared.primary();
+        // A session that already ended on its own told only the follower: say it now.
+        let ended = matches!(primary.status.borrow().state, LinkState::Ended { .. });
+        if ended {
+            let _ = self.shared.events.send(Event::SessionLost { reason });
+        } else {
+            primary.control.end(reason).await;
+        }
     }
 
     /// Tells the user (as the proxy's own events).
@@ -431,16 +476,19 @@ impl Shared {
         up
     }
 
-    /// Subscribes `up` to every port the process listens on (only the mirrored ones for a
-    /// mirroring replica).
-    async fn subscribe_all(&self, up: &Upstream, mirror_only: bool) -> Result<(), String> {
+    /// Subscribes `up` to the ports the process listens on whose subscription `wanted` picks.
+    async fn subscribe_all(
+        &self,
+        up: &Upstream,
+        wanted: impl Fn(&PortSubscribe) -> bool,
+    ) -> Result<(), String> {
         let subscriptions: Vec<PortSubscribe> = self
             .listeners
             .lock()
             .expect("listeners lock")
             .values()
             .map(|l| l.subscribe.clone())
-            .filter(|s| !mirror_only || s.mode() == SubscriptionMode::Mirror)
+            .filter(|s| wanted(s))
             .collect();
         for subscribe in subscriptions {
             let port = subscribe.port;
@@ -475,14 +523,18 @@ impl Shared {
                 let _ = self.events.send(Event::SessionLost { reason });
             }
         } else {
-            self.mirrors
-                .lock()
-                .expect("mirrors lock")
-                .retain(|m| !Arc::ptr_eq(m, up));
-            let _ = self.events.send(Event::Warning(format!(
-                "mirroring pod {} stopped: {reason}",
-                up.pod
-            )));
+            let removed = {
+                let mut mirrors = self.mirrors.lock().expect("mirrors lock");
+                let before = mirrors.len();
+                mirrors.retain(|m| !Arc::ptr_eq(m, up));
+                mirrors.len() < before
+            };
+            if removed {
+                let _ = self.events.send(Event::Warning(format!(
+                    "mirroring pod {} stopped: {reason}",
+                    up.pod
+                )));
+            }
         }
     }
 
@@ -663,6 +715,7 @@ impl Shared {
             Decision::Remote { remote_port, steal } => (remote_port, steal),
         };
         let mode = if steal { "steal" } else { "mirror" };
+        let _subscribing = self.subscribing.lock().await;
         {
             let mut listeners = self.listeners.lock().expect("listeners lock");
             if let Some(existing) = listeners.get_mut(&remote_port) {
@@ -684,8 +737,8 @@ impl Shared {
             steal_probes: self.steal_probes,
             flush_connections: steal && self.flush_connections,
         };
-        let primary = self.primary();
-        match primary
+        match self
+            .primary()
             .request(request::Op::PortSubscribe(subscribe.clone()))
             .await
         {
@@ -698,27 +751,11 @@ impl Shared {
                         owners: [pid].into(),
                     },
                 );
-                // The other replicas mirror it too; and a primary that took over meanwhile
-                // (its pod replaced) did not see the listener yet.
-                let mut others: Vec<Arc<Upstream>> = if steal {
-                    Vec::new()
-                } else {
-                    self.mirrors.lock().expect("mirrors lock").clone()
-                };
-                let now = self.primary();
-                if !Arc::ptr_eq(&now, &primary) {
-                    others.push(now);
-                }
-                for other in others {
-                    if let Err(error) = other
-                        .request(request::Op::PortSubscribe(subscribe.clone()))
-                        .await
-                    {
-                        let _ = self.events.send(Event::Warning(format!(
-                            "cannot {mode} target port {remote_port} in pod {}: {}",
-                            other.pod, error.message
-                        )));
-                    }
+                if !steal {
+                    // The other replicas mirror it too.
+                    let what = format!("cannot mirror target port {remote_port}");
+                    self.ask_mirrors(request::Op::PortSubscribe(subscribe), &what)
+                        .await;
                 }
                 let _ = self.events.send(Event::Subscribed {
                     local,
@@ -743,6 +780,7 @@ impl Shared {
     }
 
     async fn unlisten(&self, pid: u32, local: SocketAddr) {
+        let _subscribing = self.subscribing.lock().await;
         let port = {
             let mut listeners = self.listeners.lock().expect("listeners lock");
             let Some((&port, listener)) = listeners.iter_mut().find(|(_, l)| l.local == local)
@@ -755,13 +793,53 @@ impl Shared {
             listeners.remove(&port);
             port
         };
+        let unsubscribe = request::Op::PortUnsubscribe(PortUnsubscribe {
+            port: u32::from(port),
+        });
+        let _ = self.primary().request(unsubscribe.clone()).await;
+        self.ask_mirrors(
+            unsubscribe,
+            &format!("cannot stop mirroring target port {port}"),
+        )
+        .await;
+    }
+
+    /// Asks every mirroring session at once, each for at most 5 s (a replica whose link is down
+    /// must not hold up the process's `listen`); failures are warnings.
+    async fn ask_mirrors(&self, op: request::Op, what: &str) {
         let mirrors = self.mirrors.lock().expect("mirrors lock").clone();
-        for up in std::iter::once(self.primary()).chain(mirrors) {
-            let _ = up
-                .request(request::Op::PortUnsubscribe(PortUnsubscribe {
-                    port: u32::from(port),
-                }))
-                .await;
+        let asks = mirrors.iter().map(|up| {
+            let op = op.clone();
+            async move {
+                let asked = tokio::time::timeout(Duration::from_secs(5), up.request(op)).await;
+                (up, asked)
+            }
+        });
+        for (up, asked) in futures_util::future::join_all(asks).await {
+            let message = match asked {
+                Ok(Ok(_)) => continue,
+                Ok(Err(error)) => error.message,
+                Err(_) => "no answer within 5 s".to_owned(),
+            };
+            let _ = self.events.send(Event::Warning(format!(
+                "{what} in pod {}: {message}",
+                up.pod
+            )));
+        }
+    }
+
+    /// Asks the primary session; a request caught by a move (its session closed under it) is
+    /// asked again of the session that took over.
+    async fn request(
+        &self,
+        op: request::Op,
+    ) -> Result<response::Result, tether_protocol::ErrorInfo> {
+        let up = self.primary();
+        match up.request(op.clone()).await {
+            Err(_) if up.retired.load(Ordering::Acquire) && !Arc::ptr_eq(&up, &self.primary()) => {
+                self.primary().request(op).await
+            }
+            answered => answered,
         }
     }
 
@@ -854,6 +932,7 @@ impl Shared {
         // A reset, or a stream whose session is gone, closes the app's connection at once (it
         // would otherwise wait for the app to speak).
         let aborted = tokio::sync::Notify::new();
+        let copied = tokio::sync::Notify::new();
         let to_app = async {
             let mut credit = tether_agent::flow::RecvCredit::default();
             while let Some(item) = from_agent.recv().await {
@@ -873,6 +952,19 @@ impl Shared {
                     }
                     ToStream::End(_) => {
                         let _ = app_write.shutdown().await;
+                        // Half-closed: the app may still answer, unless the stream is reset
+                        // or its session ends meanwhile.
+                        let reset = async {
+                            while let Some(item) = from_agent.recv().await {
+                                if matches!(item, ToStream::Reset(_)) {
+                                    break;
+                                }
+                            }
+                        };
+                        tokio::select! {
+                            () = reset => aborted.notify_one(),
+                            () = copied.notified() => {}
+                        }
                         return;
                     }
                     ToStream::Reset(_) => break,
@@ -928,6 +1020,7 @@ impl Shared {
                 () = copy => {}
                 () = aborted.notified() => {}
             }
+            copied.notify_one();
         };
         tokio::join!(to_app, from_app);
     }
@@ -1295,7 +1388,17 @@ fn request_body(
                     state,
                 ))
             }
-            None => None,
+            // The stream went without its end (its session closed: the pod was replaced):
+            // the app must not take a cut-off body for a whole one.
+            None => {
+                state.done = true;
+                Some((
+                    Err(BoxError::from(
+                        "the session ended before the request's body did",
+                    )),
+                    state,
+                ))
+            }
         }
     });
     http_body_util::StreamBody::new(futures_util::StreamExt::boxed(frames)).boxed_unsync()
