@@ -38,6 +38,9 @@ const LOST_WAIT: Duration = Duration::from_secs(5);
 /// After a failed move or a failed mirror start, the next try.
 const RETRY: Duration = Duration::from_secs(2);
 
+/// A pod whose agent failed to start is passed over this long when another is ready.
+const FAILED_FOR: Duration = Duration::from_secs(30);
+
 /// Follows the target until stopped; holds every agent it started.
 #[derive(Debug)]
 pub(crate) struct Follower {
@@ -51,9 +54,23 @@ pub(crate) struct Follower {
 struct Agents {
     by_uid: BTreeMap<String, KubeAgent>,
     removing: JoinSet<String>,
+    /// Jobs created by starts still under way (namespace, name): a start abandoned when the run
+    /// ends must not leave its Job.
+    starting: BTreeSet<(String, String)>,
 }
 
 impl Agents {
+    /// Keeps `agent` for pod `uid`; one it replaces is deleted.
+    fn keep(&mut self, uid: String, agent: KubeAgent) {
+        if let Some(job) = &agent.pod.job {
+            self.starting
+                .remove(&(agent.pod.namespace.clone(), job.clone()));
+        }
+        if let Some(old) = self.by_uid.insert(uid, agent) {
+            self.removing.spawn(async move { old.remove().await });
+        }
+    }
+
     /// Deletes the agent of pod `uid` in the background (its session is over).
     fn retire(&mut self, uid: &str) {
         if let Some(agent) = self.by_uid.remove(uid) {
@@ -141,6 +158,7 @@ impl Follower {
             waiting_said: false,
             lost: None,
             retry_at: None,
+            failed: BTreeMap::new(),
         };
         Follower {
             task: Some(tokio::spawn(follow.run(watch, lost))),
@@ -162,13 +180,32 @@ impl Follower {
         // The sessions' goodbyes first: an agent that never hears its goodbye keeps its session
         // (and its rules) for the whole reconnect grace.
         tether_kube::agent::drain_port_forwards().await;
-        let (agents, mut removing) = {
+        let (agents, mut removing, starting) = {
             let mut all = self.agents.lock().expect("agents lock");
             (
                 std::mem::take(&mut all.by_uid),
                 std::mem::take(&mut all.removing),
+                std::mem::take(&mut all.starting),
             )
         };
+        let client = agents.values().next().map(|a| a.client.clone());
+        if let Some(client) = client {
+            for (namespace, job) in starting {
+                let client = client.clone();
+                removing.spawn(async move {
+                    match tokio::time::timeout(
+                        Duration::from_secs(10),
+                        tether_kube::agent::delete(&client, &namespace, &job),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => format!("agent Job {job} deleted"),
+                        Ok(Err(error)) => format!("cannot delete the agent Job {job}: {error:#}"),
+                        Err(_) => format!("cannot delete the agent Job {job}: timed out"),
+                    }
+                });
+            }
+        }
         let mut said: Vec<String> =
             futures_util::future::join_all(agents.values().map(KubeAgent::remove)).await;
         // Agents of replaced pods still being deleted: their fate is news only if it failed.
@@ -209,14 +246,18 @@ struct Follow {
     /// gone (then it was a replacement, not a loss).
     lost: Option<(String, Instant)>,
     retry_at: Option<Instant>,
+    /// Pods whose agent failed to start, left alone until then.
+    failed: BTreeMap<String, Instant>,
 }
 
 impl Follow {
     async fn run(mut self, mut watch: PodWatch, mut lost: mpsc::UnboundedReceiver<Lost>) {
         loop {
+            let now = Instant::now();
             let wake = [self.lost.as_ref().map(|l| l.1), self.retry_at]
                 .into_iter()
                 .flatten()
+                .filter(|at| *at > now)
                 .min();
             tokio::select! {
                 changed = watch.changed() => {
@@ -227,9 +268,16 @@ impl Follow {
                 Some(ended) = lost.recv() => {
                     if ended.key == self.primary_uid {
                         self.lost = Some((ended.reason, Instant::now() + LOST_WAIT));
+                    } else {
+                        // A mirroring session that ended on its own: started again shortly.
+                        self.retry_at = Some(Instant::now() + RETRY);
                     }
                 }
                 () = sleep_until(wake) => {}
+            }
+            // Nothing is known of the pods before the first list.
+            if !watch.listed() {
+                continue;
             }
             let pods = watch.pods().clone();
             if !self.reconcile(&pods).await {
@@ -245,6 +293,8 @@ impl Follow {
         }
         self.retry_at = None;
         if let Some(why) = pods::gone(pods, &self.primary, &self.primary_uid) {
+            // Its session's end, if it came, was the pod's going.
+            self.lost = None;
             let Some(workload) = self.workload.clone() else {
                 let reason = format!(
                     "target pod {} {why}; a pod/NAME or job/NAME target cannot follow its \
@@ -279,6 +329,15 @@ impl Follow {
             .into_iter()
             .filter(|p| pods::uid(p) != self.primary_uid)
             .collect();
+        // A pod whose agent just failed to start is tried again only when no other is ready.
+        let now = Instant::now();
+        self.failed.retain(|_, until| *until > now);
+        let fresh: Vec<&Pod> = candidates
+            .iter()
+            .copied()
+            .filter(|p| !self.failed.contains_key(&pods::uid(p)))
+            .collect();
+        let candidates = if fresh.is_empty() { candidates } else { fresh };
         let choice = candidates
             .iter()
             .find(|p| mirrored.contains(&pods::uid(p)))
@@ -323,6 +382,7 @@ impl Follow {
             }
             Err(error) => {
                 self.agents.lock().expect("agents lock").retire(&uid);
+                self.failed.insert(uid, Instant::now() + FAILED_FOR);
                 self.ui.warn(&format!(
                     "cannot move the session to pod {name}: {error}; trying again in {} s",
                     RETRY.as_secs()
@@ -399,12 +459,19 @@ impl Follow {
             &mut Vec::new(),
         )
         .map_err(|e| format!("{e:#}"))?;
+        let creating = |namespace: &str, job: &str| {
+            let mut agents = self.agents.lock().expect("agents lock");
+            agents
+                .starting
+                .insert((namespace.to_owned(), job.to_owned()));
+        };
         let agent = kube_agent::start_for(
             &self.client,
             &self.namespace,
             &self.config,
             Some(target),
             Ui::quiet(),
+            &creating,
         )
         .await
         .map_err(|e| format!("{e:#}"))?;
@@ -412,8 +479,7 @@ impl Follow {
         self.agents
             .lock()
             .expect("agents lock")
-            .by_uid
-            .insert(uid.clone(), agent);
+            .keep(uid.clone(), agent);
         let (link, welcome) = kube_agent::open_session(&dialer, &self.config)
             .await
             .map_err(|e| e.to_string())?;

@@ -84,17 +84,19 @@ pub(crate) async fn start(
             None
         }
     };
-    start_for(&client, &namespace, config, pod, ui).await
+    start_for(&client, &namespace, config, pod, ui, &|_, _| {}).await
 }
 
 /// Starts an agent for `pod` (or a targetless one) and waits until it runs; each phase is a
-/// step.
+/// step. `creating` hears the namespace and name of the Job just before it is created (whoever
+/// may abandon this start must delete it).
 pub(crate) async fn start_for(
     client: &Client,
     namespace: &str,
     config: &Config,
     pod: Option<TargetPod>,
     ui: Ui,
+    creating: &(dyn Fn(&str, &str) + Sync),
 ) -> anyhow::Result<KubeAgent> {
     let client = client.clone();
     let namespace = namespace.to_owned();
@@ -179,6 +181,9 @@ pub(crate) async fn start_for(
     let started = std::time::Instant::now();
     let progress = |state: &str| tracing::info!("agent pod: {state}");
     let timeout = config.agent.startup_timeout.get();
+    if !ephemeral {
+        creating(&spec.namespace, &spec.job_name());
+    }
     let starting = async {
         match &pod {
             Some(pod) if ephemeral => {

@@ -16,6 +16,8 @@ pub struct PodWatch {
     pods: BTreeMap<String, Pod>,
     /// A re-list in progress (after the watch expired): applied whole when it is done.
     relist: Option<BTreeMap<String, Pod>>,
+    /// The first list is done: until then nothing is known of the pods.
+    listed: bool,
 }
 
 impl std::fmt::Debug for PodWatch {
@@ -51,6 +53,7 @@ impl PodWatch {
             stream,
             pods: BTreeMap::new(),
             relist: None,
+            listed: false,
         }
     }
 
@@ -77,6 +80,7 @@ impl PodWatch {
                 }
                 Ok(watcher::Event::InitDone) => {
                     self.pods = self.relist.take().unwrap_or_default();
+                    self.listed = true;
                 }
                 Err(error) => {
                     tracing::warn!("watching the target's pods: {error}");
@@ -85,6 +89,12 @@ impl PodWatch {
             }
             return Some(&self.pods);
         }
+    }
+
+    /// True once the pods were listed (before, [`pods`](Self::pods) is empty for want of
+    /// knowing, not because there are none).
+    pub fn listed(&self) -> bool {
+        self.listed
     }
 
     /// The pods as last seen.

@@ -425,7 +425,7 @@ COMMIT
             .expect("cannot start the request loop");
         let stdout = child.stdout.take().unwrap();
         let (tx, answers) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::BufRead as _;
             for line in std::io::BufReader::new(stdout)
                 .lines()
@@ -441,6 +441,7 @@ COMMIT
         RequestLoop {
             child,
             answers,
+            reader: Some(reader),
             seen: Vec::new(),
         }
     }
@@ -489,6 +490,7 @@ COMMIT
 pub struct RequestLoop {
     child: Child,
     answers: std::sync::mpsc::Receiver<(u64, String)>,
+    reader: Option<std::thread::JoinHandle<()>>,
     seen: Vec<(u64, String)>,
 }
 
@@ -521,10 +523,39 @@ impl RequestLoop {
         }
     }
 
+    /// Waits (at most `limit`) for `count` answers to requests sent at or after `since_ms`;
+    /// returns their bodies.
+    pub fn answers_after(&mut self, since_ms: u64, count: usize, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let after: Vec<String> = self
+                .seen
+                .iter()
+                .filter(|(at, _)| *at >= since_ms)
+                .map(|(_, body)| body.clone())
+                .collect();
+            if after.len() >= count {
+                return after;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.answers.recv_timeout(left) {
+                Ok(answer) => self.seen.push(answer),
+                Err(_) => panic!(
+                    "{count} answers after {since_ms} not seen within {limit:?}; answers:\n{}",
+                    self.describe()
+                ),
+            }
+        }
+    }
+
     /// Stops the loop; every answer: when it was sent (ms, Unix epoch) and its body.
     pub fn stop(mut self) -> Vec<(u64, String)> {
         drop(self.child.stdin.take());
         let _ = self.child.wait();
+        // Every line the loop printed has been read once its reader ends.
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
         while let Ok(answer) = self.answers.try_recv() {
             self.seen.push(answer);
         }

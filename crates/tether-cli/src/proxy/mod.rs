@@ -534,6 +534,14 @@ impl Shared {
                     "mirroring pod {} stopped: {reason}",
                     up.pod
                 )));
+                // Whoever follows the target starts it again.
+                let follower = self.primary_lost.lock().expect("lost lock").clone();
+                if let Some(tx) = follower {
+                    let _ = tx.send(Lost {
+                        key: up.key.clone(),
+                        reason,
+                    });
+                }
             }
         }
     }

@@ -231,19 +231,21 @@ fn a_steal_follows_its_pod_when_the_pod_is_deleted_and_replaced() {
         a.contains("local python")
     });
     // Then it stays so.
-    std::thread::sleep(Duration::from_millis(500));
-    let answers = requests.stop();
-    let after: Vec<&String> = answers
-        .iter()
-        .filter(|(at, _)| *at >= back)
-        .map(|(_, body)| body)
-        .collect();
+    let after = requests.answers_after(back, 10, Duration::from_secs(10));
     assert!(
-        after.len() >= 3 && after.iter().all(|a| a.contains("local python")),
+        after.iter().all(|a| a.contains("local python")),
         "once back, every request reaches the local app: {after:?}"
     );
+    let answers = requests.stop();
+    let during: Vec<&String> = answers
+        .iter()
+        .filter(|(at, _)| (deleted..back).contains(at))
+        .map(|(_, body)| body)
+        .collect();
+    // Measured, not asserted (timings belong to benchmarks; see BENCHMARKS.md).
     println!(
-        "follow: requests reached the local app again {} ms after the deletion",
+        "follow: requests reached the local app again {} ms after the deletion; meanwhile: \
+         {during:?}",
         back - deleted
     );
     assert_eq!(local_pid(&mut exec), pid);

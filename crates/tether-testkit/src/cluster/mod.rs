@@ -232,7 +232,7 @@ impl Cluster {
             .map(|app| {
                 let suffix = kubelet::random_suffix();
                 let pod_name = format!("{rs_name}-{suffix}");
-                self.publish_pod(namespace, &pod_name, &template_labels, Some(&rs), app);
+                self.publish_pod(namespace, &pod_name, &template_labels, Some(&rs), app, true);
                 pod_name
             })
             .collect();
@@ -242,7 +242,7 @@ impl Cluster {
 
     /// Publishes a bare pod (no owner).
     pub fn add_pod(&self, namespace: &str, name: &str, app: &AppPod<'_>) {
-        self.publish_pod(namespace, name, &json!({"run": name}), None, app);
+        self.publish_pod(namespace, name, &json!({"run": name}), None, app, true);
         self.state.changed.send_modify(|v| *v += 1);
     }
 
@@ -253,6 +253,7 @@ impl Cluster {
         labels: &Value,
         owner_object: Option<&Value>,
         app: &AppPod<'_>,
+        ready: bool,
     ) {
         let container = Container::adopt(app.pid);
         let id = container.id.clone();
@@ -308,6 +309,10 @@ impl Cluster {
                 "containerStatuses": statuses,
             }
         });
+        let mut pod = pod;
+        if !ready {
+            workload::set_ready(&mut pod, false);
+        }
         self.state
             .store
             .lock()

@@ -180,7 +180,7 @@ impl Cluster {
             .enumerate()
             .map(|(i, app)| {
                 let pod = format!("{name}-{i}");
-                self.publish_pod(namespace, &pod, &labels, Some(&set), app);
+                self.publish_pod(namespace, &pod, &labels, Some(&set), app, true);
                 pod
             })
             .collect();
@@ -206,9 +206,8 @@ impl Cluster {
             .cloned()
             .unwrap_or_else(|| panic!("no statefulset {namespace}/{statefulset}"));
         let labels = set["spec"]["template"]["metadata"]["labels"].clone();
-        self.publish_pod(namespace, name, &labels, Some(&set), app);
-        self.state.changed.send_modify(|v| *v += 1);
-        sync_services(&self.state);
+        self.publish_pod(namespace, name, &labels, Some(&set), app, false);
+        self.start_successor(namespace, name);
     }
 
     /// A new pod of `deployment` in its newest ReplicaSet.
@@ -237,11 +236,29 @@ impl Cluster {
             rs["metadata"]["name"].as_str().unwrap_or(deployment),
             kubelet::random_suffix()
         );
-        self.publish_pod(namespace, &name, &labels, Some(&rs), app);
-        self.state.changed.send_modify(|v| *v += 1);
-        sync_services(&self.state);
+        self.publish_pod(namespace, &name, &labels, Some(&rs), app, false);
+        self.start_successor(namespace, &name);
         self.refresh_status(namespace, deployment);
         name
+    }
+
+    /// A controller's new pod, published not ready (its containers starting, its readiness
+    /// probe not passed yet), turns ready: two steps, as watchers see them.
+    fn start_successor(&self, namespace: &str, name: &str) {
+        self.state.changed.send_modify(|v| *v += 1);
+        let key = Key {
+            resource: PODS,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        {
+            let mut store = self.state.store.lock().unwrap();
+            let mut pod = store.get(&key).cloned().expect("the pod just published");
+            set_ready(&mut pod, true);
+            store.put(PODS, checked::<k8s_openapi::api::core::v1::Pod>(pod));
+        }
+        self.state.changed.send_modify(|v| *v += 1);
+        sync_services(&self.state);
     }
 
     fn change_replicas(&self, namespace: &str, deployment: &str, by: i64) {
@@ -362,7 +379,7 @@ fn is_ready(pod: &Value) -> bool {
         })
 }
 
-fn set_ready(pod: &mut Value, ready: bool) {
+pub(super) fn set_ready(pod: &mut Value, ready: bool) {
     let value = if ready { "True" } else { "False" };
     if let Some(conditions) = pod["status"]["conditions"].as_array_mut() {
         for condition in conditions {
