@@ -38,6 +38,10 @@ const LOST_WAIT: Duration = Duration::from_secs(5);
 /// After a failed move or a failed mirror start, the next try.
 const RETRY: Duration = Duration::from_secs(2);
 
+/// A wait for a ready pod to move to is said once it lasts this long (a replica being replaced
+/// usually has its successor ready sooner: then the move is all the user hears of).
+const WAIT_SAY: Duration = Duration::from_secs(3);
+
 /// A pod whose agent failed to start is passed over this long when another is ready.
 const FAILED_FOR: Duration = Duration::from_secs(30);
 
@@ -159,6 +163,7 @@ impl Follower {
             lost: None,
             retry_at: None,
             failed: BTreeMap::new(),
+            say_wait_at: None,
         };
         Follower {
             task: Some(tokio::spawn(follow.run(watch, lost))),
@@ -248,17 +253,23 @@ struct Follow {
     retry_at: Option<Instant>,
     /// Pods whose agent failed to start, left alone until then.
     failed: BTreeMap<String, Instant>,
+    /// When to say that the move waits for a ready pod.
+    say_wait_at: Option<Instant>,
 }
 
 impl Follow {
     async fn run(mut self, mut watch: PodWatch, mut lost: mpsc::UnboundedReceiver<Lost>) {
         loop {
             let now = Instant::now();
-            let wake = [self.lost.as_ref().map(|l| l.1), self.retry_at]
-                .into_iter()
-                .flatten()
-                .filter(|at| *at > now)
-                .min();
+            let wake = [
+                self.lost.as_ref().map(|l| l.1),
+                self.retry_at,
+                self.say_wait_at,
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min();
             tokio::select! {
                 changed = watch.changed() => {
                     if changed.is_none() {
@@ -343,7 +354,9 @@ impl Follow {
             .find(|p| mirrored.contains(&pods::uid(p)))
             .or(candidates.first());
         let Some(pod) = choice else {
-            if !self.waiting_said {
+            if since.elapsed() < WAIT_SAY {
+                self.say_wait_at = Some(since + WAIT_SAY);
+            } else if !self.waiting_said {
                 self.ui.warn(&format!(
                     "target pod {} {why}; waiting for a ready pod of {workload} to move the \
                      session to",
@@ -378,6 +391,7 @@ impl Follow {
                 });
                 self.moving_since = None;
                 self.waiting_said = false;
+                self.say_wait_at = None;
                 self.lost = None;
             }
             Err(error) => {

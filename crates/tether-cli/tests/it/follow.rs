@@ -242,11 +242,22 @@ fn a_steal_follows_its_pod_when_the_pod_is_deleted_and_replaced() {
         .filter(|(at, _)| (deleted..back).contains(at))
         .map(|(_, body)| body)
         .collect();
-    // Measured, not asserted (timings belong to benchmarks; see BENCHMARKS.md).
+    // Measured, not asserted (timings belong to benchmarks; see BENCHMARKS.md). The baseline:
+    // when the Service first reached the successor's own app, without tether's doing.
+    let successor_served = answers
+        .iter()
+        .find(|(at, body)| *at >= deleted && body.starts_with("original-"))
+        .map_or("-".to_owned(), |(at, _)| (at - deleted).to_string());
     println!(
-        "follow: requests reached the local app again {} ms after the deletion; meanwhile: \
-         {during:?}",
+        "follow: local app again after {} ms; successor's own app first after {successor_served} \
+         ms; meanwhile: {during:?}",
         back - deleted
+    );
+    assert_eq!(
+        exec.count("target pod "),
+        1,
+        "one line tells of the move:\n{}",
+        exec.seen_lines()
     );
     assert_eq!(local_pid(&mut exec), pid);
     assert!(
