@@ -248,9 +248,17 @@ fn a_steal_follows_its_pod_when_the_pod_is_deleted_and_replaced() {
         .iter()
         .find(|(at, body)| *at >= deleted && body.starts_with("original-"))
         .map_or("-".to_owned(), |(at, _)| (at - deleted).to_string());
+    let said = exec.seen_lines();
+    let moved = said
+        .lines()
+        .find_map(|l| {
+            l.split_once("session moved in ")
+                .map(|(_, took)| took.to_owned())
+        })
+        .unwrap_or_default();
     println!(
         "follow: local app again after {} ms; successor's own app first after {successor_served} \
-         ms; meanwhile: {during:?}",
+         ms; tether: moved in {moved}; meanwhile: {during:?}",
         back - deleted
     );
     assert_eq!(
