@@ -161,7 +161,8 @@ impl Follower {
             moving_since: None,
             waiting_said: false,
             lost: None,
-            retry_at: None,
+            move_retry_at: None,
+            mirror_retry_at: None,
             failed: BTreeMap::new(),
             say_wait_at: None,
         };
@@ -250,7 +251,9 @@ struct Follow {
     /// The primary session ended on its own: why, and until when its pod may still be reported
     /// gone (then it was a replacement, not a loss).
     lost: Option<(String, Instant)>,
-    retry_at: Option<Instant>,
+    /// After a failed move, or a failed (or ended) mirroring session: the next try.
+    move_retry_at: Option<Instant>,
+    mirror_retry_at: Option<Instant>,
     /// Pods whose agent failed to start, left alone until then.
     failed: BTreeMap<String, Instant>,
     /// When to say that the move waits for a ready pod.
@@ -263,7 +266,8 @@ impl Follow {
             let now = Instant::now();
             let wake = [
                 self.lost.as_ref().map(|l| l.1),
-                self.retry_at,
+                self.move_retry_at,
+                self.mirror_retry_at,
                 self.say_wait_at,
             ]
             .into_iter()
@@ -277,17 +281,29 @@ impl Follow {
                     }
                 }
                 Some(ended) = lost.recv() => {
+                    let mut agents = self.agents.lock().expect("agents lock");
                     if ended.key == self.primary_uid {
                         self.lost = Some((ended.reason, Instant::now() + LOST_WAIT));
-                    } else {
-                        // A mirroring session that ended on its own: started again shortly.
-                        self.retry_at = Some(Instant::now() + RETRY);
+                    } else if agents.by_uid.contains_key(&ended.key) {
+                        // A mirroring session that ended on its own: its agent goes, and the
+                        // pod, if still there, is mirrored again shortly. (The end of a session
+                        // the run already left is no news.)
+                        agents.retire(&ended.key);
+                        self.mirror_retry_at = Some(Instant::now() + RETRY);
                     }
                 }
                 () = sleep_until(wake) => {}
             }
-            // Nothing is known of the pods before the first list.
+            // Nothing is known of the pods before the first list; a lost session still counts.
             if !watch.listed() {
+                if let Some((reason, deadline)) = &self.lost
+                    && Instant::now() >= *deadline
+                {
+                    self.proxy.event(Event::SessionLost {
+                        reason: reason.clone(),
+                    });
+                    return;
+                }
                 continue;
             }
             let pods = watch.pods().clone();
@@ -299,10 +315,7 @@ impl Follow {
 
     /// Brings the sessions in line with the pods; `false` when there is nothing more to follow.
     async fn reconcile(&mut self, pods: &BTreeMap<String, Pod>) -> bool {
-        if self.retry_at.is_some_and(|at| at > Instant::now()) {
-            return true;
-        }
-        self.retry_at = None;
+        let now = Instant::now();
         if let Some(why) = pods::gone(pods, &self.primary, &self.primary_uid) {
             // Its session's end, if it came, was the pod's going.
             self.lost = None;
@@ -315,7 +328,10 @@ impl Follow {
                 self.proxy.end(reason).await;
                 return false;
             };
-            self.move_primary(pods, why, &workload).await;
+            if self.move_retry_at.is_none_or(|at| at <= now) {
+                self.move_retry_at = None;
+                self.move_primary(pods, why, &workload).await;
+            }
         } else if let Some((reason, deadline)) = &self.lost
             && Instant::now() >= *deadline
         {
@@ -325,7 +341,8 @@ impl Follow {
             });
             return false;
         }
-        if self.mirror_all {
+        if self.mirror_all && self.mirror_retry_at.is_none_or(|at| at <= now) {
+            self.mirror_retry_at = None;
             self.follow_replicas(pods).await;
         }
         true
@@ -401,7 +418,7 @@ impl Follow {
                     "cannot move the session to pod {name}: {error}; trying again in {} s",
                     RETRY.as_secs()
                 ));
-                self.retry_at = Some(Instant::now() + RETRY);
+                self.move_retry_at = Some(Instant::now() + RETRY);
             }
         }
     }
@@ -457,7 +474,7 @@ impl Follow {
                         "cannot mirror pod {name}: {error}; trying again in {} s",
                         RETRY.as_secs()
                     ));
-                    self.retry_at = Some(Instant::now() + RETRY);
+                    self.mirror_retry_at = Some(Instant::now() + RETRY);
                 }
             }
         }
@@ -473,13 +490,14 @@ impl Follow {
             &mut Vec::new(),
         )
         .map_err(|e| format!("{e:#}"))?;
+        let created = Mutex::new(None);
         let creating = |namespace: &str, job: &str| {
+            let job = (namespace.to_owned(), job.to_owned());
             let mut agents = self.agents.lock().expect("agents lock");
-            agents
-                .starting
-                .insert((namespace.to_owned(), job.to_owned()));
+            agents.starting.insert(job.clone());
+            *created.lock().expect("created lock") = Some(job);
         };
-        let agent = kube_agent::start_for(
+        let started = kube_agent::start_for(
             &self.client,
             &self.namespace,
             &self.config,
@@ -487,8 +505,21 @@ impl Follow {
             Ui::quiet(),
             &creating,
         )
-        .await
-        .map_err(|e| format!("{e:#}"))?;
+        .await;
+        let agent = match started {
+            Ok(agent) => agent,
+            Err(error) => {
+                // A failed start deletes its own Job.
+                if let Some(job) = created.lock().expect("created lock").take() {
+                    self.agents
+                        .lock()
+                        .expect("agents lock")
+                        .starting
+                        .remove(&job);
+                }
+                return Err(format!("{error:#}"));
+            }
+        };
         let dialer = Arc::new(agent.dialer(&self.config));
         self.agents
             .lock()

@@ -404,7 +404,7 @@ COMMIT
     }
 
     /// Starts a loop in `netns` sending a GET to `url` on a new connection every `interval`
-    /// (each with a 1 s timeout), bounded: at most 2000 requests and 120 s.
+    /// (each with a 3 s timeout), bounded: at most 2000 requests and 120 s.
     pub fn request_loop(&self, netns: &str, url: &str, interval: Duration) -> RequestLoop {
         let script = apps_dir().join("request_loop.py");
         let mut child = Command::new("ip")

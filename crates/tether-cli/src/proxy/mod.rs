@@ -333,7 +333,8 @@ impl Handle {
                 // It mirrors already; what only the primary has (steals) it takes now.
                 let steals = |s: &PortSubscribe| s.mode() != SubscriptionMode::Mirror;
                 if let Err(error) = shared.subscribe_all(&up, steals).await {
-                    shared.mirrors.lock().expect("mirrors lock").push(up);
+                    // Half a primary is no mirror either: it goes (and is mirrored again).
+                    up.close("cannot take over the session").await;
                     return Err(error);
                 }
                 up
@@ -508,6 +509,7 @@ impl Shared {
     /// end. Unless the proxy ended it on purpose, that is news: for the primary, the run's
     /// session is lost (or, when something follows the target, that decides).
     fn upstream_ended(&self, up: &Arc<Upstream>, reason: String) {
+        up.mark_ended();
         up.pending.lock().expect("pending lock").clear();
         up.streams.lock().expect("streams lock").clear();
         if up.retired.load(Ordering::Acquire) {
@@ -947,7 +949,15 @@ impl Shared {
                 match item {
                     ToStream::Data(data) => {
                         if app_write.write_all(&data).await.is_err() {
-                            return;
+                            // The app closed its side: the remote end hears so, and nothing
+                            // more is read from the app for it.
+                            let reset = StreamReset {
+                                stream_id: id,
+                                reason: "the local process closed the connection".into(),
+                                errno: 0,
+                            };
+                            let _ = up.out.send(Body::StreamReset(reset)).await;
+                            break;
                         }
                         queued.fetch_sub(data.len(), Ordering::Relaxed);
                         if let Some(increment) = credit.consumed(data.len()) {
@@ -1248,9 +1258,12 @@ impl Shared {
                 match frame.into_data() {
                     Ok(mut data) => {
                         while !data.is_empty() {
-                            let allowed = window
-                                .reserve(data.len().min(tether_protocol::MAX_DATA_CHUNK))
-                                .await;
+                            // Credit never comes once the session is over (a move closed it).
+                            let allowed = tokio::select! {
+                                allowed = window
+                                    .reserve(data.len().min(tether_protocol::MAX_DATA_CHUNK)) => allowed,
+                                () = up.ended() => return Err("the session ended".into()),
+                            };
                             let chunk = data.split_to(allowed);
                             up.out
                                 .send(Body::StreamData(StreamData {

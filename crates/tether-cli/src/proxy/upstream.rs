@@ -47,6 +47,8 @@ pub(crate) struct Upstream {
     /// Set when the proxy ends this session on purpose (its pod was replaced or scaled away):
     /// its end is then no news.
     pub(super) retired: AtomicBool,
+    /// True once the session is over (closed, or ended on its own).
+    ended: watch::Sender<bool>,
 }
 
 impl Upstream {
@@ -74,7 +76,19 @@ impl Upstream {
             carrier: tokio::sync::Mutex::new(Some(carrier)),
             tasks: Mutex::default(),
             retired: AtomicBool::new(false),
+            ended: watch::Sender::new(false),
         }
+    }
+
+    /// The session is over: whatever waits on it (credit, say) stops waiting.
+    pub(super) fn mark_ended(&self) {
+        self.ended.send_replace(true);
+    }
+
+    /// Resolves once the session is over.
+    pub(super) async fn ended(&self) {
+        let mut ended = self.ended.subscribe();
+        let _ = ended.wait_for(|over| *over).await;
     }
 
     /// Registers a stream; its frames reach the returned receiver.
@@ -149,6 +163,7 @@ impl Upstream {
     /// end, which closes their local connections.
     pub(super) async fn close(&self, reason: &str) {
         self.retired.store(true, Ordering::Release);
+        // Marked over at the end, below: the goodbye is still to be sent.
         let mut status = self.status.clone();
         // During an outage, give the reconnect a moment, so the agent learns the session is over
         // (and frees its ports) now rather than at the end of its grace.
@@ -174,5 +189,6 @@ impl Upstream {
         self.pending.lock().expect("pending lock").clear();
         self.streams.lock().expect("streams lock").clear();
         self.windows.lock().expect("windows lock").clear();
+        self.mark_ended();
     }
 }

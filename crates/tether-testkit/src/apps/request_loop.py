@@ -1,7 +1,7 @@
 # Sends a GET to URL on a new connection every INTERVAL seconds, until stdin closes, at most
 # COUNT requests or SECONDS seconds. Prints one line per request: the wall clock in milliseconds
 # (Unix epoch) when it was sent, then the answer's body, or "ERROR <reason>". Each request has a
-# 1 s timeout, so a dead endpoint shows as errors rather than a stall.
+# 3 s timeout, so a dead endpoint shows as errors rather than a stall.
 # Usage: python3 request_loop.py URL INTERVAL COUNT SECONDS
 import sys, time, http.client, urllib.parse, threading
 
@@ -15,7 +15,7 @@ for i in range(count):
         break
     sent = int(time.time() * 1000)
     try:
-        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=1)
+        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=3)
         conn.request("GET", f"{url.path or '/'}?n={i}", headers={"Connection": "close"})
         body = conn.getresponse().read().decode().strip()
         conn.close()
