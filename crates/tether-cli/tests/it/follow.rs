@@ -30,6 +30,8 @@ struct Workload {
     net: Network,
     /// How tether names it: `deploy/api`, `statefulset/db`.
     target: &'static str,
+    /// Agents run as ephemeral containers (no Jobs).
+    ephemeral: bool,
     /// Every replica ever made, by pod name: its namespace and address.
     pods: Vec<(String, Pod)>,
     next: u8,
@@ -38,7 +40,14 @@ struct Workload {
 impl Workload {
     /// `replicas` pods of `deploy/api`, and a Service for them on [`VIP`]:80.
     fn new(replicas: usize) -> Workload {
+        Workload::with(replicas, false)
+    }
+
+    /// With `ephemeral`, each replica's app runs in a PID namespace of its own (PID 1 there is
+    /// the container's main process, which an ephemeral agent targets).
+    fn with(replicas: usize, ephemeral: bool) -> Workload {
         let mut workload = Workload::empty("deploy/api");
+        workload.ephemeral = ephemeral;
         let made: Vec<(Pod, u32)> = (0..replicas).map(|_| workload.replica()).collect();
         let apps: Vec<AppPod<'_>> = made
             .iter()
@@ -62,6 +71,7 @@ impl Workload {
             cluster,
             net,
             target,
+            ephemeral: false,
             pods: Vec::new(),
             next: 0,
         }
@@ -73,9 +83,21 @@ impl Workload {
         let n = 30 + self.next;
         self.next += 1;
         let pod = add_pod(self.net.prefix(), &format!("r{n}"), n);
-        let pid = self
-            .net
-            .start_http_app(&pod, &format!("original-{n}"), &[80]);
+        let name = format!("original-{n}");
+        let pid = if self.ephemeral {
+            // The app runs beside the container's main process, inside its namespaces; it ends
+            // with them.
+            let script = tether_testkit::netns::apps_dir().join("http_app.py");
+            let setup = format!(
+                "python3 {} {name} 80 </dev/null >/dev/null 2>&1 & true",
+                script.display()
+            );
+            let pid = self.net.spawn_container_process(&pod, &setup, &[]);
+            self.net.wait_listening(&pod.netns, 80);
+            pid
+        } else {
+            self.net.start_http_app(&pod, &name, &[80])
+        };
         (pod, pid)
     }
 
@@ -159,8 +181,13 @@ impl Workload {
     fn wait_agents_for(&self, pods: &[&str], exec: &mut Exec) {
         let mut want: Vec<String> = pods.iter().map(|p| (*p).to_owned()).collect();
         want.sort();
+        let jobs = if self.ephemeral {
+            Vec::new()
+        } else {
+            want.clone()
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.agent_targets() != want || self.cluster.running_agents() != want.len() {
+        while self.agent_targets() != jobs || self.cluster.running_agents() != want.len() {
             assert!(
                 Instant::now() < deadline,
                 "agents for {want:?} only, within 20 s; Jobs target {:?}, {} agent processes\n\
@@ -203,9 +230,30 @@ fn a_steal_follows_its_pod_when_the_pod_is_deleted_and_replaced() {
     if !require_root("a_steal_follows_its_pod_when_the_pod_is_deleted_and_replaced") {
         return;
     }
-    let mut workload = Workload::new(1);
+    follow_a_deleted_pod(false);
+}
+
+/// The ephemeral agent dies with its pod (its link drops first); the session still moves.
+#[test]
+fn a_steal_with_ephemeral_agents_follows_its_pod_when_the_pod_is_deleted() {
+    if !require_root("a_steal_with_ephemeral_agents_follows_its_pod_when_the_pod_is_deleted") {
+        return;
+    }
+    follow_a_deleted_pod(true);
+}
+
+fn follow_a_deleted_pod(ephemeral: bool) {
+    let mut workload = Workload::with(1, ephemeral);
     let port = free_port();
-    let mut exec = workload.exec("steal", port, &[], &python_http_server(port));
+    let env: &[(&str, &str)] = if ephemeral {
+        &[
+            ("TETHER_AGENT__EPHEMERAL", "true"),
+            ("TETHER_AGENT__TTL", "3s"),
+        ]
+    } else {
+        &[]
+    };
+    let mut exec = workload.exec("steal", port, env, &python_http_server(port));
     let old = workload.chosen(&mut exec);
     let pid = local_pid(&mut exec);
     let url = format!("http://{VIP}:80/hello");
