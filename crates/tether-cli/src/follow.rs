@@ -46,10 +46,10 @@ const WAIT_SAY: Duration = Duration::from_secs(3);
 const FAILED_FOR: Duration = Duration::from_secs(30);
 
 /// Follows the target until stopped; holds every agent it started.
-#[derive(Debug)]
 pub(crate) struct Follower {
     /// `None` once halted.
     task: Option<tokio::task::JoinHandle<()>>,
+    client: Client,
     agents: Arc<Mutex<Agents>>,
 }
 
@@ -61,6 +61,14 @@ struct Agents {
     /// Jobs created by starts still under way (namespace, name): a start abandoned when the run
     /// ends must not leave its Job.
     starting: BTreeSet<(String, String)>,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("agents", &self.agents)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Agents {
@@ -100,7 +108,11 @@ impl Follower {
                 .expect("agents lock")
                 .by_uid
                 .insert(String::new(), first.clone());
-            return Follower { task: None, agents };
+            return Follower {
+                task: None,
+                client: first.client.clone(),
+                agents,
+            };
         };
         agents
             .lock()
@@ -168,6 +180,7 @@ impl Follower {
         };
         Follower {
             task: Some(tokio::spawn(follow.run(watch, lost))),
+            client: first.client.clone(),
             agents,
         }
     }
@@ -194,23 +207,21 @@ impl Follower {
                 std::mem::take(&mut all.starting),
             )
         };
-        let client = agents.values().next().map(|a| a.client.clone());
-        if let Some(client) = client {
-            for (namespace, job) in starting {
-                let client = client.clone();
-                removing.spawn(async move {
-                    match tokio::time::timeout(
-                        Duration::from_secs(10),
-                        tether_kube::agent::delete(&client, &namespace, &job),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => format!("agent Job {job} deleted"),
-                        Ok(Err(error)) => format!("cannot delete the agent Job {job}: {error:#}"),
-                        Err(_) => format!("cannot delete the agent Job {job}: timed out"),
-                    }
-                });
-            }
+        // Starts abandoned when following stopped: their Jobs exist, or are about to.
+        for (namespace, job) in starting {
+            let client = self.client.clone();
+            removing.spawn(async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tether_kube::agent::delete(&client, &namespace, &job),
+                )
+                .await
+                {
+                    Ok(Ok(())) => format!("agent Job {job} deleted"),
+                    Ok(Err(error)) => format!("cannot delete the agent Job {job}: {error:#}"),
+                    Err(_) => format!("cannot delete the agent Job {job}: timed out"),
+                }
+            });
         }
         let mut said: Vec<String> =
             futures_util::future::join_all(agents.values().map(KubeAgent::remove)).await;

@@ -219,6 +219,7 @@ impl Cluster {
             REPLICASETS,
             checked::<k8s_openapi::api::apps::v1::ReplicaSet>(json!({
                 "metadata": {"name": rs_name, "namespace": namespace, "labels": template_labels,
+                             "annotations": {workload::REVISION: "1"},
                              "ownerReferences": [owner(&deployment, true)]},
                 "spec": {"replicas": replicas, "selector": {"matchLabels": template_labels},
                          "template": {"metadata": {"labels": template_labels},

@@ -144,6 +144,7 @@ impl Cluster {
             REPLICASETS,
             checked::<k8s_openapi::api::apps::v1::ReplicaSet>(json!({
                 "metadata": {"name": rs_name, "namespace": namespace, "labels": labels,
+                             "annotations": {REVISION: generation.to_string()},
                              "ownerReferences": [super::owner(&object, true)]},
                 "spec": {"replicas": 0, "selector": {"matchLabels": labels},
                          "template": {"metadata": {"labels": labels},
@@ -214,19 +215,7 @@ impl Cluster {
     fn create_replica(&self, namespace: &str, deployment: &str, app: &AppPod<'_>) -> String {
         let rs = {
             let store = self.state.store.lock().unwrap();
-            let mut owned: Vec<Value> = store
-                .list(REPLICASETS, Some(namespace))
-                .into_iter()
-                .filter(|rs| owned_by(rs, "Deployment", deployment))
-                .cloned()
-                .collect();
-            // Newest last: resource versions only grow.
-            owned.sort_by_key(|rs| {
-                rs["metadata"]["resourceVersion"]
-                    .as_str()
-                    .and_then(|v| v.parse::<u64>().ok())
-            });
-            owned
+            replica_sets(&store, namespace, deployment)
                 .pop()
                 .unwrap_or_else(|| panic!("deployment {namespace}/{deployment} has no ReplicaSet"))
         };
@@ -283,17 +272,7 @@ impl Cluster {
     /// The Deployment's and its ReplicaSets' status, counted from their pods.
     fn refresh_status(&self, namespace: &str, deployment: &str) {
         let mut store = self.state.store.lock().unwrap();
-        let mut sets: Vec<Value> = store
-            .list(REPLICASETS, Some(namespace))
-            .into_iter()
-            .filter(|rs| owned_by(rs, "Deployment", deployment))
-            .cloned()
-            .collect();
-        sets.sort_by_key(|rs| {
-            rs["metadata"]["resourceVersion"]
-                .as_str()
-                .and_then(|v| v.parse::<u64>().ok())
-        });
+        let sets = replica_sets(&store, namespace, deployment);
         let pods: Vec<Value> = store
             .list(PODS, Some(namespace))
             .into_iter()
@@ -344,6 +323,26 @@ impl Cluster {
         self.state.changed.send_modify(|v| *v += 1);
     }
 }
+
+/// The ReplicaSets of `deployment`, oldest first: by their `deployment.kubernetes.io/revision`
+/// annotation, as the Deployment controller numbers them.
+fn replica_sets(store: &store::Store, namespace: &str, deployment: &str) -> Vec<Value> {
+    let mut sets: Vec<Value> = store
+        .list(REPLICASETS, Some(namespace))
+        .into_iter()
+        .filter(|rs| owned_by(rs, "Deployment", deployment))
+        .cloned()
+        .collect();
+    sets.sort_by_key(|rs| {
+        rs["metadata"]["annotations"][REVISION]
+            .as_str()
+            .and_then(|r| r.parse::<u64>().ok())
+    });
+    sets
+}
+
+/// The annotation by which a Deployment's ReplicaSets are numbered.
+pub(crate) const REVISION: &str = "deployment.kubernetes.io/revision";
 
 /// The Deployment a pod belongs to (through its ReplicaSet), if any.
 fn owner_deployment(state: &State) -> impl Fn(&Value) -> Option<String> + '_ {
