@@ -406,23 +406,8 @@ COMMIT
     /// Starts a loop in `netns` sending a GET to `url` on a new connection every `interval`
     /// (each with a 3 s timeout), bounded: at most 2000 requests and 120 s.
     pub fn request_loop(&self, netns: &str, url: &str, interval: Duration) -> RequestLoop {
-        let script = apps_dir().join("request_loop.py");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                netns,
-                "python3",
-                script.to_str().unwrap(),
-                url,
-            ])
-            .arg(format!("{}", interval.as_secs_f64()))
-            .args(["2000", "120"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start the request loop");
+        let interval = format!("{}", interval.as_secs_f64());
+        let mut child = piped_app(netns, "request_loop.py", &[url, &interval, "2000", "120"]);
         let stdout = child.stdout.take().unwrap();
         let (tx, answers) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -448,21 +433,7 @@ COMMIT
 
     /// Opens one keep-alive HTTP connection from `netns` to `url`, driven request by request.
     pub fn keepalive_client(&self, netns: &str, url: &str) -> KeepaliveClient {
-        let script = apps_dir().join("http_keepalive.py");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                netns,
-                "python3",
-                script.to_str().unwrap(),
-                url,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("cannot start the keep-alive client");
+        let mut child = piped_app(netns, "http_keepalive.py", &[url]);
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         KeepaliveClient { child, stdout }
     }
@@ -622,6 +593,20 @@ impl Drop for Network {
 }
 
 /// Where the test apps (`link_load.py`, `http_app.py`, …) live.
+/// Starts the testkit's python app `script` in `netns` with `args`, its stdin and stdout piped.
+fn piped_app(netns: &str, script: &str, args: &[&str]) -> Child {
+    let script = apps_dir().join(script);
+    Command::new("ip")
+        .args(["netns", "exec", netns, "python3"])
+        .arg(&script)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", script.display()))
+}
+
 pub fn apps_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/apps"))
 }

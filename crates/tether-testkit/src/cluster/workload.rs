@@ -123,15 +123,7 @@ impl Cluster {
         let rs_name = format!("{deployment}-{hash}");
         let labels = json!({"app": deployment, "pod-template-hash": hash});
         let mut store = self.state.store.lock().unwrap();
-        let key = Key {
-            resource: DEPLOYMENTS,
-            namespace: namespace.to_owned(),
-            name: deployment.to_owned(),
-        };
-        let mut object = store
-            .get(&key)
-            .cloned()
-            .unwrap_or_else(|| panic!("no deployment {namespace}/{deployment}"));
+        let mut object = existing(&store, DEPLOYMENTS, namespace, deployment);
         let generation = object["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
         object["metadata"]["generation"] = json!(generation);
         object["spec"]["template"]["metadata"]["annotations"] =
@@ -194,18 +186,12 @@ impl Cluster {
     /// again with the same name (its identity) but a new uid, address and container (`app`).
     pub fn recreate_pod(&self, namespace: &str, statefulset: &str, name: &str, app: &AppPod<'_>) {
         self.delete_pod(namespace, name);
-        let set = self
-            .state
-            .store
-            .lock()
-            .unwrap()
-            .get(&Key {
-                resource: STATEFULSETS,
-                namespace: namespace.to_owned(),
-                name: statefulset.to_owned(),
-            })
-            .cloned()
-            .unwrap_or_else(|| panic!("no statefulset {namespace}/{statefulset}"));
+        let set = existing(
+            &self.state.store.lock().unwrap(),
+            STATEFULSETS,
+            namespace,
+            statefulset,
+        );
         let labels = set["spec"]["template"]["metadata"]["labels"].clone();
         self.publish_pod(namespace, name, &labels, Some(&set), app, false);
         self.start_successor(namespace, name);
@@ -252,15 +238,7 @@ impl Cluster {
 
     fn change_replicas(&self, namespace: &str, deployment: &str, by: i64) {
         let mut store = self.state.store.lock().unwrap();
-        let key = Key {
-            resource: DEPLOYMENTS,
-            namespace: namespace.to_owned(),
-            name: deployment.to_owned(),
-        };
-        let mut object = store
-            .get(&key)
-            .cloned()
-            .unwrap_or_else(|| panic!("no deployment {namespace}/{deployment}"));
+        let mut object = existing(&store, DEPLOYMENTS, namespace, deployment);
         let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1) + by;
         object["spec"]["replicas"] = json!(replicas.max(0));
         store.put(
@@ -343,6 +321,19 @@ fn replica_sets(store: &store::Store, namespace: &str, deployment: &str) -> Vec<
 
 /// The annotation by which a Deployment's ReplicaSets are numbered.
 pub(crate) const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// An object the caller knows exists (a test naming a workload it made).
+fn existing(store: &store::Store, resource: store::Resource, namespace: &str, name: &str) -> Value {
+    let key = Key {
+        resource,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    store
+        .get(&key)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {} {namespace}/{name}", resource.kind))
+}
 
 /// The Deployment a pod belongs to (through its ReplicaSet), if any.
 fn owner_deployment(state: &State) -> impl Fn(&Value) -> Option<String> + '_ {
