@@ -129,6 +129,14 @@ pub(crate) async fn connect_marked(netns: &Netns, addr: SocketAddr) -> std::io::
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
             socket.set_mark(AGENT_MARK)?;
             if let (Some(source), true) = (source, addr.is_ipv4()) {
+                // The port is picked by `connect`, from the whole 4-tuple: `bind` to port 0 would
+                // search for one free for every destination, which gets slow once many
+                // recently closed connections hold ports.
+                nix::sys::socket::setsockopt(
+                    &socket,
+                    nix::sys::socket::sockopt::IpBindAddressNoPort,
+                    &true,
+                )?;
                 socket.bind(&SocketAddr::new(source.into(), 0).into())?;
             }
             socket.set_nonblocking(true)?;
