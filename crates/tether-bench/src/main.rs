@@ -42,12 +42,13 @@ enum Bench {
     },
     /// Issue 5: HTTP request latency (p50/p99) and throughput through (a) the pod's app directly,
     /// (b) a two-relay socat chain in the pod, (c) a tether whole-port steal, (d) a tether
-    /// header-filtered steal, with wrk in a client namespace. Needs root.
+    /// header-filtered steal, from a client namespace: wrk for keep-alive, ab (which times the
+    /// connect too) for a new connection per request. Needs root.
     HttpSteal {
         /// Interleaved rounds (a b c d, a b c d, …).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Seconds per wrk run.
+        /// Seconds per load run.
         #[arg(long, default_value_t = 4)]
         seconds: u32,
         /// Concurrent connections.

@@ -1,6 +1,7 @@
 //! `tether serve-http`: the tiny HTTP service `tether demo` runs in its pod and locally (and the
 //! tests' tokio app). Answers every request with `NAME PORT METHOD PATH from PEER`; keeps
-//! connections alive unless the client sends `Connection: close`. Not a general HTTP server: it reads request heads only (no bodies).
+//! connections alive unless the client sends `Connection: close` (or speaks HTTP/1.0 without
+//! `Connection: keep-alive`). Not a general HTTP server: it reads request heads only (no bodies).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -58,14 +59,18 @@ async fn serve(
     let mut lines = BufReader::new(read).lines();
     while let Some(request_line) = lines.next_line().await? {
         // Skip the headers up to the blank line, noting whether the client wants the connection
-        // closed after the answer.
-        let mut close = false;
+        // closed after the answer (HTTP/1.0 closes unless it asks to keep it alive).
+        let http10 = request_line.trim_end().ends_with("HTTP/1.0");
+        let (mut close, mut keep_alive) = (false, false);
         while let Some(header) = lines.next_line().await? {
             if header.trim().is_empty() {
                 break;
             }
-            close |= header.to_ascii_lowercase().replace(' ', "") == "connection:close";
+            let header = header.to_ascii_lowercase().replace(' ', "");
+            close |= header == "connection:close";
+            keep_alive |= header == "connection:keep-alive";
         }
+        close |= http10 && !keep_alive;
         let mut parts = request_line.split_whitespace();
         let (method, path) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
         let body = format!("{name} {port} {method} {path} from {}\n", peer.ip());
