@@ -333,6 +333,44 @@ pub(crate) fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
+/// `runs` load runs back to back against the pod's app, then as many against one whole-port
+/// steal, each run's figures printed as it ends.
+pub(crate) fn back_to_back(
+    runs: usize,
+    seconds: u32,
+    connections: u32,
+    python: bool,
+    close: bool,
+) -> anyhow::Result<()> {
+    if !tether_testkit::require_root("tether-bench http-steal") {
+        bail!("run it as root: it builds network namespaces");
+    }
+    let tether = crate::tether_binary()?;
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    start_pod_paths(&net, &pod, &tether, python);
+    let url = format!("http://{}:80/", pod.ip);
+    println!("| path | run | started after (s) | p50 ms | p99 ms | requests/s |");
+    println!("|---|---|---|---|---|---|");
+    for path in ["direct", "tether whole-port steal"] {
+        let _steal = if path == "direct" {
+            None
+        } else {
+            Some(steal(&tether, &pod, None, python)?)
+        };
+        let start = std::time::Instant::now();
+        for run in 1..=runs {
+            let after = start.elapsed().as_secs_f64();
+            let f = load(&net, &url, seconds, connections, None, close)?;
+            println!(
+                "| {path} | {run} | {after:.0} | {:.2} | {:.2} | {:.0} |",
+                f.p50_ms, f.p99_ms, f.requests_per_s
+            );
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn run(
     rounds: usize,
     seconds: u32,

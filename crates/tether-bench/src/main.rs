@@ -61,6 +61,11 @@ enum Bench {
         /// A new connection per request (`Connection: close`) instead of keep-alive.
         #[arg(long)]
         close: bool,
+        /// Instead of the rounds: N runs back to back against the pod's app, then N against
+        /// one whole-port steal, each run's figures printed (shows whether a long stream of
+        /// connections wears something down, e.g. ephemeral ports).
+        #[arg(long, value_name = "N")]
+        back_to_back: Option<usize>,
     },
     /// Issue 6: python3 reading a 100 MB file line by line and stat-ing a small file 10,000
     /// times, in the target through `tether exec` vs on a local copy. Needs root.
@@ -105,11 +110,20 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Bench::LayerOverhead { reps, iters } => layer_overhead(reps, iters),
         Bench::HttpSteal {
+            rounds: _,
+            seconds,
+            connections,
+            app,
+            close,
+            back_to_back: Some(runs),
+        } => http_steal::back_to_back(runs, seconds, connections, app == "python", close),
+        Bench::HttpSteal {
             rounds,
             seconds,
             connections,
             app,
             close,
+            back_to_back: None,
         } => http_steal::run(rounds, seconds, connections, app == "python", close),
         Bench::FsRemote { rounds, megabytes } => fs_remote::run(rounds, megabytes),
         Bench::Mirror => suite::mirror_only(),
