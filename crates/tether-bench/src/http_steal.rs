@@ -110,10 +110,57 @@ pub(crate) fn load(
     header: Option<&str>,
     close: bool,
 ) -> anyhow::Result<Figures> {
-    if close {
-        ab(net, url, seconds, connections, header)
-    } else {
-        wrk(net, url, seconds, connections, header, false)
+    Client::pick(None, close).run(net, url, seconds, connections, header)
+}
+
+/// A load client and its connection mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Client {
+    /// wrk; `close`: a new connection per request.
+    Wrk { close: bool },
+    /// ab: always a new connection per request.
+    Ab,
+}
+
+impl Client {
+    /// `name` ("wrk" or "ab"), or by default wrk for keep-alive and ab for a new connection
+    /// per request.
+    pub(crate) fn pick(name: Option<&str>, close: bool) -> Client {
+        match name {
+            Some("wrk") => Client::Wrk { close },
+            Some(_) => Client::Ab,
+            None if close => Client::Ab,
+            None => Client::Wrk { close },
+        }
+    }
+
+    fn close(self) -> bool {
+        matches!(self, Client::Ab | Client::Wrk { close: true })
+    }
+
+    fn describe(self, connections: u32, seconds: u32) -> String {
+        match self {
+            Client::Ab => {
+                format!("ab -c{connections} -t{seconds} (latency from connect to answer)")
+            }
+            Client::Wrk { .. } => {
+                format!("wrk -t1 -c{connections} -d{seconds}s (latency from the request's write)")
+            }
+        }
+    }
+
+    fn run(
+        self,
+        net: &Network,
+        url: &str,
+        seconds: u32,
+        connections: u32,
+        header: Option<&str>,
+    ) -> anyhow::Result<Figures> {
+        match self {
+            Client::Ab => ab(net, url, seconds, connections, header),
+            Client::Wrk { close } => wrk(net, url, seconds, connections, header, close),
+        }
     }
 }
 
@@ -340,7 +387,7 @@ pub(crate) fn back_to_back(
     seconds: u32,
     connections: u32,
     python: bool,
-    close: bool,
+    client: Client,
 ) -> anyhow::Result<()> {
     if !tether_testkit::require_root("tether-bench http-steal") {
         bail!("run it as root: it builds network namespaces");
@@ -350,6 +397,12 @@ pub(crate) fn back_to_back(
     let pod = net.pod(0).clone();
     start_pod_paths(&net, &pod, &tether, python);
     let url = format!("http://{}:80/", pod.ip);
+    let app = if python {
+        "python3 -m http.server"
+    } else {
+        "tether serve-http (tokio)"
+    };
+    println!("apps: {app}; {}\n", client.describe(connections, seconds));
     println!("| path | run | started after (s) | p50 ms | p99 ms | requests/s |");
     println!("|---|---|---|---|---|---|");
     for path in ["direct", "tether whole-port steal"] {
@@ -361,7 +414,7 @@ pub(crate) fn back_to_back(
         let start = std::time::Instant::now();
         for run in 1..=runs {
             let after = start.elapsed().as_secs_f64();
-            let f = load(&net, &url, seconds, connections, None, close)?;
+            let f = client.run(&net, &url, seconds, connections, None)?;
             println!(
                 "| {path} | {run} | {after:.0} | {:.2} | {:.2} | {:.0} |",
                 f.p50_ms, f.p99_ms, f.requests_per_s
@@ -376,7 +429,7 @@ pub(crate) fn run(
     seconds: u32,
     connections: u32,
     python: bool,
-    close: bool,
+    client: Client,
 ) -> anyhow::Result<()> {
     if !tether_testkit::require_root("tether-bench http-steal") {
         bail!("run it as root: it builds network namespaces");
@@ -395,21 +448,20 @@ pub(crate) fn run(
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); 4];
     for round in 0..rounds {
         eprintln!("round {} of {rounds}", round + 1);
-        results[0].push(load(&net, &url(80), seconds, connections, None, close)?);
-        results[1].push(load(&net, &url(81), seconds, connections, None, close)?);
+        results[0].push(client.run(&net, &url(80), seconds, connections, None)?);
+        results[1].push(client.run(&net, &url(81), seconds, connections, None)?);
         {
             let _steal = steal(&tether, &pod, None, python)?;
-            results[2].push(load(&net, &url(80), seconds, connections, None, close)?);
+            results[2].push(client.run(&net, &url(80), seconds, connections, None)?);
         }
         {
             let _steal = steal(&tether, &pod, Some("^x-dev: bench$"), python)?;
-            results[3].push(load(
+            results[3].push(client.run(
                 &net,
                 &url(80),
                 seconds,
                 connections,
                 Some("X-Dev: bench"),
-                close,
             )?);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -430,18 +482,14 @@ pub(crate) fn run(
     } else {
         "tether serve-http (tokio)"
     };
-    let connection = if close {
+    let connection = if client.close() {
         "a new connection per request"
     } else {
         "keep-alive"
     };
-    let client = if close {
-        format!("ab -c{connections} -t{seconds} (latency from connect to answer)")
-    } else {
-        format!("wrk -t1 -c{connections} -d{seconds}s")
-    };
     println!(
-        "apps: {app}; {client}, {connection}, {rounds} interleaved rounds; medians [min–max]\n"
+        "apps: {app}; {}, {connection}, {rounds} interleaved rounds; medians [min–max]\n",
+        client.describe(connections, seconds)
     );
     println!(
         "| path | p50 ms | p99 ms | requests/s | p50 ratio (goal ≤ 1.5) | p99 ratio (goal ≤ 2) | throughput ratio (goal ≥ 0.7) |"

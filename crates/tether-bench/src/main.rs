@@ -61,6 +61,10 @@ enum Bench {
         /// A new connection per request (`Connection: close`) instead of keep-alive.
         #[arg(long)]
         close: bool,
+        /// The load client: wrk for keep-alive and ab for a new connection per request by default
+        /// (ab times the connect too; wrk starts its clock after it).
+        #[arg(long, value_parser = ["wrk", "ab"])]
+        client: Option<String>,
         /// Instead of the rounds: N runs back to back against the pod's app, then N against
         /// one whole-port steal, each run's figures printed (shows whether a long stream of
         /// connections wears something down, e.g. ephemeral ports).
@@ -115,16 +119,30 @@ fn main() -> anyhow::Result<()> {
             connections,
             app,
             close,
+            client,
             back_to_back: Some(runs),
-        } => http_steal::back_to_back(runs, seconds, connections, app == "python", close),
+        } => http_steal::back_to_back(
+            runs,
+            seconds,
+            connections,
+            app == "python",
+            http_steal::Client::pick(client.as_deref(), close),
+        ),
         Bench::HttpSteal {
             rounds,
             seconds,
             connections,
             app,
             close,
+            client,
             back_to_back: None,
-        } => http_steal::run(rounds, seconds, connections, app == "python", close),
+        } => http_steal::run(
+            rounds,
+            seconds,
+            connections,
+            app == "python",
+            http_steal::Client::pick(client.as_deref(), close),
+        ),
         Bench::FsRemote { rounds, megabytes } => fs_remote::run(rounds, megabytes),
         Bench::Mirror => suite::mirror_only(),
         Bench::All {
