@@ -131,12 +131,12 @@ pub(crate) async fn connect_marked(netns: &Netns, addr: SocketAddr) -> std::io::
             if let (Some(source), true) = (source, addr.is_ipv4()) {
                 // The port is picked by `connect`, from the whole 4-tuple: `bind` to port 0 would
                 // search for one free for every destination, which gets slow once many
-                // recently closed connections hold ports.
-                nix::sys::socket::setsockopt(
+                // recently closed connections hold ports. (Without the option: slower, correct.)
+                let _ = nix::sys::socket::setsockopt(
                     &socket,
                     nix::sys::socket::sockopt::IpBindAddressNoPort,
                     &true,
-                )?;
+                );
                 socket.bind(&SocketAddr::new(source.into(), 0).into())?;
             }
             socket.set_nonblocking(true)?;

@@ -76,8 +76,16 @@ async fn serve(
         let body = format!("{name} {port} {method} {path} from {}\n", peer.ip());
         // One write per answer (and no Nagle): head and body in two writes would wait for the
         // client's delayed ACK, ~40 ms per request.
+        // Said outright: an HTTP/1.0 client keeps the connection only when told it may.
+        let connection = if close {
+            "Connection: close\r\n"
+        } else if http10 {
+            "Connection: keep-alive\r\n"
+        } else {
+            ""
+        };
         let answer = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}",
             body.len()
         );
         write.write_all(answer.as_bytes()).await?;

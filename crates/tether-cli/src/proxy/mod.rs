@@ -147,8 +147,12 @@ struct Shared {
     primary_lost: Mutex<Option<mpsc::UnboundedSender<Lost>>>,
     /// By target port.
     listeners: Mutex<HashMap<u16, Listener>>,
-    /// The proxy's end of each delivered connection → the remote client it stands for.
-    peers: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// Each connection the proxy made to the app, as the app's `accept` sees it (its peer and
+    /// local address: the source port alone is not unique, `connect` shares it between
+    /// destinations) → the remote client it stands for, and which delivery registered it.
+    peers: Mutex<HashMap<PeerKey, (SocketAddr, u64)>>,
+    /// Numbers the registrations in `peers`.
+    peer_marks: AtomicU64,
     /// Idle HTTP/1 connections to the app, by upstream, stolen client connection and listener.
     app_pool: Mutex<HashMap<(u32, u64, SocketAddr), AppSender>>,
     events: mpsc::UnboundedSender<Event>,
@@ -222,6 +226,7 @@ impl Proxy {
             primary_lost: Mutex::default(),
             listeners: Mutex::default(),
             peers: Mutex::default(),
+            peer_marks: AtomicU64::new(0),
             app_pool: Mutex::default(),
             events,
         });
@@ -696,8 +701,13 @@ impl Shared {
                 self.unlisten(pid, addr).await;
                 Answer::Done
             }
-            LayerRequest::Peer { peer, .. } => Answer::Peer {
-                addr: self.peers.lock().expect("peers lock").get(&peer).copied(),
+            LayerRequest::Peer { peer, local } => Answer::Peer {
+                addr: self
+                    .peers
+                    .lock()
+                    .expect("peers lock")
+                    .get(&(peer, local))
+                    .map(|(remote, _)| *remote),
             },
             LayerRequest::Policy => Answer::Policy(self.policy.clone()),
             LayerRequest::Connect {
@@ -918,7 +928,7 @@ impl Shared {
         )
         .await;
         up.close_stream(id);
-        self.peers.lock().expect("peers lock").remove(&our_end);
+        self.forget_peer(our_end);
     }
 
     /// Pumps one connection to the app both ways: the agent's bytes into it (granting credit back
@@ -1292,7 +1302,7 @@ impl Shared {
         }
         .await;
         if let Some(end) = our_end {
-            self.peers.lock().expect("peers lock").remove(&end);
+            self.forget_peer(end);
         }
         if let (Ok(()), Some(send)) = (&result, reusable) {
             let mut pool = self.app_pool.lock().expect("pool lock");
@@ -1316,7 +1326,7 @@ impl Shared {
         &self,
         listener: SocketAddr,
         remote: SocketAddr,
-    ) -> std::io::Result<(TcpStream, SocketAddr)> {
+    ) -> std::io::Result<(TcpStream, PeerMark)> {
         use socket2::{Domain, Protocol, SockAddr, Socket, Type};
         let (target, source) = match listener.ip() {
             IpAddr::V4(ip) => (
@@ -1345,16 +1355,17 @@ impl Shared {
             Some(Protocol::TCP),
         )?;
         socket.set_nonblocking(true)?;
-        // (An IPv6 socket takes this IP-level option too.)
-        nix::sys::socket::setsockopt(
+        // (An IPv6 socket takes this IP-level option too. A kernel without it only makes `bind`
+        // pick the port: slower, still correct.)
+        let _ = nix::sys::socket::setsockopt(
             &socket,
             nix::sys::socket::sockopt::IpBindAddressNoPort,
             &true,
-        )?;
+        );
         socket.bind(&SocketAddr::new(source, 0).into())?;
         // The port exists once `connect` is called; it is registered before the lock is let go,
         // and the process's `Peer` question takes the same lock, so it cannot come first.
-        let ours = {
+        let mark = {
             let mut peers = self.peers.lock().expect("peers lock");
             match socket.connect(&SockAddr::from(target)) {
                 Ok(()) => {}
@@ -1365,8 +1376,12 @@ impl Shared {
                 .local_addr()?
                 .as_socket()
                 .ok_or_else(|| std::io::Error::other("a TCP socket without an IP address"))?;
-            peers.insert(ours, remote);
-            ours
+            let mark = PeerMark {
+                key: (ours, target),
+                number: self.peer_marks.fetch_add(1, Ordering::Relaxed),
+            };
+            peers.insert(mark.key, (remote, mark.number));
+            mark
         };
         let connected = async {
             let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
@@ -1379,13 +1394,33 @@ impl Shared {
         }
         .await;
         match connected {
-            Ok(stream) => Ok((stream, ours)),
+            Ok(stream) => Ok((stream, mark)),
             Err(error) => {
-                self.peers.lock().expect("peers lock").remove(&ours);
+                self.forget_peer(mark);
                 Err(error)
             }
         }
     }
+
+    /// Drops a registration of [`connect_for`](Self::connect_for), unless its 4-tuple already
+    /// belongs to a newer connection (the socket may have closed before this runs).
+    fn forget_peer(&self, mark: PeerMark) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        if peers.get(&mark.key).is_some_and(|(_, n)| *n == mark.number) {
+            peers.remove(&mark.key);
+        }
+    }
+}
+
+/// A connection the proxy made to the app, as the app's `accept` sees it: (its peer, its local
+/// address).
+type PeerKey = (SocketAddr, SocketAddr);
+
+/// One registration in `Shared::peers`.
+#[derive(Debug, Clone, Copy)]
+struct PeerMark {
+    key: PeerKey,
+    number: u64,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
