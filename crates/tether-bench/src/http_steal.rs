@@ -373,6 +373,26 @@ pub(crate) fn median(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
+/// As root: tether's binary, and a pod with the direct and relay-chain paths running.
+fn pod_with_paths(python: bool) -> anyhow::Result<(std::path::PathBuf, Network, Pod)> {
+    if !tether_testkit::require_root("tether-bench http-steal") {
+        bail!("run it as root: it builds network namespaces");
+    }
+    let tether = crate::tether_binary()?;
+    let net = Network::new(1);
+    let pod = net.pod(0).clone();
+    start_pod_paths(&net, &pod, &tether, python);
+    Ok((tether, net, pod))
+}
+
+fn app_name(python: bool) -> &'static str {
+    if python {
+        "python3 -m http.server"
+    } else {
+        "tether serve-http (tokio)"
+    }
+}
+
 /// `runs` load runs back to back against the pod's app, then as many against one whole-port
 /// steal, each run's figures printed as it ends.
 pub(crate) fn back_to_back(
@@ -382,19 +402,9 @@ pub(crate) fn back_to_back(
     python: bool,
     client: Client,
 ) -> anyhow::Result<()> {
-    if !tether_testkit::require_root("tether-bench http-steal") {
-        bail!("run it as root: it builds network namespaces");
-    }
-    let tether = crate::tether_binary()?;
-    let net = Network::new(1);
-    let pod = net.pod(0).clone();
-    start_pod_paths(&net, &pod, &tether, python);
+    let (tether, net, pod) = pod_with_paths(python)?;
     let url = format!("http://{}:80/", pod.ip);
-    let app = if python {
-        "python3 -m http.server"
-    } else {
-        "tether serve-http (tokio)"
-    };
+    let app = app_name(python);
     println!("apps: {app}; {}\n", client.describe(connections, seconds));
     println!("| path | run | started after (s) | p50 ms | p99 ms | requests/s |");
     println!("|---|---|---|---|---|---|");
@@ -424,13 +434,7 @@ pub(crate) fn run(
     python: bool,
     client: Client,
 ) -> anyhow::Result<()> {
-    if !tether_testkit::require_root("tether-bench http-steal") {
-        bail!("run it as root: it builds network namespaces");
-    }
-    let tether = crate::tether_binary()?;
-    let net = Network::new(1);
-    let pod = net.pod(0).clone();
-    start_pod_paths(&net, &pod, &tether, python);
+    let (tether, net, pod) = pod_with_paths(python)?;
     let url = |port: u16| format!("http://{}:{port}/", pod.ip);
     let names = [
         "(a) direct to the pod's app",
@@ -470,11 +474,7 @@ pub(crate) fn run(
         })
         .collect();
     let base = summary[0];
-    let app = if python {
-        "python3 -m http.server"
-    } else {
-        "tether serve-http (tokio)"
-    };
+    let app = app_name(python);
     let connection = if client.close() {
         "a new connection per request"
     } else {
