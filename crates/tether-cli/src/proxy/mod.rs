@@ -1328,27 +1328,17 @@ impl Shared {
         remote: SocketAddr,
     ) -> std::io::Result<(TcpStream, PeerMark)> {
         use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-        let (target, source) = match listener.ip() {
-            IpAddr::V4(ip) => (
-                if ip.is_unspecified() {
-                    Ipv4Addr::LOCALHOST
-                } else {
-                    ip
-                }
-                .into(),
-                Ipv4Addr::LOCALHOST.into(),
-            ),
-            IpAddr::V6(ip) => (
-                if ip.is_unspecified() {
-                    Ipv6Addr::LOCALHOST
-                } else {
-                    ip
-                }
-                .into(),
-                Ipv6Addr::LOCALHOST.into(),
-            ),
+        let source: IpAddr = if listener.is_ipv4() {
+            Ipv4Addr::LOCALHOST.into()
+        } else {
+            Ipv6Addr::LOCALHOST.into()
         };
-        let target = SocketAddr::new(target, listener.port());
+        // A listener on every address is reached on loopback.
+        let target = if listener.ip().is_unspecified() {
+            SocketAddr::new(source, listener.port())
+        } else {
+            listener
+        };
         let socket = Socket::new(
             Domain::for_address(target),
             Type::STREAM,
