@@ -114,35 +114,23 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Bench::LayerOverhead { reps, iters } => layer_overhead(reps, iters),
         Bench::HttpSteal {
-            rounds: _,
-            seconds,
-            connections,
-            app,
-            close,
-            client,
-            back_to_back: Some(runs),
-        } => http_steal::back_to_back(
-            runs,
-            seconds,
-            connections,
-            app == "python",
-            http_steal::Client::pick(client.as_deref(), close),
-        ),
-        Bench::HttpSteal {
             rounds,
             seconds,
             connections,
             app,
             close,
             client,
-            back_to_back: None,
-        } => http_steal::run(
-            rounds,
-            seconds,
-            connections,
-            app == "python",
-            http_steal::Client::pick(client.as_deref(), close),
-        ),
+            back_to_back,
+        } => {
+            let (python, client) = (
+                app == "python",
+                http_steal::Client::pick(client.as_deref(), close),
+            );
+            match back_to_back {
+                Some(runs) => http_steal::back_to_back(runs, seconds, connections, python, client),
+                None => http_steal::run(rounds, seconds, connections, python, client),
+            }
+        }
         Bench::FsRemote { rounds, megabytes } => fs_remote::run(rounds, megabytes),
         Bench::Mirror => suite::mirror_only(),
         Bench::All {
