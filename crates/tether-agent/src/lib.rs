@@ -22,6 +22,7 @@ pub mod link;
 mod mirror;
 pub mod netns;
 mod outgoing;
+pub mod process;
 pub mod rules;
 mod session;
 mod steal;

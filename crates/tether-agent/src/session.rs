@@ -51,6 +51,8 @@ pub struct Agent {
     pub(crate) netns: Netns,
     pub(crate) owner: Owner,
     pub(crate) backend: Backend,
+    /// Said to each session when it first steals: why `backend` is a fallback.
+    backend_note: Option<&'static str>,
     pub(crate) steal_port: u16,
     pub(crate) ports: PortTable,
     /// The target's filesystem root, opened once at start (`None`: it could not be opened, and
@@ -73,7 +75,11 @@ impl Agent {
         owner: Owner,
         nftables: Option<bool>,
     ) -> anyhow::Result<Arc<Agent>> {
-        let backend = rules::choose_backend(&netns, nftables).await?;
+        let (backend, backend_note) = rules::choose_backend(&netns, nftables).await?;
+        if let Some(note) = backend_note {
+            // The user hears it from the first session that steals (a `Log`), not twice.
+            tracing::info!("{note}");
+        }
         let mesh = rules::detect_mesh(&netns).await;
         if let Some(mesh) = mesh {
             tracing::info!(%mesh, "service mesh found: steals take its sidecar's plaintext hop to the app");
@@ -102,6 +108,7 @@ impl Agent {
             netns,
             owner,
             backend,
+            backend_note,
             steal_port,
             ports,
             root,
@@ -697,6 +704,14 @@ impl Session {
             rules::apply(&self.agent.netns, &rules.setup())
                 .await
                 .map_err(rules_error)?;
+            if let Some(note) = self.agent.backend_note {
+                self.send(Body::Log(tether_protocol::Log {
+                    level: tether_protocol::LogLevel::Warn as i32,
+                    message: note.into(),
+                    target: "steal".into(),
+                }))
+                .await;
+            }
             let ports = Arc::new(Mutex::new(BTreeSet::new()));
             let refresher = (rules.backend == Backend::Nft).then(|| {
                 tokio::spawn(refresh_loop(

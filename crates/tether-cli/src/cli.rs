@@ -156,29 +156,43 @@ Example:
     /// Validate the configuration or print its JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Write the agent image as a tarball, for clusters that cannot pull from a registry.
+    /// Build the agent image: push it to a registry, or write it as a tarball.
     #[command(
         name = "agent-image",
         after_help = "\
 The image holds the agent, the programs it runs (iptables in both backends with their extensions,
-nft, nsenter, ss, conntrack) and their libraries, taken from this machine. The tarball is both an
-OCI image layout and a docker-archive.
+nft, nsenter, ss, conntrack) and their libraries, taken from this machine. It is built without a
+container engine.
 
-Examples:
+Push it to any OCI registry your cluster pulls from (credentials as docker and podman keep them:
+~/.docker/config.json, credential helpers, podman's auth.json; a registry on localhost or
+127.0.0.1 is spoken to in plain HTTP):
+  tether agent-image --push registry.example.com/team/tether-agent:0.1.0
+Then set agent.image to the reference it printed.
+
+Or write a tarball for clusters without a registry (both an OCI image layout and a docker-archive):
   tether agent-image --output agent.tar
   sudo ctr -n k8s.io images import agent.tar      # on each node (containerd)
   docker load -i agent.tar                         # Docker; `kind load image-archive agent.tar`
 Then set agent.image to the name it printed and agent.image_pull_policy: IfNotPresent."
     )]
     AgentImage {
-        /// The agent binary (default: tether-agent next to this tether). A static build is
-        /// smallest: RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
+        /// The agent binary (default: tether-agent next to this tether). A static build does not
+        /// depend on this machine's C library:
+        /// RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
         /// --target x86_64-unknown-linux-gnu -p tether-agent.
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
-        /// The image's name.
+        /// The image's name in the tarball (with --output).
         #[arg(long, value_name = "NAME:TAG", default_value = tether_kube::manifest::DEFAULT_IMAGE)]
         name: String,
+        /// Push the image to a registry under this reference.
+        #[arg(long, value_name = "REGISTRY/REPOSITORY:TAG")]
+        push: Option<String>,
+        /// Speak plain HTTP to the registry (only for a registry you trust on your own network;
+        /// loopback registries need no flag).
+        #[arg(long, requires = "push")]
+        plain_http: bool,
     },
     /// Run the agent (started by tether itself, or by the agent pod).
     #[command(hide = true)]

@@ -49,16 +49,32 @@ fn main() {
             cli.global.config.as_deref(),
             ui,
         )),
-        Command::AgentImage { agent, name } => match &cli.global.output {
-            Output::File(file) => commands::agent_image::run(file, agent, &name, ui),
-            Output::Format(_) => Err(anyhow::anyhow!(
-                "give the tarball to write: --output FILE.tar"
-            )),
+        Command::AgentImage {
+            agent,
+            name,
+            push,
+            plain_http,
+        } => {
+            let output = match &cli.global.output {
+                Output::File(file) => Some(file.as_path()),
+                Output::Format(_) => None,
+            };
+            let destination = match (output, push) {
+                (None, None) => Err(anyhow::anyhow!(
+                    "say where the image goes: --push REGISTRY/REPOSITORY:TAG, or --output FILE.tar"
+                )),
+                (output, push) => Ok(commands::agent_image::Destination {
+                    tarball: output.map(|file| (file, name.as_str())),
+                    push: push.map(|reference| (reference, plain_http)),
+                }),
+            };
+            destination
+                .and_then(|destination| commands::agent_image::run(destination, agent, ui))
+                .unwrap_or_else(|error| {
+                    eprintln!("error: {error:#}");
+                    1
+                })
         }
-        .unwrap_or_else(|error| {
-            eprintln!("error: {error:#}");
-            1
-        }),
         Command::Status => run_async(commands::status::run(ui)),
         Command::Cleanup { target } => run_async(commands::cleanup::run(target, ui)),
         Command::Agent(args) => run_async(tether_agent::run(args)),

@@ -39,6 +39,22 @@ const HOPELESS: [&str; 7] = [
     "CrashLoopBackOff",
 ];
 
+/// For a waiting reason that says the image cannot be had: one line saying so, with both ways
+/// out (a registry the cluster pulls from, or the tarball loaded on the nodes).
+fn unpullable(image: &str, reason: &str) -> Option<String> {
+    matches!(
+        reason,
+        "ErrImagePull" | "ImagePullBackOff" | "ErrImageNeverPull" | "InvalidImageName"
+    )
+    .then(|| {
+        format!(
+            "the agent image {image} cannot be pulled ({reason}): push it to a registry the cluster pulls from \
+             (`tether agent-image --push REGISTRY/REPOSITORY:TAG`, then set agent.image to it), \
+             or load it on the nodes (`tether agent-image --output agent.tar`, then agent.image_pull_policy: IfNotPresent)"
+        )
+    })
+}
+
 /// Creates the agent's Job and waits until its pod runs. `progress` hears each new state
 /// ("Pending", "ContainerCreating", …). On failure the Job is deleted again.
 pub async fn start(
@@ -133,10 +149,11 @@ pub async fn start_ephemeral(
                 last_seen.clone_from(&reason);
             }
             if HOPELESS.contains(&reason.as_str()) {
-                bail!(
-                    "the ephemeral agent cannot start: {reason}: {}",
-                    waiting.message.unwrap_or_default()
-                );
+                let detail = waiting.message.unwrap_or_default();
+                match unpullable(&spec.image, &reason) {
+                    Some(headline) => bail!("{headline}\n  {detail}"),
+                    None => bail!("the ephemeral agent cannot start: {reason}: {detail}"),
+                }
             }
         }
         if let Some(terminated) = state.terminated {
@@ -222,8 +239,10 @@ async fn wait_running(
             .flatten()
             .find(|c| c.type_ == "PodScheduled" && c.status == "False");
         if let Some(reason) = waiting.filter(|r| HOPELESS.contains(&r.as_str())) {
+            let headline = unpullable(&spec.image, &reason)
+                .unwrap_or_else(|| format!("the agent pod {name} cannot start: {reason}"));
             bail!(
-                "the agent pod {name} cannot start: {reason}\n{}",
+                "{headline}\n{}",
                 events(client, &spec.namespace, &name).await
             );
         }

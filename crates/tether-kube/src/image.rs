@@ -127,6 +127,21 @@ fn add_binary(contents: &mut Contents, source: &Path, dest: &str) -> anyhow::Res
     Ok(())
 }
 
+/// True when `binary` is an ELF executable without a program interpreter (`PT_INTERP`): it
+/// loads no shared library, so it runs whatever C library the image or node has.
+pub fn is_static(binary: &Path) -> anyhow::Result<bool> {
+    use object::read::elf::{ElfFile64, ProgramHeader as _};
+    let data =
+        std::fs::read(binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    let elf = ElfFile64::<object::Endianness>::parse(data.as_slice())
+        .with_context(|| format!("{} is not a 64-bit ELF executable", binary.display()))?;
+    let endian = elf.endian();
+    Ok(!elf
+        .elf_program_headers()
+        .iter()
+        .any(|header| header.p_type(endian) == object::elf::PT_INTERP))
+}
+
 /// The absolute paths in `ldd` output (`libc.so.6 => /lib/…/libc.so.6 (0x…)`, `/lib64/ld-…`).
 pub fn ldd_paths(ldd: &str) -> Vec<String> {
     ldd.lines()
@@ -141,6 +156,53 @@ pub fn ldd_paths(ldd: &str) -> Vec<String> {
         .collect()
 }
 
+/// The agent image, built in memory: one layer, its config and its manifest. Written to a
+/// tarball by [`write`], pushed to a registry by [`crate::registry::push`].
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The uncompressed layer (a tar of the contents); its digest is the config's `diff_id`.
+    pub layer: Vec<u8>,
+    /// The OCI image config (JSON).
+    pub config: Vec<u8>,
+    /// How many paths the layer holds.
+    pub files: usize,
+}
+
+impl Image {
+    /// The image of `contents`: the agent is its entrypoint.
+    pub fn build(contents: &Contents) -> anyhow::Result<Image> {
+        let layer = layer(contents)?;
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {
+                "Entrypoint": ["/tether-agent"],
+                "Env": [
+                    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    format!("XTABLES_LIBDIR={XTABLES_DIR}"),
+                ],
+                "Labels": {"org.opencontainers.image.title": "tether-agent"},
+            },
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256(&layer))]},
+            "history": [{"created_by": "tether agent-image"}],
+        }))?;
+        Ok(Image {
+            layer,
+            config,
+            files: contents.len(),
+        })
+    }
+}
+
+/// The tag of an image name: what follows the last ':' after the last '/'
+/// (`localhost:5000/repo` has none).
+pub fn tag(name: &str) -> Option<&str> {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    last.rsplit_once(':')
+        .filter(|(repo, tag)| !repo.is_empty() && !tag.is_empty())
+        .map(|(_, tag)| tag)
+}
+
 /// What [`write`] made.
 #[derive(Debug, Clone)]
 pub struct Written {
@@ -150,33 +212,14 @@ pub struct Written {
     pub files: usize,
 }
 
-/// Writes the image `name` (`registry/repo:tag`) with `contents` to `out`.
-pub fn write(out: &Path, name: &str, contents: &Contents) -> anyhow::Result<Written> {
-    // The tag follows the last ':' after the last '/' (`localhost:5000/repo` has none).
-    let last = name.rsplit('/').next().unwrap_or(name);
-    let Some((_, tag)) = last
-        .rsplit_once(':')
-        .filter(|(repo, tag)| !repo.is_empty() && !tag.is_empty())
-    else {
+/// Writes `image` as `name` (`registry/repo:tag`) to `out`.
+pub fn write(out: &Path, name: &str, image: &Image) -> anyhow::Result<Written> {
+    let Some(tag) = tag(name) else {
         bail!("the image name {name} has no tag (NAME:TAG)");
     };
-    let layer = layer(contents)?;
-    let layer_digest = sha256(&layer);
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {
-            "Entrypoint": ["/tether-agent"],
-            "Env": [
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                format!("XTABLES_LIBDIR={XTABLES_DIR}"),
-            ],
-            "Labels": {"org.opencontainers.image.title": "tether-agent"},
-        },
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
-        "history": [{"created_by": "tether agent-image"}],
-    }))?;
-    let config_digest = sha256(&config);
+    let Image { layer, config, .. } = image;
+    let layer_digest = sha256(layer);
+    let config_digest = sha256(config);
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -223,8 +266,8 @@ pub fn write(out: &Path, name: &str, contents: &Contents) -> anyhow::Result<Writ
         archive.append_data(&mut header, path, data)
     };
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    add(&format!("blobs/sha256/{layer_digest}"), &layer)?;
-    add(&format!("blobs/sha256/{config_digest}"), &config)?;
+    add(&format!("blobs/sha256/{layer_digest}"), layer)?;
+    add(&format!("blobs/sha256/{config_digest}"), config)?;
     add(&format!("blobs/sha256/{manifest_digest}"), &manifest)?;
     add("index.json", &index)?;
     add("manifest.json", &docker_manifest)?;
@@ -232,7 +275,7 @@ pub fn write(out: &Path, name: &str, contents: &Contents) -> anyhow::Result<Writ
     Ok(Written {
         manifest_digest: format!("sha256:{manifest_digest}"),
         layer_bytes: layer.len() as u64,
-        files: contents.len(),
+        files: image.files,
     })
 }
 
@@ -304,6 +347,14 @@ fn sha256(data: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        // Debian's ldconfig is static-pie; coreutils are dynamic.
+        assert!(is_static(Path::new("/sbin/ldconfig")).unwrap());
+        assert!(!is_static(Path::new("/usr/bin/true")).unwrap());
+        assert!(is_static(Path::new("/etc/hostname")).is_err());
+    }
 
     #[test]
     fn ldd_output_is_parsed() {

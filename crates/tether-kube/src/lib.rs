@@ -5,7 +5,8 @@
 //! - [`target`]: `deploy/api` → one running, ready pod and its app container.
 //! - [`manifest`]: the agent's Job as data (what tether creates, testable without a cluster).
 //! - [`agent`]: create the Job, wait for its pod with a watch, port-forward, delete.
-//! - [`image`]: the agent image as a tarball, without a container engine.
+//! - [`image`]: the agent image, built without a container engine, written as a tarball.
+//! - [`registry`]: pushing the agent image to an OCI registry; is an image there.
 //! - [`access`]: the permissions tether needs, checked with SelfSubjectAccessReview.
 //! - [`pods`]: the target's pods kept current with a watch, to follow a replaced pod.
 
@@ -15,6 +16,7 @@ pub mod client;
 pub mod image;
 pub mod manifest;
 pub mod pods;
+pub mod registry;
 pub mod target;
 
 pub use kube::Client;

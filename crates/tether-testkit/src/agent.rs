@@ -148,6 +148,17 @@ impl AgentProcess {
     }
 
     /// Waits (at most `timeout`) for the guard to exit on its own.
+    /// Waits for the guard to exit without reaping it (`WNOWAIT`): it stays a zombie until this
+    /// is dropped or waited for. True once it has exited.
+    pub fn exited_unreaped(&self) -> bool {
+        use nix::sys::wait::{Id, WaitPidFlag, waitid};
+        waitid(
+            Id::Pid(nix::unistd::Pid::from_raw(self.child.id() as i32)),
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+        )
+        .is_ok()
+    }
+
     pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
         wait_exit(&mut self.child, timeout)
     }

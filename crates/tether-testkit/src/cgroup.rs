@@ -87,7 +87,7 @@ fn sweep_leftovers() {
         else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if pid.parse().is_ok_and(tether_agent::process::alive) {
             continue;
         }
         if let Ok(containers) = std::fs::read_dir(pod.path()) {

@@ -3,6 +3,7 @@
 //! - [`netns`]: network-namespace "pods", a client namespace, and the programs running in them.
 //! - [`agent`]: the real agent binary started for a target, and a session client that speaks the
 //!   protocol to it as the local proxy will.
+//! - [`registry`]: an OCI registry on loopback, for pushes and the simulator's pulls.
 //! - `apps/`: small real apps (a Python HTTP app and client) run inside the namespaces.
 //!
 //! Tests that need root call [`require_root`] first: without root they print a visible SKIPPED
@@ -13,6 +14,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod cutter;
 pub mod netns;
+pub mod registry;
 
 pub use netns::{Network, Pod};
 

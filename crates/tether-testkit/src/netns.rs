@@ -651,9 +651,8 @@ pub fn sweep_leftovers() {
             return false;
         };
         let pid = rest.split('-').next().unwrap_or_default();
-        !pid.is_empty()
-            && pid.parse::<u32>().is_ok()
-            && !Path::new(&format!("/proc/{pid}")).exists()
+        pid.parse()
+            .is_ok_and(|pid| !tether_agent::process::alive(pid))
     });
 }
 

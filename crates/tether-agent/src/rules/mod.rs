@@ -8,11 +8,11 @@
 
 pub mod plan;
 
-use std::{path::Path, process::Stdio};
+use std::process::Stdio;
 
 pub use plan::{AGENT_MARK, Backend, Leftover, Mesh, Owner, Plan, SessionRules};
 
-use crate::netns::Netns;
+use crate::{netns::Netns, process};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -37,8 +37,11 @@ pub enum RulesError {
 
 fn program(backend: Backend) -> (&'static str, &'static str) {
     match backend {
-        Backend::Nft => ("nft", "nftables"),
-        Backend::Legacy => ("iptables-legacy", "iptables"),
+        Backend::Nft => (
+            "nft",
+            "nftables (apt-get install nftables; or iptables, for the iptables-legacy backend)",
+        ),
+        Backend::Legacy => ("iptables-legacy", "iptables (apt-get install iptables)"),
     }
 }
 
@@ -176,24 +179,42 @@ async fn run(
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn on_path(program: &str) -> bool {
+/// True when the program `backend` runs is installed (on `PATH`) where the agent runs.
+pub fn installed(backend: Backend) -> bool {
+    on_path(program(backend).0)
+}
+
+/// True when `program` is a file in one of `PATH`'s directories.
+pub fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
 }
 
+/// Why the backend is not the one the agent prefers, when it had to fall back.
+pub const NFT_MISSING_FALLBACK: &str = "`nft` is not installed where the agent runs: redirecting with iptables-legacy instead. \
+     Its rules are removed by the agent's guard and by the next agent's sweep, but do not expire on their own \
+     if every agent process is killed; install nftables (apt-get install nftables) for that";
+
 /// The backend for this target: `forced` if given; else legacy when the target already has legacy
-/// iptables rules (a mesh's, say), nft otherwise.
-pub async fn choose_backend(netns: &Netns, forced: Option<bool>) -> Result<Backend, RulesError> {
+/// iptables rules (a mesh's, say); else nft, or iptables-legacy when only that is installed (with
+/// [`NFT_MISSING_FALLBACK`] as the note to show the user).
+pub async fn choose_backend(
+    netns: &Netns,
+    forced: Option<bool>,
+) -> Result<(Backend, Option<&'static str>), RulesError> {
     if let Some(nft) = forced {
-        return Ok(if nft { Backend::Nft } else { Backend::Legacy });
+        return Ok((if nft { Backend::Nft } else { Backend::Legacy }, None));
     }
     if on_path("iptables-legacy-save") {
         let listing = run_save(netns).await.unwrap_or_default();
         if plan::legacy_has_rules(&listing) {
-            return Ok(Backend::Legacy);
+            return Ok((Backend::Legacy, None));
         }
     }
-    Ok(Backend::Nft)
+    if !installed(Backend::Nft) && installed(Backend::Legacy) {
+        return Ok((Backend::Legacy, Some(NFT_MISSING_FALLBACK)));
+    }
+    Ok((Backend::Nft, None))
 }
 
 async fn run_save(netns: &Netns) -> Result<String, RulesError> {
@@ -294,30 +315,27 @@ pub async fn sweep(netns: &Netns, doomed: impl Fn(&Owner) -> bool) -> usize {
     removed
 }
 
-/// The start time of a process (field 22 of `/proc/PID/stat`), or `None` if it does not exist.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat =
-        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses; fields after it are plain.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
-}
-
 impl Owner {
     /// The owner tag of this process.
     pub fn current() -> Owner {
         let pid = std::process::id();
         Owner {
             pid,
-            start_time: start_time(pid).unwrap_or(0),
+            start_time: process::stat(pid).map_or(0, |s| s.start_time),
         }
     }
 
     /// True while the process that owns these rules runs: in this PID namespace, or in one
     /// nested in it (an agent in a container's PID namespace, as an ephemeral container is,
     /// tags its rules with its pid *there*; start times count from boot in every namespace).
+    /// A zombie is dead: its rules are swept although its parent has not reaped it yet.
     pub fn is_alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start_time) || self.alive_in_nested_namespace()
+        self.is(self.pid) || self.alive_in_nested_namespace()
+    }
+
+    /// True when `pid` (in this PID namespace) is this owner's process and has not exited.
+    fn is(&self, pid: u32) -> bool {
+        process::stat(pid).is_some_and(|s| s.running() && s.start_time == self.start_time)
     }
 
     fn alive_in_nested_namespace(&self) -> bool {
@@ -326,7 +344,7 @@ impl Owner {
         };
         entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| start_time(*pid) == Some(self.start_time))
+            .filter(|pid| self.is(*pid))
             .any(|pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/status"))
                     .ok()

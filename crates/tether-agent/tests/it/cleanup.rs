@@ -119,8 +119,13 @@ async fn when_every_agent_process_dies_nft_redirects_expire_and_the_next_agent_s
         leftover.contains(&format!("tether_{}", agent.owner)),
         "the expired table stays until a sweep: {leftover}"
     );
-    drop(session);
-    drop(agent);
+    // Regression: the dead guard is still a zombie (this test, its parent, has not reaped it), as
+    // it is while `tether exec` has not yet noticed. Its start time is still readable, and the
+    // sweep used to count it alive and keep its table.
+    assert!(
+        agent.exited_unreaped(),
+        "the killed guard is a zombie until it is reaped"
+    );
 
     let _next = AgentProcess::start(agent_bin(), &target, &[]);
     assert_eq!(
@@ -128,6 +133,8 @@ async fn when_every_agent_process_dies_nft_redirects_expire_and_the_next_agent_s
         "",
         "the next agent's sweep removes the dead agent's table"
     );
+    drop(session);
+    drop(agent);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -82,6 +82,7 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
             "tether demo creates network namespaces and redirect rules: run it as root (sudo tether demo)"
         );
     }
+    check_prerequisites(ui)?;
     let exe = std::env::current_exe()?;
     let mut demo = Demo {
         prefix: format!("tether-demo-{}", std::process::id()),
@@ -152,10 +153,14 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
         .spawn()?;
     let stderr = exec.stderr.take().context("no stderr")?;
     demo.children.push(exec);
-    wait_for_line(stderr, &format!("target port {POD_PORT}"))?;
+    if let Err(error) = wait_for_steal(stderr) {
+        step.fail("");
+        return Err(error);
+    }
     step.done(&format!(
         "local port {local_port} now gets the pod's port {POD_PORT} requests marked X-Dev: you"
     ));
+    let mut misrouted = Vec::new();
     for (path, dev) in [
         ("/hello", true),
         ("/hello", false),
@@ -165,10 +170,19 @@ pub(crate) fn run(ui: Ui) -> anyhow::Result<i32> {
         if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
             bail!("interrupted");
         }
-        show(
-            ui,
-            if dev { "X-Dev: you" } else { "no header" },
-            &get(path, dev)?,
+        let answer = get(path, dev)?;
+        let when = if dev { "X-Dev: you" } else { "no header" };
+        show(ui, when, &answer);
+        if answer.starts_with("your local process") != dev {
+            misrouted.push(format!("{when} GET {path}"));
+        }
+    }
+    // The demo's whole point: a steal that did not happen is a failure, never a quiet ✓.
+    if !misrouted.is_empty() {
+        bail!(
+            "the steal did not route as configured ({}); run `tether exec --target netns/NAME --steal -v -- …` to see why, \
+             or `tether doctor` to check this machine",
+            misrouted.join(", ")
         );
     }
 
@@ -253,9 +267,12 @@ fn wait_answering(client: &Netns) -> anyhow::Result<()> {
     }
 }
 
-fn wait_for_line(stderr: std::process::ChildStderr, needle: &str) -> anyhow::Result<()> {
+/// Waits (at most 20 s) until `tether exec` says the pod's port is stolen; fails with what it said
+/// if it cannot steal it (a missing tool, say) or stops first.
+fn wait_for_steal(stderr: std::process::ChildStderr) -> anyhow::Result<()> {
     use std::io::BufRead as _;
-    let needle = needle.to_owned();
+    let stolen = format!("target port {POD_PORT} →");
+    let refused = format!("target port {POD_PORT}:");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut said = Vec::new();
@@ -263,8 +280,10 @@ fn wait_for_line(stderr: std::process::ChildStderr, needle: &str) -> anyhow::Res
             .lines()
             .map_while(Result::ok)
         {
-            if line.contains(&needle) {
+            if line.contains(&stolen) {
                 let _ = tx.send(Ok(()));
+            } else if line.contains(&refused) {
+                let _ = tx.send(Err(line.clone()));
             }
             said.push(line);
         }
@@ -272,9 +291,38 @@ fn wait_for_line(stderr: std::process::ChildStderr, needle: &str) -> anyhow::Res
     });
     match rx.recv_timeout(Duration::from_secs(20)) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(said)) => bail!("tether exec stopped early:\n{said}"),
+        Ok(Err(said)) => bail!("tether exec could not steal the pod's port:\n{said}"),
         Err(_) => bail!("tether exec did not take the port within 20 s"),
     }
+}
+
+/// What the demo needs on this machine, checked before anything is built: each missing piece is
+/// named with the package that brings it.
+fn check_prerequisites(ui: Ui) -> anyhow::Result<()> {
+    use tether_agent::rules::{self, Backend};
+    let mut missing = Vec::new();
+    for (program, package) in [("ip", "iproute2"), ("nsenter", "util-linux")] {
+        if !rules::on_path(program) {
+            missing.push(format!("`{program}` (apt-get install {package})"));
+        }
+    }
+    match (rules::installed(Backend::Nft), rules::installed(Backend::Legacy)) {
+        (true, _) => {}
+        (false, true) => ui.warn(
+            "`nft` is not installed: the demo redirects with iptables-legacy instead (apt-get install nftables for the default backend)",
+        ),
+        (false, false) => missing.push(
+            "`nft` to redirect the pod's traffic (apt-get install nftables; or iptables, for the iptables-legacy backend)"
+                .into(),
+        ),
+    }
+    if !missing.is_empty() {
+        bail!(
+            "tether demo cannot run on this machine; it needs {}",
+            missing.join(", and ")
+        );
+    }
+    Ok(())
 }
 
 /// One HTTP GET to the pod, from inside the client namespace.

@@ -17,7 +17,7 @@ const TOOLS: &[(&str, &str, &str)] = &[
     (
         "nft",
         "nftables",
-        "rules that expire on their own if the agent dies",
+        "steal with rules that expire on their own if the agent dies; without it, iptables-legacy",
     ),
     ("conntrack", "conntrack", "flush_connections"),
 ];
@@ -28,7 +28,7 @@ pub(crate) fn run(
     config_file: Option<&Path>,
     ui: Ui,
 ) -> i32 {
-    let local = local_checks(ui);
+    let local = local_checks(ui) + kernel_checks(ui);
     let mut loader = crate::commands::config::loader(config_file);
     if let Some(context) = &context {
         loader = loader.flag("--context", "/kube_context", serde_json::json!(context));
@@ -120,7 +120,91 @@ async fn cluster_checks(config: &tether_config::Config, ui: Ui) -> anyhow::Resul
             }
         }
     }
-    Ok(missing)
+    Ok(missing + image_check(config, ui).await)
+}
+
+/// Whether the agent image is in its registry, asked from this machine with its credentials.
+/// The default image is published nowhere: it works only once loaded on the nodes, which this
+/// machine cannot see, so it is a warning. A configured image the registry does not have is a
+/// problem; one whose registry this machine cannot reach is a warning (the nodes may reach it).
+async fn image_check(config: &tether_config::Config, ui: Ui) -> i32 {
+    let ways_out = "push one (tether agent-image --push REGISTRY/REPOSITORY:TAG) and set agent.image to it, \
+                    or load it on the nodes (tether agent-image --output agent.tar)";
+    let Some(image) = &config.agent.image else {
+        ui.warn(&format!(
+            "agent.image is not set, and the default {} is not published in any registry: {ways_out}",
+            tether_kube::manifest::DEFAULT_IMAGE
+        ));
+        return 0;
+    };
+    if config.agent.image_pull_policy == Some(tether_config::model::PullPolicy::Never) {
+        ui.info(&format!(
+            "agent image {image}: image_pull_policy Never, so it must be on the nodes already"
+        ));
+        return 0;
+    }
+    let step = ui.step(&format!("agent image {image} in its registry"));
+    match tether_kube::registry::manifest_digest(image, false).await {
+        Ok(digest) => {
+            step.done(&digest);
+            0
+        }
+        Err(error) if error.unreachable() => {
+            step.done(&format!(
+                "cannot tell: this machine cannot reach its registry ({:#}); the nodes may",
+                anyhow::Error::from(error)
+            ));
+            0
+        }
+        Err(error) => {
+            step.fail(&format!("{:#}; {ways_out}", anyhow::Error::from(error)));
+            1
+        }
+    }
+}
+
+/// The kernel features tether's agent uses on this machine (local targets); how many are missing.
+fn kernel_checks(ui: Ui) -> i32 {
+    let mut problems = 0;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let version: Vec<u32> = release
+        .trim()
+        .split(['.', '-'])
+        .take(2)
+        .filter_map(|part| part.parse().ok())
+        .collect();
+    let step = ui.step("kernel 5.6 or later (openat2: file access confined to the target's root)");
+    match version.as_slice() {
+        [major, minor] if (*major, *minor) >= (5, 6) => step.done(release.trim()),
+        _ => {
+            step.fail(&format!(
+                "{}: files of the target cannot be read safely here",
+                release.trim()
+            ));
+            problems += 1;
+        }
+    }
+    if is_root() && find_in_path("nft").is_some() {
+        let step = ui.step("nftables in the kernel (nft list tables)");
+        match std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+        {
+            Ok(output) if output.status.success() => step.done("yes"),
+            Ok(output) => {
+                step.fail(&format!(
+                    "{} (load the nf_tables module: modprobe nf_tables)",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ));
+                problems += 1;
+            }
+            Err(error) => {
+                step.fail(&format!("cannot run nft: {error}"));
+                problems += 1;
+            }
+        }
+    }
+    problems
 }
 
 /// Root and the programs local targets need; how many are missing.

@@ -458,13 +458,13 @@ fn local_still_there(agent: &AgentChild, target: &str) -> StillThere {
     let target_owned = target.to_owned();
     Arc::new(move || {
         if let Some(pid) = agent_pid
-            && !process_alive(pid)
+            && !tether_agent::process::alive(pid)
         {
             return Err(format!("the agent (pid {pid}) exited"));
         }
         let there = match target_owned.split_once('/') {
             Some(("netns", name)) => Path::new("/run/netns").join(name).exists(),
-            Some(("pid", pid)) => pid.parse().is_ok_and(process_alive),
+            Some(("pid", pid)) => pid.parse().is_ok_and(tether_agent::process::alive),
             _ => true,
         };
         if there {
@@ -477,15 +477,6 @@ fn local_still_there(agent: &AgentChild, target: &str) -> StillThere {
 
 /// How long one connection attempt to the agent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Alive and not a zombie (`/proc/PID/stat`'s state after the command name).
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X')
-    })
-}
 
 fn forward(pid: Option<u32>, signal: nix::sys::signal::Signal) {
     if let Some(pid) = pid {

@@ -544,10 +544,14 @@ fn the_demo_shows_the_steal_and_cleans_up() {
     if !require_root("the_demo_shows_the_steal_and_cleans_up") {
         return;
     }
-    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+    let demo = Command::new(env!("CARGO_BIN_EXE_tether"))
         .arg("demo")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = demo.id();
+    let output = demo.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
@@ -577,12 +581,82 @@ fn the_demo_shows_the_steal_and_cleans_up() {
         stdout.contains("it saw the client as 10.213.250.100"),
         "the local process sees the real client: {stdout}"
     );
+    assert_no_demo_namespaces(pid);
+}
+
+/// `tether demo` on a machine where `hidden` programs are not installed: they are bind-mounted
+/// over with `/dev/null` in a mount namespace of the demo's own.
+fn demo_without(hidden: &[&str]) -> std::process::Output {
+    let mut script = String::new();
+    for program in hidden {
+        script.push_str(&format!(
+            "mount --bind /dev/null \"$(command -v {program})\" || exit 99; "
+        ));
+    }
+    script.push_str("exec \"$0\" demo");
+    // unshare and sh exec: the demo keeps the pid of the process spawned here.
+    let demo = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(env!("CARGO_BIN_EXE_tether"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = demo.id();
+    let output = demo.wait_with_output().unwrap();
+    assert_ne!(output.status.code(), Some(99), "cannot hide {hidden:?}");
+    assert_no_demo_namespaces(pid);
+    output
+}
+
+/// The namespaces of the demo run by process `pid` are gone (other tests' demos may still run).
+fn assert_no_demo_namespaces(pid: u32) {
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
     assert!(
-        !left.contains("tether-demo-"),
+        !left.contains(&format!("tether-demo-{pid}-")),
         "demo namespaces left: {left}"
     );
+}
+
+/// Regression: without `nft` the demo printed ✓ everywhere and showed every marked request
+/// answered by the pod. It now steals with the iptables-legacy backend, and says so.
+#[test]
+fn the_demo_without_nft_steals_with_iptables_legacy_and_says_so() {
+    if !require_root("the_demo_without_nft_steals_with_iptables_legacy_and_says_so") {
+        return;
+    }
+    let output = demo_without(&["nft"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout.matches("answered by your local process").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("`nft` is not installed: the demo redirects with iptables-legacy"),
+        "{stderr}"
+    );
+}
+
+/// With neither `nft` nor iptables-legacy the demo stops before building anything, exits
+/// non-zero and names the package to install.
+#[test]
+fn the_demo_without_any_redirect_tool_fails_naming_the_package() {
+    if !require_root("the_demo_without_any_redirect_tool_fails_naming_the_package") {
+        return;
+    }
+    let output = demo_without(&["nft", "iptables-legacy"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("apt-get install nftables"),
+        "names the fix: {stderr}"
+    );
+    assert!(!stdout.contains("answered by"), "nothing ran: {stdout}");
 }
 
 /// A slow local app slows the remote client: nothing between them buffers the whole upload.

@@ -187,3 +187,107 @@ fn the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run() {
         "{nft}"
     );
 }
+
+/// `tether agent-image --push` to a registry the test runs (Debian's docker-registry on
+/// loopback): another client (skopeo) sees the image under the digest tether printed, and the
+/// cluster simulator pulls that reference, runs the agent out of the pulled layer, and the
+/// session works through it.
+#[test]
+fn a_pushed_agent_image_is_pulled_and_run_by_the_cluster() {
+    if !require_root("a_pushed_agent_image_is_pulled_and_run_by_the_cluster") {
+        return;
+    }
+    let registry = tether_testkit::registry::Registry::start();
+    let name = format!("{}/team/tether-agent:test", registry.host);
+    let agent = Path::new(env!("CARGO_BIN_EXE_tether")).with_file_name("tether-agent");
+    // No credentials: the test never reads the developer's own.
+    let docker_config = tempfile::tempdir().unwrap();
+    std::fs::write(docker_config.path().join("config.json"), "{}").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["agent-image", "--push", &name, "--agent"])
+        .arg(&agent)
+        .env("DOCKER_CONFIG", docker_config.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let pinned = stdout.trim();
+    let digest = pinned
+        .strip_prefix(&format!("{name}@"))
+        .unwrap_or_else(|| panic!("prints NAME@DIGEST, not {pinned}"));
+    assert!(
+        stderr.contains("agent.image"),
+        "says where to put it: {stderr}"
+    );
+
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", &format!("docker://{name}")])
+        .output()
+        .expect("skopeo (scripts/install-deps installs it)");
+    assert!(
+        inspect.status.success(),
+        "skopeo cannot read the pushed image: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let seen = json(&inspect.stdout);
+    assert_eq!(
+        seen["Digest"], digest,
+        "the registry serves what was pushed"
+    );
+    assert_eq!(seen["Layers"].as_array().map(Vec::len), Some(1), "{seen}");
+
+    let ctx = crate::context::PodContext::in_cluster();
+    let (code, said) = crate::kube::doctor(&ctx, &[("TETHER_AGENT__IMAGE", pinned)]);
+    assert!(
+        said.contains(&format!("✓ agent image {pinned} in its registry: {digest}")),
+        "doctor finds the image: {said}"
+    );
+    assert_eq!(code, Some(0), "{said}");
+    let out = ctx.exec_ok(
+        &[("TETHER_AGENT__IMAGE", pinned)],
+        &["sh", "-c", "cat \"$POD_DIR/secret.txt\""],
+    );
+    assert_eq!(out.trim(), "secret-from-pod");
+    assert_eq!(
+        ctx.cluster.as_ref().unwrap().pulled_images(),
+        [pinned],
+        "the agent ran from the pulled image"
+    );
+}
+
+/// An agent image nobody pushed: `tether exec` stops with one line that says so and names both
+/// ways out.
+#[test]
+fn an_agent_image_missing_from_its_registry_is_named_with_both_ways_out() {
+    if !require_root("an_agent_image_missing_from_its_registry_is_named_with_both_ways_out") {
+        return;
+    }
+    let registry = tether_testkit::registry::Registry::start();
+    let missing = format!("{}/team/tether-agent:never-pushed", registry.host);
+    let ctx = crate::context::PodContext::in_cluster();
+    let output = ctx.exec(&[("TETHER_AGENT__IMAGE", &missing)], &["true"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("cannot be pulled"))
+        .unwrap_or_else(|| panic!("no line says the image cannot be pulled:\n{stderr}"));
+    for needed in [
+        missing.as_str(),
+        "ErrImagePull",
+        "tether agent-image --push",
+        "tether agent-image --output agent.tar",
+    ] {
+        assert!(line.contains(needed), "{needed:?} missing from: {line}");
+    }
+    assert!(ctx.cluster.as_ref().unwrap().pulled_images().is_empty());
+    // tether doctor says it before anyone trips on it.
+    let (code, said) = crate::kube::doctor(&ctx, &[("TETHER_AGENT__IMAGE", &missing)]);
+    assert_eq!(code, Some(1), "{said}");
+    let line = said
+        .lines()
+        .find(|l| l.contains(&format!("✗ agent image {missing} in its registry")))
+        .unwrap_or_else(|| panic!("doctor does not report the image: {said}"));
+    assert!(line.contains("tether agent-image --push"), "{line}");
+}

@@ -314,7 +314,10 @@ fn an_agent_image_that_cannot_be_pulled_fails_at_once_with_the_pod_s_events() {
     cluster.fail_image_pulls(Some("not found"));
     let (code, stderr) = failing_exec(&ctx, "deploy/api");
     assert_eq!(code, Some(125), "{stderr}");
-    assert!(stderr.contains("cannot start: ErrImagePull"), "{stderr}");
+    assert!(
+        stderr.contains("cannot be pulled (ErrImagePull)"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("Warning Failed: Failed to pull image \"ghcr.io/tether-dev/tether-agent:"),
         "the pod's events are shown: {stderr}"
@@ -323,11 +326,12 @@ fn an_agent_image_that_cannot_be_pulled_fails_at_once_with_the_pod_s_events() {
 }
 
 /// `tether doctor -n shop` against the simulator: exit code and everything it printed.
-fn doctor(ctx: &PodContext) -> (Option<i32>, String) {
+pub(crate) fn doctor(ctx: &PodContext, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["doctor", "-n", "shop"])
         .env_remove("TETHER_CONFIG")
         .envs(ctx.target_env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -347,7 +351,7 @@ fn doctor_names_the_permission_the_cluster_denies() {
         return;
     }
     let ctx = PodContext::in_cluster();
-    let (code, said) = doctor(&ctx);
+    let (code, said) = doctor(&ctx, &[]);
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("✓ may create jobs.batch"), "{said}");
     assert!(!said.contains("missing"), "{said}");
@@ -355,7 +359,7 @@ fn doctor_names_the_permission_the_cluster_denies() {
     let cluster = ctx.cluster.as_ref().unwrap();
     cluster.deny("create", "pods/portforward");
     cluster.deny("delete", "jobs");
-    let (code, said) = doctor(&ctx);
+    let (code, said) = doctor(&ctx, &[]);
     assert_eq!(code, Some(1), "{said}");
     for line in [
         "✗ may create pods/portforward (reach the agent (WebSocket, Kubernetes 1.35+)): missing",

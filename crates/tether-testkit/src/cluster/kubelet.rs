@@ -133,32 +133,40 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
     let image = container["image"].as_str().unwrap_or("").to_owned();
 
     let pull_error = state.faults.lock().unwrap().image_pull_error.clone();
-    if let Some(message) = pull_error {
-        let message = format!("failed to pull and unpack image \"{image}\": {message}");
-        update_pod(state, &namespace, &name, |pod| {
-            pod["status"]["containerStatuses"] = json!([{
-                "name": container_name, "image": image, "imageID": "", "ready": false,
-                "restartCount": 0, "started": false,
-                "state": {"waiting": {"reason": "ErrImagePull", "message": message}}
-            }]);
-        });
-        let pod = current(state, &namespace, &name)?;
-        event(
-            state,
-            &pod,
-            "Normal",
-            "Pulling",
-            &format!("Pulling image \"{image}\""),
-        );
-        event(
-            state,
-            &pod,
-            "Warning",
-            "Failed",
-            &format!("Failed to pull image \"{image}\": {message}"),
-        );
-        return None;
-    }
+    let pulled = match pull_error {
+        Some(message) => Err(format!(
+            "failed to pull and unpack image \"{image}\": {message}"
+        )),
+        None => super::images::pull_entrypoint(&image, state.image_dir.path()).await,
+    };
+    let entrypoint = match pulled {
+        Ok(entrypoint) => entrypoint,
+        Err(message) => {
+            update_pod(state, &namespace, &name, |pod| {
+                pod["status"]["containerStatuses"] = json!([{
+                    "name": container_name, "image": image, "imageID": "", "ready": false,
+                    "restartCount": 0, "started": false,
+                    "state": {"waiting": {"reason": "ErrImagePull", "message": message}}
+                }]);
+            });
+            let pod = current(state, &namespace, &name)?;
+            event(
+                state,
+                &pod,
+                "Normal",
+                "Pulling",
+                &format!("Pulling image \"{image}\""),
+            );
+            event(
+                state,
+                &pod,
+                "Warning",
+                "Failed",
+                &format!("Failed to pull image \"{image}\": {message}"),
+            );
+            return None;
+        }
+    };
 
     let n = state
         .next_netns
@@ -190,15 +198,16 @@ async fn run_pod(state: &Arc<State>, pod: &Value, deadline: Option<u64>) -> Opti
             "--kill-child=SIGTERM",
         ]);
     }
-    let mut command = container_command(state, &wrapper, container);
+    let mut command = container_command(state, &wrapper, container, entrypoint.as_deref());
     if let Some(pod) = current(state, &namespace, &name) {
-        event(
-            state,
-            &pod,
-            "Normal",
-            "Pulled",
-            &format!("Container image \"{image}\" already present on machine"),
-        );
+        let pulled = match &entrypoint {
+            Some(_) => {
+                state.pulled.lock().unwrap().push(image.clone());
+                format!("Successfully pulled image \"{image}\"")
+            }
+            None => format!("Container image \"{image}\" already present on machine"),
+        };
+        event(state, &pod, "Normal", "Pulled", &pulled);
         event(
             state,
             &pod,
@@ -300,13 +309,20 @@ const DEADLINE_EXCEEDED: i32 = -1;
 
 /// `ip WRAPPER… AGENT_COMMAND… ARGS…` with the container's environment, in a process group of
 /// its own (so the whole container can be signalled), output piped for [`keep_logs`].
+/// The container's process under `wrapper`: the image's `entrypoint` when it was pulled, else
+/// the simulator's agent command; then the container's `args`.
 fn container_command(
     state: &State,
     wrapper: &[&str],
     container: &Value,
+    entrypoint: Option<&std::path::Path>,
 ) -> tokio::process::Command {
     let mut command = tokio::process::Command::new("ip");
-    command.args(wrapper).args(&state.agent_command);
+    command.args(wrapper);
+    match entrypoint {
+        Some(entrypoint) => command.arg(entrypoint),
+        None => command.args(&state.agent_command),
+    };
     if let Some(args) = container["args"].as_array() {
         command.args(args.iter().filter_map(Value::as_str));
     }
@@ -409,7 +425,7 @@ pub(crate) fn start_ephemeral(state: &Arc<State>, namespace: &str, pod: &str, co
         "--mount-proc",
         "--",
     ];
-    let mut command = container_command(state, &wrapper, &container);
+    let mut command = container_command(state, &wrapper, &container, None);
     let mut child = command
         .spawn()
         .expect("start the ephemeral container's command");

@@ -29,6 +29,7 @@
 //!   [`Cluster::drop_port_forwards`], [`Cluster::refuse_port_forwards`].
 
 mod api;
+mod images;
 mod kubelet;
 mod portforward;
 mod store;
@@ -120,6 +121,10 @@ pub(crate) struct State {
     pub(crate) containers: Mutex<Vec<Container>>,
     /// Services whose virtual IPs follow their pods ([`Cluster::expose`]).
     pub(crate) services: Mutex<Vec<workload::Service>>,
+    /// Entrypoints of images pulled from loopback registries.
+    pub(crate) image_dir: tempfile::TempDir,
+    /// Images pulled from loopback registries, in order.
+    pub(crate) pulled: Mutex<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -168,6 +173,8 @@ impl Cluster {
             hosts: format!("127.0.0.1 localhost\n{hosts}"),
             resolv_conf: "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n".into(),
             etc_dirs: Mutex::default(),
+            image_dir: tempfile::tempdir().expect("a directory for pulled images"),
+            pulled: Mutex::default(),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -340,6 +347,11 @@ impl Cluster {
             .insert((verb.to_owned(), resource.to_owned()));
     }
 
+    /// Images the kubelet pulled from loopback registries (others count as present on the node).
+    pub fn pulled_images(&self) -> Vec<String> {
+        self.state.pulled.lock().unwrap().clone()
+    }
+
     /// Agent pods' image pulls fail with `message` (or succeed again with `None`).
     pub fn fail_image_pulls(&self, message: Option<&str>) {
         self.state.faults.lock().unwrap().image_pull_error = message.map(str::to_owned);
@@ -448,7 +460,10 @@ fn sweep_etc_netns() {
         let Some(pid) = name.strip_prefix("tt-").and_then(|r| r.split('-').next()) else {
             continue;
         };
-        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if pid
+            .parse()
+            .is_ok_and(|pid| !tether_agent::process::alive(pid))
+        {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
