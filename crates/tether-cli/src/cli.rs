@@ -177,10 +177,10 @@ Or write a tarball for clusters without a registry (both an OCI image layout and
 Then set agent.image to the name it printed and agent.image_pull_policy: IfNotPresent."
     )]
     AgentImage {
-        /// The agent binary (default: tether-agent next to this tether). A static build does not
-        /// depend on this machine's C library:
-        /// RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
-        /// --target x86_64-unknown-linux-gnu -p tether-agent.
+        /// The agent binary. Default: the static build of this workspace if there is one
+        /// (RUSTFLAGS='-C target-feature=+crt-static' cargo build --release
+        /// --target x86_64-unknown-linux-gnu -p tether-agent), which depends on no library of
+        /// this machine; else the tether-agent next to this tether, packed with its libraries.
         #[arg(long, value_name = "PATH")]
         agent: Option<PathBuf>,
         /// The image's name in the tarball (with --output).

@@ -43,6 +43,48 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Client, String)> {
         config.accept_invalid_certs = true;
     }
     let namespace = config.default_namespace.clone();
-    let client = Client::try_from(config).context("cannot build the Kubernetes client")?;
+    let client = without_nagle(config).context("cannot build the Kubernetes client")?;
     Ok((client, namespace))
+}
+
+/// kube's own client stack (TLS from the kubeconfig, base URI, authentication with refresh,
+/// extra headers), except that its connections to the API server set `TCP_NODELAY`.
+/// hyper-util's `HttpConnector` leaves Nagle on, which kube's default builder keeps: a session's
+/// small frames then wait for the server's delayed ACK, ~40 ms per exchange on a real cluster
+/// (field-notes §10). The port-forward's WebSocket is an upgrade of such a connection, so the
+/// whole session path inherits the option.
+///
+/// Through a proxy (`proxy-url`), kube's own builder is used as it is (its tunnels are not
+/// rebuilt here).
+fn without_nagle(config: Config) -> Result<Client, kube::Error> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use kube::client::{ClientBuilder, ConfigExt as _};
+    use tower::{ServiceBuilder, ServiceExt as _};
+
+    if config.proxy_url.is_some() {
+        return Client::try_from(config);
+    }
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper =
+        hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(hyper)
+        .map_response(|response: http::Response<hyper::body::Incoming>| {
+            response.map(|body| {
+                Box::new(http_body_util::BodyExt::map_err(
+                    body,
+                    tower::BoxError::from,
+                )) as Box<kube::client::DynBody>
+            })
+        })
+        .boxed();
+    Ok(ClientBuilder::new(service, config.default_namespace.clone()).build())
 }

@@ -27,17 +27,7 @@ pub(crate) fn run(
     }
     let agent = match agent {
         Some(path) => path,
-        None => {
-            let exe = std::env::current_exe().context("cannot find the tether executable")?;
-            let next_to = exe.with_file_name("tether-agent");
-            anyhow::ensure!(
-                next_to.is_file(),
-                "no tether-agent next to {} (build it: cargo build --release -p tether-agent), \
-                 or name one with --agent",
-                exe.display()
-            );
-            next_to
-        }
+        None => default_agent()?,
     };
     let step = ui.step(&format!(
         "packing {} and the tools it runs",
@@ -117,4 +107,26 @@ pub(crate) fn run(
         }
     }
     Ok(0)
+}
+
+/// The agent to pack when none is named: a static build from this workspace if there is one
+/// (`target/x86_64-unknown-linux-gnu/release/tether-agent`, beside this tether's `target/release`
+/// or `target/debug`), else the `tether-agent` next to this tether.
+fn default_agent() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the tether executable")?;
+    let next_to = exe.with_file_name("tether-agent");
+    let static_build = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("x86_64-unknown-linux-gnu/release/tether-agent"));
+    if let Some(static_build) = static_build.filter(|p| p.is_file()) {
+        return Ok(static_build);
+    }
+    anyhow::ensure!(
+        next_to.is_file(),
+        "no tether-agent next to {} (build it: cargo build --release -p tether-agent), \
+         or name one with --agent",
+        exe.display()
+    );
+    Ok(next_to)
 }

@@ -47,6 +47,20 @@ fn blob<'a>(files: &'a HashMap<String, Vec<u8>>, descriptor: &serde_json::Value)
     data
 }
 
+/// The static agent `tether agent-image` packs by default (`scripts/test` builds it).
+fn require_static_agent() {
+    let agent = Path::new(env!("CARGO_BIN_EXE_tether"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("x86_64-unknown-linux-gnu/release/tether-agent");
+    assert!(
+        agent.is_file(),
+        "build the static agent first (scripts/test does): RUSTFLAGS='-C target-feature=+crt-static' \
+         cargo build --release --target x86_64-unknown-linux-gnu -p tether-agent"
+    );
+}
+
 #[test]
 fn the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run() {
     if !require_root("the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run") {
@@ -54,16 +68,10 @@ fn the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run() {
     }
     let dir = tempfile::tempdir().unwrap();
     let tarball = dir.path().join("agent.tar");
-    let agent = Path::new(env!("CARGO_BIN_EXE_tether")).with_file_name("tether-agent");
-    assert!(
-        agent.is_file(),
-        "build the agent first: cargo build -p tether-agent"
-    );
+    require_static_agent();
     let output = Command::new(env!("CARGO_BIN_EXE_tether"))
         .args(["agent-image", "--name", NAME, "--output"])
         .arg(&tarball)
-        .arg("--agent")
-        .arg(&agent)
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -142,6 +150,10 @@ fn the_agent_image_is_a_valid_oci_and_docker_archive_whose_tools_run() {
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     assert!(run(&["/tether-agent", "--version"]).starts_with("tether-agent "));
+    assert!(
+        tether_kube::image::is_static(&root.join("tether-agent")).unwrap(),
+        "the image's agent depends on no library of the building machine"
+    );
     run(&[
         "/usr/sbin/iptables-legacy",
         "-t",
@@ -199,13 +211,12 @@ fn a_pushed_agent_image_is_pulled_and_run_by_the_cluster() {
     }
     let registry = tether_testkit::registry::Registry::start();
     let name = format!("{}/team/tether-agent:test", registry.host);
-    let agent = Path::new(env!("CARGO_BIN_EXE_tether")).with_file_name("tether-agent");
+    require_static_agent();
     // No credentials: the test never reads the developer's own.
     let docker_config = tempfile::tempdir().unwrap();
     std::fs::write(docker_config.path().join("config.json"), "{}").unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["agent-image", "--push", &name, "--agent"])
-        .arg(&agent)
+        .args(["agent-image", "--push", &name])
         .env("DOCKER_CONFIG", docker_config.path())
         .output()
         .unwrap();
@@ -219,6 +230,10 @@ fn a_pushed_agent_image_is_pulled_and_run_by_the_cluster() {
     assert!(
         stderr.contains("agent.image"),
         "says where to put it: {stderr}"
+    );
+    assert!(
+        !stderr.contains("dynamically linked"),
+        "the static agent was packed: {stderr}"
     );
 
     let inspect = Command::new("skopeo")

@@ -126,6 +126,70 @@ fn a_deployment_s_traffic_is_stolen_or_mirrored_into_python_and_node() {
     }
 }
 
+/// `TCP_NODELAY` of each TCP socket of process `pid` whose peer is `peer`, read from copies of
+/// them taken from outside (`pidfd_getfd`, as root).
+fn nodelay_towards(pid: u32, peer: std::net::SocketAddr) -> Vec<bool> {
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        let Ok(copy) =
+            rustix::process::pidfd_getfd(&pidfd, number, rustix::process::PidfdGetfdFlags::empty())
+        else {
+            continue;
+        };
+        let connected_to_peer = rustix::net::getpeername(&copy)
+            .ok()
+            .flatten()
+            .and_then(|addr| std::net::SocketAddr::try_from(addr).ok())
+            == Some(peer);
+        if connected_to_peer {
+            found.push(rustix::net::sockopt::tcp_nodelay(&copy).unwrap());
+        }
+    }
+    found
+}
+
+/// Regression (field-notes §10): kube's client leaves Nagle on for its connections to the API
+/// server, and a stolen request then waits ~40 ms per exchange for the server's delayed ACK on
+/// a real cluster. Every connection tether holds to the API server, the port-forward carrying
+/// the session among them, has TCP_NODELAY.
+#[test]
+fn tether_s_connections_to_the_api_server_have_nagle_off() {
+    if !require_root("tether_s_connections_to_the_api_server_have_nagle_off") {
+        return;
+    }
+    let ctx = PodContext::in_cluster();
+    let port = free_port();
+    let mut exec = exec_in_cluster(&ctx, "steal", port, &[], &python_http_server(port));
+    let answers = ctx.net.http_requests(&pod_url(ctx.net.pod(0)), 1, false);
+    assert!(answers[0].contains("local python"), "{answers:?}");
+    let nodelay = nodelay_towards(exec.pid(), ctx.cluster.as_ref().unwrap().addr());
+    assert!(
+        !nodelay.is_empty(),
+        "tether holds no connection to the API server"
+    );
+    assert!(
+        nodelay.iter().all(|on| *on),
+        "TCP_NODELAY of tether's connections to the API server: {nodelay:?}"
+    );
+    assert!(exec.interrupt().is_some(), "tether exits");
+}
+
 #[test]
 fn a_filtered_steal_on_a_deployment_takes_only_matching_requests() {
     if !require_root("a_filtered_steal_on_a_deployment_takes_only_matching_requests") {
