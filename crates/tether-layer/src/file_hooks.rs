@@ -61,10 +61,7 @@ fn fail<T>(errno: c_int, value: T) -> T {
 
 /// The placeholder's identity, to tell it apart from a reused fd number.
 fn inode(fd: c_int) -> Option<u64> {
-    // SAFETY: zeroed storage is a valid out-buffer for fstat.
-    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out-buffer.
-    (unsafe { libc::fstat64(fd, &mut st) } == 0).then_some(st.st_ino)
+    crate::identity(fd).map(|(_, ino)| ino)
 }
 
 /// The remote file behind `fd`, if `fd` still is its placeholder.
@@ -163,7 +160,7 @@ fn open_remote(path: &Path, flags: c_int, mode: libc::mode_t) -> c_int {
         file.handle = 0;
         file.snapshot = snapshot;
     }
-    track(|t| t.files.insert(fd, Arc::new(Mutex::new(file))));
+    track(fd, |t| t.files.insert(fd, Arc::new(Mutex::new(file))));
     ACTIVE.store(true, Ordering::Release);
     fd
 }

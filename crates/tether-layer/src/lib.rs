@@ -125,6 +125,7 @@ real_fns! {
     getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
     getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
     close(fd: c_int) -> c_int;
+    syscall(number: libc::c_long, a1: libc::c_long, a2: libc::c_long, a3: libc::c_long, a4: libc::c_long, a5: libc::c_long, a6: libc::c_long) -> libc::c_long;
     dup(fd: c_int) -> c_int;
     dup2(old: c_int, new: c_int) -> c_int;
     dup3(old: c_int, new: c_int, flags: c_int) -> c_int;
@@ -139,7 +140,8 @@ real_fns! {
     sendmmsg(fd: c_int, msgs: *mut libc::mmsghdr, count: libc::c_uint, flags: c_int) -> c_int;
     getaddrinfo(node: *const c_char, service: *const c_char, hints: *const libc::addrinfo, res: *mut *mut libc::addrinfo) -> c_int;
     freeaddrinfo(res: *mut libc::addrinfo) -> ();
-    gethostbyname(name: *const c_char) -> *mut libc::hostent;
+    gethostbyname2(name: *const c_char, family: c_int) -> *mut libc::hostent;
+    gethostbyname2_r(name: *const c_char, family: c_int, ret: *mut libc::hostent, buf: *mut c_char, buflen: libc::size_t, result: *mut *mut libc::hostent, h_errnop: *mut c_int) -> c_int;
     open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
     open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
     openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
@@ -211,9 +213,35 @@ fn enter() -> Option<Entered> {
 /// listened remotely.
 static TRACKING: AtomicBool = AtomicBool::new(false);
 
-fn track<T>(f: impl FnOnce(&mut state::Tables) -> T) -> T {
+/// Makes records for `fd`, noting what it refers to now (see [`revalidate`]).
+fn track<T>(fd: c_int, f: impl FnOnce(&mut state::Tables) -> T) -> T {
     TRACKING.store(true, Ordering::Relaxed);
-    state::with(f)
+    let identity = identity(fd);
+    state::with(|t| {
+        t.identify(fd, identity);
+        f(t)
+    })
+}
+
+/// Forgets `fd`'s records if it no longer refers to the object they were made for: it was closed
+/// where no hook saw it (`syscall(SYS_close)`, a raw syscall) and its number was reused. Called
+/// before a record of `fd` is trusted; `_entered` because what that ends is told to the proxy.
+fn revalidate(_entered: &Entered, fd: c_int) {
+    if !TRACKING.load(Ordering::Relaxed) || !state::with(|t| t.identities.contains_key(&fd)) {
+        return;
+    }
+    let now = identity(fd);
+    if let Some(forgotten) = state::with(|t| t.revalidate(fd, now)) {
+        ended(forgotten);
+    }
+}
+
+/// What `fd` refers to now (`st_dev`, `st_ino`), or `None` if it is not open.
+fn identity(fd: c_int) -> Option<state::Identity> {
+    // SAFETY: zeroed storage is a valid out-buffer for fstat.
+    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-buffer.
+    (unsafe { libc::fstat64(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -430,10 +458,7 @@ fn ask_on(
 }
 
 fn socket_inode(fd: c_int) -> Option<u64> {
-    // SAFETY: zeroed storage is a valid out-buffer for fstat.
-    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out-buffer.
-    (unsafe { libc::fstat64(fd, &mut st) } == 0).then_some(st.st_ino)
+    identity(fd).map(|(_, ino)| ino)
 }
 
 /// Lets go of a broken channel. If its fd was closed behind the layer's back (EBADF: a
@@ -525,7 +550,7 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
     {
         // SAFETY: `addr` points to `len` bytes, per bind's contract (and bind succeeded).
         if let Some(requested) = unsafe { addr::read(addr, len) } {
-            track(|t| t.bound.insert(fd, requested.port()));
+            track(fd, |t| t.bound.insert(fd, requested.port()));
         }
     }
     rc
@@ -540,10 +565,11 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     if rc != 0 {
         return rc;
     }
-    let Some(_entered) = enter() else { return rc };
+    let Some(entered) = enter() else { return rc };
     if !is_tcp(fd) {
         return rc;
     }
+    revalidate(&entered, fd);
     let Some(addr) = local_addr(fd) else {
         return rc;
     };
@@ -554,7 +580,7 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
         requested_port: requested,
     }) {
         Ok(Answer::Remote { .. }) => {
-            track(|t| t.listeners.insert(fd, addr));
+            track(fd, |t| t.listeners.insert(fd, addr));
             rc
         }
         Ok(Answer::Error { message }) => {
@@ -579,7 +605,10 @@ fn after_accept(listener: c_int, accepted: c_int, addr: *mut sockaddr, len: *mut
     if !TRACKING.load(Ordering::Relaxed) {
         return;
     }
-    let Some(_entered) = enter() else { return };
+    let Some(entered) = enter() else { return };
+    revalidate(&entered, listener);
+    // The accepted fd is new: whatever was recorded under its number is stale.
+    revalidate(&entered, accepted);
     let Some(listen_addr) = state::with(|t| t.listeners.get(&listener).copied()) else {
         return;
     };
@@ -592,7 +621,7 @@ fn after_accept(listener: c_int, accepted: c_int, addr: *mut sockaddr, len: *mut
         return;
     }
     if let Ok(Answer::Peer { addr: Some(remote) }) = ask(&Request::Peer { local, peer }) {
-        track(|t| t.peers.insert(accepted, remote));
+        track(accepted, |t| t.peers.insert(accepted, remote));
         // SAFETY: `addr`/`len` are the caller's accept buffers (or null), valid per accept's
         // contract.
         unsafe { addr::write(remote, family(&listen_addr), addr, len) };
@@ -633,8 +662,11 @@ pub unsafe extern "C" fn accept4(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if TRACKING.load(Ordering::Relaxed)
-        && let Some(_entered) = enter()
-        && let Some(remote) = state::with(|t| t.peers.get(&fd).copied())
+        && let Some(entered) = enter()
+        && let Some(remote) = {
+            revalidate(&entered, fd);
+            state::with(|t| t.peers.get(&fd).copied())
+        }
     {
         let family = local_addr(fd).map_or(family(&remote), |l| family(&l));
         // SAFETY: the caller's buffers, valid per getpeername's contract.
@@ -744,6 +776,35 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     forget(fd);
     // SAFETY: argument passed through.
     unsafe { real::close(fd) }
+}
+
+/// `syscall(SYS_close, fd)`, libuv's (node's) way to close, does what `close` does; every other
+/// number passes through untouched. A backstop: records of an fd closed where no hook saw it are
+/// also caught when the number is reused ([`revalidate`]).
+///
+/// `syscall` is variadic in C. It is defined here with the six argument registers a system call
+/// can use: on x86_64 and aarch64 Linux a variadic caller passes its integer arguments exactly
+/// where these parameters are read from, and the kernel ignores those a call does not take.
+///
+/// # Safety
+/// As libc's `syscall`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn syscall(
+    number: libc::c_long,
+    a1: libc::c_long,
+    a2: libc::c_long,
+    a3: libc::c_long,
+    a4: libc::c_long,
+    a5: libc::c_long,
+    a6: libc::c_long,
+) -> libc::c_long {
+    if number == libc::SYS_close {
+        let fd = a1 as c_int;
+        channel_fd_closing(fd);
+        forget(fd);
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::syscall(number, a1, a2, a3, a4, a5, a6) }
 }
 
 /// `close_range` (what Python's `os.closerange` and daemons use): the layer forgets what it knew

@@ -128,7 +128,7 @@ fn open_remote(
 /// As libc's `connect`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: socklen_t) -> c_int {
-    if let Some(_entered) = enter()
+    if let Some(entered) = enter()
         // SAFETY: `address` points to `len` bytes, per connect's contract.
         && let Some(remote) = unsafe { addr::read(address, len) }
         // Loopback (kept local by default) is decided before asking the socket anything.
@@ -137,7 +137,9 @@ pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: sockl
         && let Some(hostname) = goes_remote(transport, remote)
     {
         // A repeated connect (polling a non-blocking one, or re-connecting the same socket to
-        // the same destination) goes to where the first one went.
+        // the same destination) goes to where the first one went; a new socket that got the
+        // number of one closed behind the hooks' back is not a repeat.
+        crate::revalidate(&entered, fd);
         let previous = state::with(|t| {
             (t.peers.get(&fd) == Some(&remote))
                 .then(|| t.vias.get(&fd).copied())
@@ -158,7 +160,7 @@ pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: sockl
         let rc = unsafe { real::connect(fd, (&raw const storage).cast(), via_len) };
         let saved = errno();
         if let (Some(stream), true) = (stream, rc == 0 || saved == libc::EINPROGRESS) {
-            track(|t| {
+            track(fd, |t| {
                 t.peers.insert(fd, remote);
                 match transport {
                     Transport::Tcp => {
@@ -181,10 +183,15 @@ pub unsafe extern "C" fn connect(fd: c_int, address: *const sockaddr, len: sockl
 
 /// The relay to send to for `remote` on the UDP socket `fd`, opened on first use; `None` when
 /// `remote` stays local.
-fn udp_relay(fd: c_int, remote: SocketAddr) -> Option<Result<SocketAddr, c_int>> {
+fn udp_relay(
+    entered: &crate::Entered,
+    fd: c_int,
+    remote: SocketAddr,
+) -> Option<Result<SocketAddr, c_int>> {
     let (Transport::Udp, family) = kind(fd)? else {
         return None;
     };
+    crate::revalidate(entered, fd);
     if TRACKING.load(std::sync::atomic::Ordering::Relaxed)
         && let Some(via) = state::with(|t| {
             t.relays
@@ -197,7 +204,7 @@ fn udp_relay(fd: c_int, remote: SocketAddr) -> Option<Result<SocketAddr, c_int>>
     let hostname = goes_remote(Transport::Udp, remote)?;
     Some(
         open_remote(fd, Transport::Udp, family, remote, hostname).map(|(via, stream)| {
-            track(|t| {
+            track(fd, |t| {
                 t.relays.entry(fd).or_default().push(state::Relay {
                     via,
                     remote,
@@ -220,10 +227,10 @@ pub unsafe extern "C" fn sendto(
     address: *const sockaddr,
     len: socklen_t,
 ) -> libc::ssize_t {
-    if let Some(_entered) = enter()
+    if let Some(entered) = enter()
         // SAFETY: `address` is null or points to `len` bytes, per sendto's contract.
         && let Some(remote) = unsafe { addr::read(address, len) }
-        && let Some(relay) = udp_relay(fd, remote)
+        && let Some(relay) = udp_relay(&entered, fd, remote)
     {
         let via = match relay {
             Ok(via) => via,
@@ -250,11 +257,11 @@ pub unsafe extern "C" fn sendmsg(
     flags: c_int,
 ) -> libc::ssize_t {
     if !msg.is_null()
-        && let Some(_entered) = enter()
+        && let Some(entered) = enter()
         // SAFETY: `msg` is a valid msghdr per sendmsg's contract; its name is null or
         // `msg_namelen` bytes.
         && let Some(remote) = unsafe { addr::read((*msg).msg_name.cast(), (*msg).msg_namelen) }
-        && let Some(relay) = udp_relay(fd, remote)
+        && let Some(relay) = udp_relay(&entered, fd, remote)
     {
         let via = match relay {
             Ok(via) => via,
@@ -289,7 +296,7 @@ pub unsafe extern "C" fn sendmmsg(
 ) -> c_int {
     if !msgs.is_null()
         && count > 0
-        && let Some(_entered) = enter()
+        && let Some(entered) = enter()
         && let Some((Transport::Udp, family)) = kind(fd)
     {
         // SAFETY: `count` valid headers, per sendmmsg's contract.
@@ -299,7 +306,7 @@ pub unsafe extern "C" fn sendmmsg(
             let header = &message.msg_hdr;
             // SAFETY: each name is null or `msg_namelen` bytes.
             let remote = unsafe { addr::read(header.msg_name.cast(), header.msg_namelen) };
-            let via = match remote.and_then(|remote| udp_relay(fd, remote)) {
+            let via = match remote.and_then(|remote| udp_relay(&entered, fd, remote)) {
                 Some(Ok(via)) => Some(addr::encode(via, family)),
                 Some(Err(errno)) => {
                     set_errno(errno);
@@ -338,7 +345,8 @@ fn relayed_source(fd: c_int, source: SocketAddr) -> Option<SocketAddr> {
     if !TRACKING.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
-    let _entered = enter()?;
+    let entered = enter()?;
+    crate::revalidate(&entered, fd);
     let source = unmapped(source);
     state::with(|t| {
         t.relays

@@ -1,4 +1,5 @@
-//! Names: `getaddrinfo`, `freeaddrinfo` and `gethostbyname` resolve in the target unless the DNS
+//! Names: `getaddrinfo`, `freeaddrinfo` and the `gethostbyname` family (`gethostbyname2`, the
+//! `_r` forms) resolve in the target unless the DNS
 //! filter keeps a name local. glibc's own DNS sockets inside `getaddrinfo` cannot be seen from
 //! here, so the whole call is replaced.
 //!
@@ -307,12 +308,55 @@ pub unsafe extern "C" fn freeaddrinfo(res: *mut libc::addrinfo) {
     }
 }
 
-/// Storage behind the `hostent` `gethostbyname` returns (per thread; valid until the next call
-/// on that thread, which is more than libc promises).
+/// `h_errno` values (netdb.h).
+const HOST_NOT_FOUND: c_int = 1;
+const NO_DATA: c_int = 4;
+const NETDB_INTERNAL: c_int = -1;
+
+unsafe extern "C" {
+    /// glibc's per-thread `h_errno`.
+    fn __h_errno_location() -> *mut c_int;
+}
+
+/// A name and its addresses as a `hostent` lists them (4 or 16 bytes each).
+type Host = (CString, Vec<Vec<u8>>);
+
+/// `name`'s addresses of `family` in the target; `Err(h_errno)` when it has none. `None`: the
+/// name is not the target's to resolve.
+fn remote_host(name: *const c_char, family: c_int) -> Option<Result<Host, c_int>> {
+    if name.is_null() || !matches!(family, libc::AF_INET | libc::AF_INET6) {
+        return None;
+    }
+    // SAFETY: `name` is a C string, per the callers' contract.
+    let text = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
+    let resolved = resolve_remote(text, family)?;
+    let Ok((addresses, _)) = resolved else {
+        return Some(Err(HOST_NOT_FOUND));
+    };
+    let addresses: Vec<Vec<u8>> = addresses
+        .iter()
+        .filter_map(|ip| match (ip, family) {
+            (IpAddr::V4(v4), libc::AF_INET) => Some(v4.octets().to_vec()),
+            (IpAddr::V6(v6), libc::AF_INET6) => Some(v6.octets().to_vec()),
+            _ => None,
+        })
+        .collect();
+    if addresses.is_empty() {
+        return Some(Err(NO_DATA));
+    }
+    Some(
+        CString::new(text)
+            .map(|n| (n, addresses))
+            .map_err(|_| HOST_NOT_FOUND),
+    )
+}
+
+/// Storage behind the `hostent` `gethostbyname`/`gethostbyname2` return (per thread; valid
+/// until the next call on that thread, which is more than libc promises).
 struct HostStorage {
     entry: libc::hostent,
     _name: CString,
-    _addresses: Vec<[u8; 4]>,
+    _addresses: Vec<Vec<u8>>,
     _list: Vec<*mut c_char>,
     _aliases: Vec<*mut c_char>,
 }
@@ -325,41 +369,44 @@ thread_local! {
 /// As libc's `gethostbyname`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut libc::hostent {
-    if !name.is_null()
-        && let Some(_entered) = enter()
-        // SAFETY: `name` is a C string, per the contract.
-        && let Ok(text) = unsafe { CStr::from_ptr(name) }.to_str()
-        && let Some(resolved) = resolve_remote(text, libc::AF_INET)
+    // SAFETY: the caller's contract is gethostbyname2's with AF_INET.
+    unsafe { gethostbyname2(name, libc::AF_INET) }
+}
+
+/// `getent hosts` asks for AF_INET6 first, then AF_INET.
+///
+/// # Safety
+/// As libc's `gethostbyname2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname2(name: *const c_char, family: c_int) -> *mut libc::hostent {
+    if let Some(_entered) = enter()
+        && let Some(found) = remote_host(name, family)
     {
-        let Ok((addresses, _)) = resolved else {
-            return std::ptr::null_mut();
+        let (owned_name, mut addresses) = match found {
+            Ok(found) => found,
+            Err(code) => {
+                // SAFETY: glibc's per-thread h_errno.
+                unsafe { *__h_errno_location() = code };
+                return std::ptr::null_mut();
+            }
         };
-        let mut v4: Vec<[u8; 4]> = addresses
-            .iter()
-            .filter_map(|ip| match ip {
-                IpAddr::V4(v4) => Some(v4.octets()),
-                IpAddr::V6(_) => None,
-            })
+        let length = addresses[0].len() as c_int;
+        let mut list: Vec<*mut c_char> = addresses
+            .iter_mut()
+            .map(|a| a.as_mut_ptr().cast())
             .collect();
-        if v4.is_empty() {
-            return std::ptr::null_mut();
-        }
-        let Ok(owned_name) = CString::new(text) else {
-            return std::ptr::null_mut();
-        };
-        let mut list: Vec<*mut c_char> = v4.iter_mut().map(|a| a.as_mut_ptr().cast()).collect();
         list.push(std::ptr::null_mut());
         let mut aliases = vec![std::ptr::null_mut()];
         let mut storage = Box::new(HostStorage {
             entry: libc::hostent {
                 h_name: owned_name.as_ptr().cast_mut(),
                 h_aliases: aliases.as_mut_ptr(),
-                h_addrtype: libc::AF_INET,
-                h_length: 4,
+                h_addrtype: family,
+                h_length: length,
                 h_addr_list: list.as_mut_ptr(),
             },
             _name: owned_name,
-            _addresses: v4,
+            _addresses: addresses,
             _list: list,
             _aliases: aliases,
         });
@@ -367,6 +414,96 @@ pub unsafe extern "C" fn gethostbyname(name: *const c_char) -> *mut libc::hosten
         let _ = HOST.try_with(|slot| *slot.borrow_mut() = Some(storage));
         return pointer;
     }
-    // SAFETY: argument passed through.
-    unsafe { real::gethostbyname(name) }
+    // SAFETY: arguments passed through.
+    unsafe { real::gethostbyname2(name, family) }
+}
+
+/// # Safety
+/// As libc's `gethostbyname_r` (what Python's `socket.gethostbyname` calls).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname_r(
+    name: *const c_char,
+    ret: *mut libc::hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    // SAFETY: the caller's contract is gethostbyname2_r's with AF_INET.
+    unsafe { gethostbyname2_r(name, libc::AF_INET, ret, buf, buflen, result, h_errnop) }
+}
+
+/// # Safety
+/// As libc's `gethostbyname2_r`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyname2_r(
+    name: *const c_char,
+    family: c_int,
+    ret: *mut libc::hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    if !ret.is_null()
+        && !buf.is_null()
+        && !result.is_null()
+        && let Some(_entered) = enter()
+        && let Some(found) = remote_host(name, family)
+    {
+        // SAFETY: `result` is a valid out-pointer, per the contract.
+        unsafe { *result = std::ptr::null_mut() };
+        let set_h_errno = |code: c_int| {
+            if !h_errnop.is_null() {
+                // SAFETY: a valid out-pointer, per the contract.
+                unsafe { *h_errnop = code };
+            }
+        };
+        let (owned_name, addresses) = match found {
+            Ok(found) => found,
+            Err(code) => {
+                set_h_errno(code);
+                return libc::ENOENT;
+            }
+        };
+        // The caller's buffer holds, pointer-aligned: the alias list (one null), the address
+        // list (a pointer per address and a null), the addresses, the name.
+        let pointer = size_of::<*mut c_char>();
+        let skip = buf.align_offset(align_of::<*mut c_char>());
+        let pointers = 1 + addresses.len() + 1;
+        let bytes: usize = addresses.iter().map(Vec::len).sum();
+        let name_bytes = owned_name.as_bytes_with_nul();
+        let needed = skip + pointers * pointer + bytes + name_bytes.len();
+        if needed > buflen {
+            set_h_errno(NETDB_INTERNAL);
+            return libc::ERANGE;
+        }
+        // SAFETY: `buf` has `buflen` ≥ `needed` writable bytes, per the contract; `skip` makes
+        // the pointer arrays aligned; every write below stays within `needed`.
+        unsafe {
+            let aliases = buf.add(skip).cast::<*mut c_char>();
+            *aliases = std::ptr::null_mut();
+            let list = aliases.add(1);
+            let mut data = list.add(addresses.len() + 1).cast::<c_char>();
+            for (i, address) in addresses.iter().enumerate() {
+                std::ptr::copy_nonoverlapping(address.as_ptr().cast(), data, address.len());
+                *list.add(i) = data;
+                data = data.add(address.len());
+            }
+            *list.add(addresses.len()) = std::ptr::null_mut();
+            std::ptr::copy_nonoverlapping(name_bytes.as_ptr().cast(), data, name_bytes.len());
+            *ret = libc::hostent {
+                h_name: data,
+                h_aliases: aliases,
+                h_addrtype: family,
+                h_length: addresses[0].len() as c_int,
+                h_addr_list: list,
+            };
+            *result = ret;
+        }
+        set_h_errno(0);
+        return 0;
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::gethostbyname2_r(name, family, ret, buf, buflen, result, h_errnop) }
 }

@@ -10,6 +10,9 @@
 //!   (relay, destination) pairs, to report the destination as the source of what arrives.
 //!
 //! Every table follows the fd through `dup`/`dup2`/`dup3`/`F_DUPFD` and forgets it on `close`.
+//! Not every close passes through a hook (libuv closes with `syscall(SYS_close)`), so each fd's
+//! records also keep the identity of what the fd referred to when they were made: a record is
+//! trusted only while the fd still refers to that object ([`Tables::revalidate`]).
 
 use std::{
     collections::HashMap,
@@ -21,6 +24,10 @@ use crate::files::RemoteFile;
 
 pub type SharedFile = Arc<Mutex<RemoteFile>>;
 
+/// What an fd refers to: `(st_dev, st_ino)` from `fstat`. Socket inode numbers come from a
+/// counter, so a new socket on a reused fd number has another identity.
+pub type Identity = (u64, u64);
+
 #[derive(Debug, Default)]
 pub struct Tables {
     pub bound: HashMap<i32, u16>,
@@ -30,6 +37,8 @@ pub struct Tables {
     pub relays: HashMap<i32, Vec<Relay>>,
     /// Outgoing TCP sockets: where they really connected (the proxy), for a repeated `connect`.
     pub vias: HashMap<i32, SocketAddr>,
+    /// The identity of what each tracked fd referred to when its records were made.
+    pub identities: HashMap<i32, Identity>,
 }
 
 /// A UDP destination reached through a relay socket of the proxy.
@@ -60,6 +69,25 @@ impl Tables {
             && self.files.is_empty()
             && self.relays.is_empty()
             && self.vias.is_empty()
+            && self.identities.is_empty()
+    }
+
+    /// Notes what `fd` refers to, as its records are made. A record made for an fd whose
+    /// identity could not be read is trusted as before (no identity, nothing to compare).
+    pub fn identify(&mut self, fd: i32, identity: Option<Identity>) {
+        if let Some(identity) = identity {
+            self.identities.insert(fd, identity);
+        }
+    }
+
+    /// `fd` refers to `now` (`None`: it is not open): if its records were made for another
+    /// object, the fd was closed behind the hooks' back and reused, so they are forgotten.
+    /// Returns what that ended.
+    pub fn revalidate(&mut self, fd: i32, now: Option<Identity>) -> Option<Forgotten> {
+        match self.identities.get(&fd) {
+            Some(recorded) if Some(*recorded) != now => Some(self.forget(fd)),
+            _ => None,
+        }
     }
 
     /// `new` now refers to what `old` refers to (and no longer to what it referred to). Returns
@@ -84,6 +112,9 @@ impl Tables {
         if let Some(via) = self.vias.get(&old).copied() {
             self.vias.insert(new, via);
         }
+        if let Some(identity) = self.identities.get(&old).copied() {
+            self.identities.insert(new, identity);
+        }
         closed
     }
 
@@ -92,6 +123,7 @@ impl Tables {
         self.bound.remove(&fd);
         self.peers.remove(&fd);
         self.vias.remove(&fd);
+        self.identities.remove(&fd);
         let released = self
             .relays
             .remove(&fd)
@@ -157,6 +189,34 @@ mod tests {
         );
         assert_eq!(t.peers.get(&6), Some(&addr("10.0.0.1:4000")));
         assert!(t.listeners.is_empty(), "the listener fd 6 was replaced");
+    }
+
+    #[test]
+    fn records_of_an_fd_reused_behind_the_hooks_back_are_forgotten() {
+        let mut t = Tables::default();
+        t.peers.insert(9, addr("10.0.0.1:80"));
+        t.vias.insert(9, addr("127.0.0.1:41000"));
+        t.identify(9, Some((8, 1001)));
+        t.dup(9, 10);
+        assert!(
+            t.revalidate(9, Some((8, 1001))).is_none(),
+            "the same socket"
+        );
+        // fd 9 was closed with a raw syscall and a new socket got its number.
+        assert!(t.revalidate(9, Some((8, 1002))).is_some());
+        assert!(!t.peers.contains_key(&9) && !t.vias.contains_key(&9));
+        assert_eq!(
+            t.peers.get(&10),
+            Some(&addr("10.0.0.1:80")),
+            "its dup still is the old socket"
+        );
+        // Closed and not reused yet.
+        assert!(t.revalidate(10, None).is_some());
+        assert!(t.is_empty());
+        // Records made without an identity stay trusted.
+        t.listeners.insert(3, addr("0.0.0.0:80"));
+        t.identify(3, None);
+        assert!(t.revalidate(3, Some((8, 5))).is_none());
     }
 
     #[test]

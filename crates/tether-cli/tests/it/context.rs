@@ -377,6 +377,107 @@ pub(crate) fn check_node(pod: &PodContext) {
     assert_eq!(lines, expected, "whole output:\n{out}");
 }
 
+/// Regression: libuv closes sockets with `syscall(SYS_close)`, which no `close` hook sees; the
+/// next socket with the same fd number was taken for the closed one ("a repeated connect") and
+/// sent to a proxy address nobody listened on any more, so every request after the first one
+/// or two failed with `ECONNRESET socket hang up`. 20 `http.get` in a row (a new connection
+/// each) and 20 `fetch`, all to a host and port only the pod reaches.
+#[test]
+fn node_makes_many_requests_in_a_row_to_a_pod_only_service() {
+    if !require_root("node_makes_many_requests_in_a_row_to_a_pod_only_service") {
+        return;
+    }
+    let pod = PodContext::new();
+    let script = r#"
+const http = require("http");
+const url = `http://db.pod.internal:${process.env.HTTP_PORT}`;
+const get = (i) => new Promise((ok, fail) => {
+  http.get(`${url}/get-${i}`, { agent: false }, (res) => {
+    let body = "";
+    res.on("data", (c) => (body += c));
+    res.on("end", () => ok(body.trim()));
+  }).on("error", fail);
+});
+(async () => {
+  for (let i = 0; i < 20; i++) console.log(await get(i));
+  for (let i = 0; i < 20; i++) {
+    const res = await fetch(`${url}/fetch-${i}`, { headers: { connection: "close" } });
+    console.log((await res.text()).trim());
+  }
+})().catch((e) => { console.log("error", e.message, e.cause && e.cause.code); process.exit(1); });
+"#;
+    let out = pod.exec_ok(&[], &["node", "-e", script]);
+    let expected: Vec<String> = (0..20)
+        .map(|i| format!("pod-service {} GET /get-{i}", pod.http_port))
+        .chain((0..20).map(|i| format!("pod-service {} GET /fetch-{i}", pod.http_port)))
+        .collect();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        expected,
+        "whole output:\n{out}"
+    );
+}
+
+/// The same with python closing its sockets through a raw `syscall(SYS_close)` (ctypes), so the
+/// layer's `close` hook never runs: each new socket reuses the closed one's fd number.
+#[test]
+fn sockets_closed_with_a_raw_syscall_do_not_haunt_the_next_socket() {
+    if !require_root("sockets_closed_with_a_raw_syscall_do_not_haunt_the_next_socket") {
+        return;
+    }
+    let pod = PodContext::new();
+    let script = r#"
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+port = int(os.environ["HTTP_PORT"])
+for i in range(10):
+    s = socket.create_connection(("db.pod.internal", port), timeout=10)
+    s.sendall(f"GET /raw-{i} HTTP/1.0\r\nHost: db\r\n\r\n".encode())
+    answer = b""
+    while chunk := s.recv(65536):
+        answer += chunk
+    fd = s.detach()
+    assert libc.syscall(3, fd) == 0  # SYS_close on x86_64
+    print(fd, answer.split(b"\r\n\r\n", 1)[1].decode().strip())
+"#;
+    let out = pod.exec_ok(&[], &["python3", "-c", script]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 10, "whole output:\n{out}");
+    let first_fd = lines[0].split_whitespace().next().unwrap();
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("{first_fd} pod-service {} GET /raw-{i}", pod.http_port),
+            "the same fd number each time, a new connection each time:\n{out}"
+        );
+    }
+}
+
+/// Regression: `getent hosts` (glibc's `gethostbyname2`, AF_INET6 then AF_INET) and python's
+/// `socket.gethostbyname` (`gethostbyname_r`) resolved locally and did not find a name only the
+/// pod's `/etc/hosts` has.
+#[test]
+fn getent_and_python_s_gethostbyname_find_a_name_only_the_pod_has() {
+    if !require_root("getent_and_python_s_gethostbyname_find_a_name_only_the_pod_has") {
+        return;
+    }
+    let pod = PodContext::new();
+    let db = pod.net.pod(1).ip;
+    let out = pod.exec_ok(&[], &["getent", "hosts", "db.pod.internal"]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        [db.to_string().as_str(), "db.pod.internal"],
+        "{out}"
+    );
+    let script = "import socket; print(socket.gethostbyname('db.pod.internal')); print(socket.gethostbyname_ex('db.pod.internal'))";
+    let out = pod.exec_ok(&[], &["python3", "-c", script]);
+    assert_eq!(
+        out,
+        format!("{db}\n('db.pod.internal', [], ['{db}'])\n"),
+        "{out}"
+    );
+}
+
 #[test]
 fn curl_sees_the_pod_s_network_names_files_and_environment() {
     if !require_root("curl_sees_the_pod_s_network_names_files_and_environment") {
