@@ -1290,10 +1290,49 @@ pub unsafe extern "C" fn statx(
 /// A directory opened in the target; its address is the `DIR *` handed out.
 struct RemoteDir {
     handle: u64,
-    entries: std::collections::VecDeque<tether_protocol::DirEntry>,
+    /// Every entry listed so far, and where the next `readdir` reads: `rewinddir` (Ruby rewinds
+    /// before it iterates) starts over without asking the target again.
+    listed: Vec<tether_protocol::DirEntry>,
+    cursor: usize,
     done: bool,
-    offset: i64,
+    /// Its fd: the placeholder `opendir` made or the fd `fdopendir` was given (the `DIR` owns
+    /// it, `closedir` closes it); -1 for `scandir`'s own listing.
+    fd: c_int,
     current: libc::dirent64,
+}
+
+/// Hands out a `DIR *` for the directory open in the target as `handle`.
+fn register_dir(handle: u64, fd: c_int) -> *mut libc::DIR {
+    let dir = Box::new(RemoteDir {
+        handle,
+        listed: Vec::new(),
+        cursor: 0,
+        done: false,
+        fd,
+        // SAFETY: plain old data.
+        current: unsafe { std::mem::zeroed() },
+    });
+    let pointer = (&raw const *dir).cast_mut().cast::<libc::DIR>();
+    DIRS.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(Default::default)
+        .insert(pointer as usize, dir);
+    DIRS_ACTIVE.store(true, Ordering::Release);
+    pointer
+}
+
+/// Opens `path` in the target as a directory.
+fn open_remote_dir(path: String) -> Result<u64, c_int> {
+    let op = Op::Open(FsOpen {
+        path,
+        flags: open_flags::READ | open_flags::DIRECTORY,
+        mode: 0,
+    });
+    match fs(op) {
+        Ok(FsResult::Opened(opened)) => Ok(opened.handle),
+        Ok(_) => Err(libc::EIO),
+        Err(errno) => Err(errno),
+    }
 }
 
 /// The `DIR *`s this library handed out.
@@ -1336,31 +1375,23 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
             FsRoute::Local => None,
             FsRoute::NotFound => Some(fail(libc::ENOENT, std::ptr::null_mut())),
             FsRoute::Remote => {
-                let op = Op::Open(FsOpen {
-                    path: path.to_string_lossy().into_owned(),
-                    flags: open_flags::READ | open_flags::DIRECTORY,
-                    mode: 0,
-                });
-                Some(match fs(op) {
-                    Ok(FsResult::Opened(opened)) => {
-                        let dir = Box::new(RemoteDir {
-                            handle: opened.handle,
-                            entries: Default::default(),
-                            done: false,
-                            offset: 0,
-                            // SAFETY: plain old data.
-                            current: unsafe { std::mem::zeroed() },
-                        });
-                        let pointer = (&raw const *dir).cast_mut().cast::<libc::DIR>();
-                        DIRS.lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert_with(Default::default)
-                            .insert(pointer as usize, dir);
-                        DIRS_ACTIVE.store(true, Ordering::Release);
-                        pointer
+                // A placeholder fd first, so `dirfd` (Ruby's `Dir#fileno`) has one to give; the
+                // DIR owns it, as one from `fdopendir` does.
+                let fd = open_remote(
+                    path,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                    0,
+                );
+                if fd < 0 {
+                    return Some(std::ptr::null_mut());
+                }
+                Some(match open_remote_dir(path.to_string_lossy().into_owned()) {
+                    Ok(handle) => register_dir(handle, fd),
+                    Err(errno) => {
+                        // SAFETY: the placeholder just opened.
+                        unsafe { crate::close(fd) };
+                        fail(errno, std::ptr::null_mut())
                     }
-                    Ok(_) => fail(libc::EIO, std::ptr::null_mut()),
-                    Err(errno) => fail(errno, std::ptr::null_mut()),
                 })
             }
         }
@@ -1370,23 +1401,23 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
 }
 
 fn next_entry(dir: &mut RemoteDir) -> *mut libc::dirent64 {
-    if dir.entries.is_empty() && !dir.done {
+    if dir.cursor == dir.listed.len() && !dir.done {
         match fs(Op::ReadDir(FsHandle { handle: dir.handle })) {
             Ok(FsResult::Entries(batch)) => {
                 dir.done = batch.done;
-                dir.entries.extend(batch.entries);
+                dir.listed.extend(batch.entries);
             }
             Ok(_) => return fail(libc::EIO, std::ptr::null_mut()),
             Err(errno) => return fail(errno, std::ptr::null_mut()),
         }
     }
-    let Some(entry) = dir.entries.pop_front() else {
+    let Some(entry) = dir.listed.get(dir.cursor) else {
         return std::ptr::null_mut(); // the end: errno untouched
     };
-    dir.offset += 1;
+    dir.cursor += 1;
     let current = &mut dir.current;
     current.d_ino = entry.ino;
-    current.d_off = dir.offset;
+    current.d_off = dir.cursor as i64;
     current.d_reclen = size_of::<libc::dirent64>() as u16;
     current.d_type = entry.kind as u8;
     let name = entry.name.as_bytes();
@@ -1433,6 +1464,11 @@ pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
             let _ = fs(Op::Close(FsHandle {
                 handle: removed.handle,
             }));
+            if removed.fd >= 0 {
+                // The fd `fdopendir` took belongs to the DIR, and goes with it.
+                // SAFETY: an fd this DIR owns.
+                return unsafe { crate::close(removed.fd) };
+            }
             return 0;
         }
     }
@@ -1444,10 +1480,177 @@ pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
 /// As libc's `dirfd`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dirfd(dir: *mut libc::DIR) -> c_int {
-    // A directory listed in the target has no local fd.
-    with_dir(dir, |_| fail(libc::ENOTSUP, -1))
+    // The placeholder fd `opendir` made, or the one `fdopendir` was given.
+    with_dir(dir, |d| d.fd)
         // SAFETY: argument passed through.
         .unwrap_or_else(|| unsafe { real::dirfd(dir) })
+}
+
+/// # Safety
+/// As libc's `rewinddir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rewinddir(dir: *mut libc::DIR) {
+    if with_dir(dir, |d| d.cursor = 0).is_none() {
+        // SAFETY: argument passed through.
+        unsafe { real::rewinddir(dir) }
+    }
+}
+
+/// `open(dir, O_DIRECTORY)` then `fdopendir` is how Java's `Files.list` and `Files.walk` list a
+/// directory: an fd standing for a directory in the target becomes a `DIR` listed there.
+///
+/// # Safety
+/// As libc's `fdopendir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdopendir(fd: c_int) -> *mut libc::DIR {
+    let remote = (|| {
+        let _entered = enter()?;
+        let path = remote_file(fd)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .path
+            .clone();
+        Some(match open_remote_dir(path) {
+            Ok(handle) => register_dir(handle, fd),
+            Err(errno) => fail(errno, std::ptr::null_mut()),
+        })
+    })();
+    // SAFETY: argument passed through.
+    remote.unwrap_or_else(|| unsafe { real::fdopendir(fd) })
+}
+
+/// `scandir` lists with glibc's internal `opendir`, which no hook sees (node's `fs.readdirSync`
+/// calls it): a directory in the target is listed here with the hooks above, then filtered and
+/// sorted with the caller's functions. The list and its entries come from `malloc`: the caller
+/// frees them.
+///
+/// `scandir`'s filter and comparison.
+type ScanFilter = Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>;
+type ScanCompare =
+    Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>;
+
+/// `struct dirent` and `struct dirent64` are the same on 64-bit Linux, where glibc's `scandir`
+/// is `scandir64`.
+///
+/// # Safety
+/// As libc's `scandir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scandir(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: ScanFilter,
+    compare: ScanCompare,
+) -> c_int {
+    // SAFETY: the same contract.
+    unsafe { scandir64(path, list, filter, compare) }
+}
+
+/// # Safety
+/// As libc's `scandir64`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn scandir64(
+    path: *const c_char,
+    list: *mut *mut *mut libc::dirent64,
+    filter: ScanFilter,
+    compare: ScanCompare,
+) -> c_int {
+    let remote = (|| {
+        let _entered = enter()?;
+        let path = path_of(path)?;
+        Some(match route(path, false) {
+            FsRoute::Local => return None,
+            FsRoute::NotFound => fail(libc::ENOENT, -1),
+            FsRoute::Remote => match open_remote_dir(path.to_string_lossy().into_owned()) {
+                // SAFETY: the caller's out-pointer and functions, per scandir's contract.
+                Ok(handle) => unsafe { scan_remote(handle, list, filter, compare) },
+                Err(errno) => fail(errno, -1),
+            },
+        })
+    })();
+    // SAFETY: arguments passed through.
+    remote.unwrap_or_else(|| unsafe { real::scandir64(path, list, filter, compare) })
+}
+
+/// Lists the directory open in the target as `handle` into a `malloc`ed array for `scandir`.
+///
+/// # Safety
+/// `list` is a valid out-pointer; `filter` and `compare` follow scandir's contract.
+unsafe fn scan_remote(
+    handle: u64,
+    list: *mut *mut *mut libc::dirent64,
+    filter: ScanFilter,
+    compare: ScanCompare,
+) -> c_int {
+    let mut dir = RemoteDir {
+        handle,
+        listed: Vec::new(),
+        cursor: 0,
+        done: false,
+        fd: -1,
+        // SAFETY: plain old data.
+        current: unsafe { std::mem::zeroed() },
+    };
+    let mut kept: Vec<*mut libc::dirent64> = Vec::new();
+    let release = |kept: &[*mut libc::dirent64]| {
+        for entry in kept {
+            // SAFETY: each came from `malloc` below.
+            unsafe { libc::free(entry.cast()) };
+        }
+    };
+    let outcome = loop {
+        set_errno(0);
+        let entry = next_entry(&mut dir);
+        if entry.is_null() {
+            break if errno() == 0 { Ok(()) } else { Err(errno()) };
+        }
+        // SAFETY: the caller's filter, given an entry that lives until the next read.
+        if filter.is_some_and(|keep| unsafe { keep(entry) } == 0) {
+            continue;
+        }
+        // SAFETY: a `dirent64`-sized block, freed by the caller (or below on failure).
+        let copy = unsafe { libc::malloc(size_of::<libc::dirent64>()) }.cast::<libc::dirent64>();
+        if copy.is_null() {
+            break Err(libc::ENOMEM);
+        }
+        // SAFETY: both point to a whole `dirent64`.
+        unsafe { copy.write(entry.read()) };
+        kept.push(copy);
+    };
+    let _ = fs(Op::Close(FsHandle { handle }));
+    if let Err(errno) = outcome {
+        release(&kept);
+        return fail(errno, -1);
+    }
+    // SAFETY: room for every pointer (at least one byte, as malloc(0) may return null).
+    let array = unsafe { libc::malloc(kept.len().max(1) * size_of::<*mut libc::dirent64>()) }
+        .cast::<*mut libc::dirent64>();
+    if array.is_null() {
+        release(&kept);
+        return fail(libc::ENOMEM, -1);
+    }
+    // SAFETY: `array` has room for `kept.len()` pointers.
+    unsafe { std::ptr::copy_nonoverlapping(kept.as_ptr(), array, kept.len()) };
+    if let Some(compare) = compare {
+        // SAFETY: `array` holds `kept.len()` pointers; the caller's comparison takes two
+        // pointers to elements, which is what qsort passes.
+        unsafe {
+            libc::qsort(
+                array.cast(),
+                kept.len(),
+                size_of::<*mut libc::dirent64>(),
+                Some(std::mem::transmute::<
+                    unsafe extern "C" fn(
+                        *mut *const libc::dirent64,
+                        *mut *const libc::dirent64,
+                    ) -> c_int,
+                    unsafe extern "C" fn(*const libc::c_void, *const libc::c_void) -> c_int,
+                >(compare)),
+            )
+        };
+    }
+    // SAFETY: the caller's out-pointer.
+    unsafe { *list = array };
+    kept.len() as c_int
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,8 +27,15 @@ mod file_hooks;
 pub mod files;
 mod outgoing;
 pub mod policy;
+pub mod program;
 mod resolve;
 pub mod state;
+
+mod alloc;
+
+/// Rust allocations in the layer use glibc's allocator, never the program's (see `alloc.rs`).
+#[global_allocator]
+static ALLOCATOR: alloc::LibcAllocator = alloc::LibcAllocator;
 
 use std::{
     cell::Cell,
@@ -167,6 +174,9 @@ real_fns! {
     readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64;
     closedir(dir: *mut libc::DIR) -> c_int;
     dirfd(dir: *mut libc::DIR) -> c_int;
+    rewinddir(dir: *mut libc::DIR) -> ();
+    fdopendir(fd: c_int) -> *mut libc::DIR;
+    scandir64(path: *const c_char, list: *mut *mut *mut libc::dirent64, filter: Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>, compare: Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>) -> c_int;
     readlink(path: *const c_char, buf: *mut c_char, size: libc::size_t) -> libc::ssize_t;
     realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char;
     unlink(path: *const c_char) -> c_int;
@@ -778,8 +788,9 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { real::close(fd) }
 }
 
-/// `syscall(SYS_close, fd)`, libuv's (node's) way to close, does what `close` does; every other
-/// number passes through untouched. A backstop: records of an fd closed where no hook saw it are
+/// `syscall(SYS_close, fd)`, libuv's (node's) way to close, does what `close` does, and
+/// `syscall(SYS_statx, …)` (libuv's `fs.stat*`) is the `statx` hook; every other number passes
+/// through untouched. A backstop: records of an fd closed where no hook saw it are
 /// also caught when the number is reused ([`revalidate`]).
 ///
 /// `syscall` is variadic in C. It is defined here with the six argument registers a system call
@@ -802,6 +813,19 @@ pub unsafe extern "C" fn syscall(
         let fd = a1 as c_int;
         channel_fd_closing(fd);
         forget(fd);
+    } else if number == libc::SYS_statx {
+        // libuv (node's `fs.stat*`) calls statx this way.
+        // SAFETY: statx's arguments, as the caller passed them to the kernel.
+        return unsafe {
+            file_hooks::statx(
+                a1 as c_int,
+                a2 as *const c_char,
+                a3 as c_int,
+                a4 as libc::c_uint,
+                a5 as *mut libc::statx,
+            )
+        }
+        .into();
     }
     // SAFETY: arguments passed through.
     unsafe { real::syscall(number, a1, a2, a3, a4, a5, a6) }
@@ -910,6 +934,14 @@ pub unsafe extern "C" fn execve(
     envp: *const *const c_char,
 ) -> c_int {
     if let Some(_entered) = enter() {
+        // Never a silent local run: a program the layer cannot enter is named as it starts.
+        if socket_path().is_some() && !path.is_null() {
+            // SAFETY: `path` is a C string, per execve's contract.
+            let program = unsafe { CStr::from_ptr(path) }.to_string_lossy();
+            if let Some(unreachable) = program::unreachable(std::path::Path::new(&*program)) {
+                eprintln!("tether: warning: {}", unreachable.explain(&program));
+            }
+        }
         // SAFETY: `envp` is a NULL-terminated array of C strings, per execve's contract.
         if let Some(fixed) = unsafe { keep_layer_in(envp) } {
             let mut pointers: Vec<*const c_char> = fixed.iter().map(|s| s.as_ptr()).collect();

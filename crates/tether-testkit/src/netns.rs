@@ -346,6 +346,34 @@ COMMIT
         pid
     }
 
+    /// Starts a DNS server (UDP `port`) in `pod` that knows `records` (`(name, ipv4)`); waits
+    /// until it is bound.
+    pub fn start_dns_server(&self, pod: &Pod, port: u16, records: &[(&str, &str)]) -> u32 {
+        let script = apps_dir().join("dns_server.py");
+        let mut args = vec![
+            "python3".to_owned(),
+            script.display().to_string(),
+            port.to_string(),
+        ];
+        args.extend(records.iter().map(|(name, ip)| format!("{name}={ip}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = self.spawn(&pod.netns, &args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let filter = format!("sport = :{port}");
+        while self
+            .exec_ok(&pod.netns, &["ss", "-Hlun", &filter])
+            .trim()
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the DNS server on {port} did not start in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pid
+    }
+
     /// Starts the testkit's HTTP app in `pod`, answering `"<name> <port> <method> <path>"` on each
     /// port, and waits until every port listens.
     pub fn start_http_app(&self, pod: &Pod, name: &str, ports: &[u16]) -> u32 {

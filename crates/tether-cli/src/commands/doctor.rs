@@ -238,7 +238,12 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn find_in_path(tool: &str) -> Option<PathBuf> {
+/// `tool` as `execvp` finds it: a path as given, else the first executable of that name in
+/// `PATH` (then `/usr/sbin`, `/sbin`, which a user's `PATH` may lack).
+pub(crate) fn find_in_path(tool: &str) -> Option<PathBuf> {
+    if tool.contains('/') {
+        return Some(PathBuf::from(tool)).filter(|p| is_executable(p));
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))

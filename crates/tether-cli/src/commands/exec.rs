@@ -278,6 +278,13 @@ async fn with_agent(
         Vec::new()
     };
 
+    // Never a silent local run: a program the layer cannot enter is named before it runs.
+    if let Some(program) = args.command.first()
+        && let Some(path) = crate::commands::doctor::find_in_path(program)
+        && let Some(unreachable) = tether_layer::program::unreachable(&path)
+    {
+        ui.warn(&unreachable.explain(program));
+    }
     let mut child = match spawn_command(&args.command, layer, &socket, &env) {
         Ok(child) => child,
         Err((code, message)) => {

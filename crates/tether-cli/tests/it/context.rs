@@ -478,6 +478,177 @@ fn getent_and_python_s_gethostbyname_find_a_name_only_the_pod_has() {
     );
 }
 
+/// dig and nslookup (bind9's tools: their own resolver, reading `/etc/resolv.conf`, UDP to its
+/// nameserver) find a name only the pod's DNS server knows. Regression: they hung before `main`,
+/// jemalloc's start-up calling `readlink` into a hook that allocated through jemalloc.
+#[test]
+fn dig_and_nslookup_ask_the_pod_s_dns_server() {
+    if !require_root("dig_and_nslookup_ask_the_pod_s_dns_server") {
+        return;
+    }
+    let pod = PodContext::new();
+    let answer = "10.213.77.7";
+    pod.net
+        .start_dns_server(pod.net.pod(1), 53, &[("only-dns.pod.internal", answer)]);
+    let out = pod.exec_ok(
+        &[],
+        &[
+            "dig",
+            "+short",
+            "+time=3",
+            "+tries=1",
+            "only-dns.pod.internal",
+        ],
+    );
+    assert_eq!(out.trim(), answer, "{out}");
+    let out = pod.exec_ok(&[], &["nslookup", "-timeout=3", "only-dns.pod.internal"]);
+    assert!(
+        out.contains(&format!("Address: {answer}")),
+        "nslookup's answer:\n{out}"
+    );
+}
+
+/// node's `fs.statSync` (libuv: `syscall(SYS_statx)`), `fs.readdirSync` (glibc's `scandir`,
+/// whose `opendir` is internal) and `fs.promises.readdir` (`opendir`/`readdir`) see pod-only
+/// files. Regression: the first two gave ENOENT while `fs.existsSync` said true.
+#[test]
+fn node_stats_and_lists_pod_only_files() {
+    if !require_root("node_stats_and_lists_pod_only_files") {
+        return;
+    }
+    let pod = PodContext::new();
+    let script = r#"
+const fs = require("fs"), d = process.env.POD_DIR;
+console.log("stat", fs.statSync(d + "/secret.txt").size, fs.statSync(d).isDirectory());
+console.log("readdir", fs.readdirSync(d).sort().join(","));
+fs.promises.readdir(d).then((l) => console.log("promises", l.sort().join(",")));
+"#;
+    let out = pod.exec_ok(&[], &["node", "-e", script]);
+    let listing = POD_LISTING.join(",");
+    assert_eq!(
+        out,
+        format!("stat 16 true\nreaddir {listing}\npromises {listing}\n"),
+        "{out}"
+    );
+}
+
+/// The names in the pod-only directory, sorted.
+const POD_LISTING: [&str; 7] = [
+    "absolute-link",
+    "big.bin",
+    "hosts",
+    "relative-link",
+    "resolv.conf",
+    "script.py",
+    "secret.txt",
+];
+
+/// Java 17, a single-file program: `Files.list` and `Files.walk` (`open(O_DIRECTORY)` then
+/// `fdopendir`: regression, they threw NotDirectoryException), `Files.readString`, and
+/// `java.net.http.HttpClient` to a name only the pod resolves.
+#[test]
+fn java_lists_reads_and_calls_what_only_the_pod_has() {
+    if !require_root("java_lists_reads_and_calls_what_only_the_pod_has") {
+        return;
+    }
+    let pod = PodContext::new();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("App.java");
+    std::fs::write(
+        &source,
+        r#"
+import java.net.URI;
+import java.net.http.*;
+import java.nio.file.*;
+import java.util.stream.Collectors;
+
+public class App {
+    public static void main(String[] args) throws Exception {
+        Path d = Paths.get(System.getenv("POD_DIR"));
+        try (var s = Files.list(d)) {
+            System.out.println("list " + s.map(p -> p.getFileName().toString()).sorted().collect(Collectors.joining(",")));
+        }
+        try (var s = Files.walk(d)) {
+            System.out.println("walk " + s.count());
+        }
+        System.out.println("read " + Files.readString(d.resolve("secret.txt")).trim());
+        var client = HttpClient.newHttpClient();
+        var uri = URI.create("http://db.pod.internal:" + System.getenv("HTTP_PORT") + "/java");
+        var response = client.send(HttpRequest.newBuilder(uri).build(), HttpResponse.BodyHandlers.ofString());
+        System.out.println("http " + response.body().trim());
+    }
+}
+"#,
+    )
+    .unwrap();
+    let out = pod.exec_ok(&[], &["java", source.to_str().unwrap()]);
+    assert_eq!(
+        out,
+        format!(
+            "list {}\nwalk 8\nread secret-from-pod\nhttp pod-service {} GET /java\n",
+            POD_LISTING.join(","),
+            pod.http_port
+        ),
+        "{out}"
+    );
+}
+
+/// Ruby: `Dir.children` and `Dir.glob` of a pod-only directory (regression: `[]`, Ruby rewinds a
+/// directory before it reads it), and 20 `Net::HTTP` requests in a row to a pod-only name.
+#[test]
+fn ruby_lists_and_calls_what_only_the_pod_has() {
+    if !require_root("ruby_lists_and_calls_what_only_the_pod_has") {
+        return;
+    }
+    let pod = PodContext::new();
+    let script = r##"
+require "net/http"
+d = ENV["POD_DIR"]
+puts "children #{Dir.children(d).sort.join(",")}"
+puts "glob #{Dir.glob("#{d}/*.txt").map { |f| File.basename(f) }.join(",")}"
+Dir.open(d) { |dir| puts "fileno #{dir.fileno.is_a?(Integer)} #{dir.each_child.count}" }
+20.times { |i| puts Net::HTTP.get(URI("http://db.pod.internal:#{ENV["HTTP_PORT"]}/ruby-#{i}")).strip }
+"##;
+    let out = pod.exec_ok(&[], &["ruby", "-e", script]);
+    let mut expected = format!(
+        "children {}\nglob secret.txt\nfileno true 7\n",
+        POD_LISTING.join(",")
+    );
+    for i in 0..20 {
+        expected.push_str(&format!("pod-service {} GET /ruby-{i}\n", pod.http_port));
+    }
+    assert_eq!(out, expected, "{out}");
+}
+
+/// A program the preloaded layer cannot enter is named before it runs, never run locally in
+/// silence: run directly by tether, and started by a preloaded shell (the layer's `execve`).
+#[test]
+fn a_static_program_is_named_as_one_the_layer_cannot_reach() {
+    if !require_root("a_static_program_is_named_as_one_the_layer_cannot_reach") {
+        return;
+    }
+    let pod = PodContext::new();
+    // Debian's ldconfig is a static-pie executable.
+    let said = |output: std::process::Output| {
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let stderr = said(pod.exec(&[], &["/sbin/ldconfig", "--version"]));
+    assert!(
+        stderr.contains(
+            "warning: /sbin/ldconfig is statically linked, so the preloaded layer cannot enter it"
+        ),
+        "{stderr}"
+    );
+    let stderr = said(pod.exec(&[], &["sh", "-c", "/sbin/ldconfig --version"]));
+    assert!(
+        stderr.contains("tether: warning: /sbin/ldconfig is statically linked"),
+        "{stderr}"
+    );
+    let stderr = said(pod.exec(&[], &["sh", "-c", "true"]));
+    assert!(!stderr.contains("cannot enter"), "{stderr}");
+}
+
 #[test]
 fn curl_sees_the_pod_s_network_names_files_and_environment() {
     if !require_root("curl_sees_the_pod_s_network_names_files_and_environment") {
