@@ -1401,7 +1401,8 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
 }
 
 fn next_entry(dir: &mut RemoteDir) -> *mut libc::dirent64 {
-    if dir.cursor == dir.listed.len() && !dir.done {
+    // After a `seekdir` the cursor may lie beyond what was listed so far.
+    while dir.cursor >= dir.listed.len() && !dir.done {
         match fs(Op::ReadDir(FsHandle { handle: dir.handle })) {
             Ok(FsResult::Entries(batch)) => {
                 dir.done = batch.done;
@@ -1493,6 +1494,25 @@ pub unsafe extern "C" fn rewinddir(dir: *mut libc::DIR) {
     if with_dir(dir, |d| d.cursor = 0).is_none() {
         // SAFETY: argument passed through.
         unsafe { real::rewinddir(dir) }
+    }
+}
+
+/// # Safety
+/// As libc's `telldir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn telldir(dir: *mut libc::DIR) -> libc::c_long {
+    with_dir(dir, |d| d.cursor as libc::c_long)
+        // SAFETY: argument passed through.
+        .unwrap_or_else(|| unsafe { real::telldir(dir) })
+}
+
+/// # Safety
+/// As libc's `seekdir` (`position` from `telldir`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn seekdir(dir: *mut libc::DIR, position: libc::c_long) {
+    if with_dir(dir, |d| d.cursor = usize::try_from(position).unwrap_or(0)).is_none() {
+        // SAFETY: arguments passed through.
+        unsafe { real::seekdir(dir, position) }
     }
 }
 

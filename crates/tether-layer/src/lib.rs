@@ -175,6 +175,8 @@ real_fns! {
     closedir(dir: *mut libc::DIR) -> c_int;
     dirfd(dir: *mut libc::DIR) -> c_int;
     rewinddir(dir: *mut libc::DIR) -> ();
+    telldir(dir: *mut libc::DIR) -> libc::c_long;
+    seekdir(dir: *mut libc::DIR, position: libc::c_long) -> ();
     fdopendir(fd: c_int) -> *mut libc::DIR;
     scandir64(path: *const c_char, list: *mut *mut *mut libc::dirent64, filter: Option<unsafe extern "C" fn(*const libc::dirent64) -> c_int>, compare: Option<unsafe extern "C" fn(*mut *const libc::dirent64, *mut *const libc::dirent64) -> c_int>) -> c_int;
     readlink(path: *const c_char, buf: *mut c_char, size: libc::size_t) -> libc::ssize_t;

@@ -607,11 +607,12 @@ d = ENV["POD_DIR"]
 puts "children #{Dir.children(d).sort.join(",")}"
 puts "glob #{Dir.glob("#{d}/*.txt").map { |f| File.basename(f) }.join(",")}"
 Dir.open(d) { |dir| puts "fileno #{dir.fileno.is_a?(Integer)} #{dir.each_child.count}" }
+Dir.open(d) { |dir| dir.read; at = dir.tell; name = dir.read; dir.read; dir.seek(at); puts "seek #{!name.nil? && dir.read == name}" }
 20.times { |i| puts Net::HTTP.get(URI("http://db.pod.internal:#{ENV["HTTP_PORT"]}/ruby-#{i}")).strip }
 "##;
     let out = pod.exec_ok(&[], &["ruby", "-e", script]);
     let mut expected = format!(
-        "children {}\nglob secret.txt\nfileno true 7\n",
+        "children {}\nglob secret.txt\nfileno true 7\nseek true\n",
         POD_LISTING.join(",")
     );
     for i in 0..20 {
