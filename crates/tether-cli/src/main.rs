@@ -94,9 +94,11 @@ fn main() {
 }
 
 fn init_logging(global: &GlobalArgs) {
+    // By default only tether's own warnings: a library's (kube's client retrying, hyper, rustls)
+    // while a link is down is detail for -v, not a line on the user's terminal.
     let default = match (global.quiet, global.verbose) {
-        (true, _) => "error",
-        (false, 0) => "warn",
+        (true, _) => "off,tether=error,tether_agent=error,tether_kube=error",
+        (false, 0) => "off,tether=warn,tether_agent=warn,tether_kube=warn,tether_config=warn",
         (false, 1) => "info,tether=info",
         (false, 2) => "info,tether=debug,tether_agent=debug",
         (false, _) => "debug,tether=trace,tether_agent=trace",

@@ -301,7 +301,20 @@ fn while_port_forwards_are_refused_the_pod_s_app_serves_and_the_session_resumes_
         0,
         "{}",
         exec.seen_lines()
-    );
+    ); // Only tether's own lines at default verbosity: no library's log lines.
+    let said = exec.seen_lines();
+    for library in [
+        "kube_client",
+        "kube_runtime",
+        "hyper",
+        "rustls",
+        "tungstenite",
+    ] {
+        assert!(
+            !said.contains(library),
+            "{library} on the terminal:\n{said}"
+        );
+    }
 }
 
 /// Runs `command` to its end, at most 60 s (then kills it and fails the test).
