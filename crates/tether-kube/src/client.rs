@@ -47,15 +47,18 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<(Client, String)> {
     Ok((client, namespace))
 }
 
-/// kube's own client stack (TLS from the kubeconfig, base URI, authentication with refresh,
-/// extra headers), except that its connections to the API server set `TCP_NODELAY`.
+/// kube's own client stack (TLS from the kubeconfig, base URI, retries of 429/503/504 as kube
+/// does by default, authentication with refresh, extra headers), except that its connections to
+/// the API server set `TCP_NODELAY`.
 /// hyper-util's `HttpConnector` leaves Nagle on, which kube's default builder keeps: a session's
 /// small frames then wait for the server's delayed ACK, ~40 ms per exchange on a real cluster
 /// (field-notes §10). The port-forward's WebSocket is an upgrade of such a connection, so the
 /// whole session path inherits the option.
 ///
-/// Through a proxy (`proxy-url`), kube's own builder is used as it is (its tunnels are not
-/// rebuilt here).
+/// Left out of kube's stack: its per-request debug tracing, and the expiry of a client
+/// certificate an exec plugin returned (kube keeps that API internal; the API server refuses an
+/// expired one). Through a proxy (`proxy-url`), kube's own builder is used as it is (its tunnels
+/// are not rebuilt here).
 fn without_nagle(config: Config) -> Result<Client, kube::Error> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use kube::client::{ClientBuilder, ConfigExt as _};
@@ -71,8 +74,12 @@ fn without_nagle(config: Config) -> Result<Client, kube::Error> {
     let https = config.rustls_https_connector_with_connector(http)?;
     let hyper =
         hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(https);
+    let retry = config
+        .default_retry
+        .then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .option_layer(retry)
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         .map_err(tower::BoxError::from)

@@ -330,6 +330,12 @@ COMMIT
             &pod.netns,
             &["python3", script.to_str().unwrap(), &port.to_string()],
         );
+        self.wait_udp_bound(pod, port, "the UDP echo");
+        pid
+    }
+
+    /// Waits (at most 10 s) until a UDP socket is bound to `port` in `pod`.
+    fn wait_udp_bound(&self, pod: &Pod, port: u16, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         let filter = format!("sport = :{port}");
         while self
@@ -339,11 +345,10 @@ COMMIT
         {
             assert!(
                 Instant::now() < deadline,
-                "the UDP echo on {port} did not start in 10 s"
+                "{what} on {port} did not start in 10 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        pid
     }
 
     /// Starts a DNS server (UDP `port`) in `pod` that knows `records` (`(name, ipv4)`); waits
@@ -358,19 +363,7 @@ COMMIT
         args.extend(records.iter().map(|(name, ip)| format!("{name}={ip}")));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let pid = self.spawn(&pod.netns, &args);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let filter = format!("sport = :{port}");
-        while self
-            .exec_ok(&pod.netns, &["ss", "-Hlun", &filter])
-            .trim()
-            .is_empty()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the DNS server on {port} did not start in 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_udp_bound(pod, port, "the DNS server");
         pid
     }
 
