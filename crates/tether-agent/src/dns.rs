@@ -19,10 +19,19 @@ use crate::{fs::Root, netns::Netns};
 
 type Reply = oneshot::Sender<Result<DnsAnswer, ErrorInfo>>;
 
+/// What the resolver thread is asked.
+#[derive(Debug)]
+enum Query {
+    /// A name's addresses.
+    Forward { name: String, family: AddressFamily },
+    /// An address's name.
+    Reverse(IpAddr),
+}
+
 /// A handle to the resolver thread.
 #[derive(Debug, Clone)]
 pub(crate) struct Dns {
-    requests: mpsc::UnboundedSender<(String, AddressFamily, Reply)>,
+    requests: mpsc::UnboundedSender<(Query, Reply)>,
 }
 
 impl Dns {
@@ -61,7 +70,7 @@ impl Dns {
         options.attempts = options.attempts.min(2);
         let hosts = Arc::new(hosts);
 
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, AddressFamily, Reply)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Query, Reply)>();
         let path = netns.path.clone();
         let enter = !netns.is_current();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -93,7 +102,22 @@ impl Dns {
                             .build()
                             .expect("a resolver without TLS always builds");
                     resolver.set_hosts(Arc::clone(&hosts));
-                    while let Some((name, family, reply)) = rx.recv().await {
+                    while let Some((query, reply)) = rx.recv().await {
+                        let (name, family) = match query {
+                            Query::Forward { name, family } => (name, family),
+                            Query::Reverse(ip) => {
+                                // The hosts file first, as glibc's `files` before `dns`.
+                                if let Some(answer) = reverse_from_hosts(&hosts, ip) {
+                                    let _ = reply.send(Ok(answer));
+                                    continue;
+                                }
+                                let resolver = resolver.clone();
+                                tokio::spawn(async move {
+                                    let _ = reply.send(reverse(&resolver, ip).await);
+                                });
+                                continue;
+                            }
+                        };
                         // The hosts file answers first, for the name as given, as glibc's
                         // `files` before `dns` does: no search domain, no query.
                         if let Some(answer) = from_hosts(&hosts, &name, family) {
@@ -124,7 +148,24 @@ impl Dns {
             message: "the resolver thread stopped".into(),
             ..Default::default()
         };
-        self.requests.send((name, family, tx)).map_err(|_| gone())?;
+        self.requests
+            .send((Query::Forward { name, family }, tx))
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// The name of `ip` in the target: its hosts file, then a PTR query. The answer names it
+    /// (`canonical_name`) and lists `ip`.
+    pub(crate) async fn reverse(&self, ip: IpAddr) -> Result<DnsAnswer, ErrorInfo> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || ErrorInfo {
+            code: ErrorCode::Internal as i32,
+            message: "the resolver thread stopped".into(),
+            ..Default::default()
+        };
+        self.requests
+            .send((Query::Reverse(ip), tx))
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }
@@ -157,6 +198,62 @@ fn from_hosts(hosts: &Hosts, name: &str, family: AddressFamily) -> Option<DnsAns
     }
     (!addresses.is_empty()).then(|| DnsAnswer {
         addresses,
+        canonical_name: name.trim_end_matches('.').to_owned(),
+    })
+}
+
+fn ip_bytes(ip: IpAddr) -> bytes::Bytes {
+    match ip {
+        IpAddr::V4(v4) => bytes::Bytes::copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => bytes::Bytes::copy_from_slice(&v6.octets()),
+    }
+}
+
+fn reverse_from_hosts(hosts: &Hosts, ip: IpAddr) -> Option<DnsAnswer> {
+    use hickory_resolver::proto::{
+        op::Query,
+        rr::{Name, RData, RecordType},
+    };
+    let found = hosts.lookup_static_host(&Query::query(Name::from(ip), RecordType::PTR))?;
+    found
+        .answers()
+        .iter()
+        .find_map(|record| match &record.data {
+            RData::PTR(name) => Some(DnsAnswer {
+                addresses: vec![ip_bytes(ip)],
+                canonical_name: name.0.to_utf8().trim_end_matches('.').to_owned(),
+            }),
+            _ => None,
+        })
+}
+
+async fn reverse(resolver: &TokioResolver, ip: IpAddr) -> Result<DnsAnswer, ErrorInfo> {
+    let found = resolver.reverse_lookup(ip).await.map_err(|error| {
+        let not_found = error.is_no_records_found() || error.is_nx_domain();
+        ErrorInfo {
+            code: if not_found {
+                ErrorCode::NotFound
+            } else {
+                ErrorCode::Temporary
+            } as i32,
+            message: format!("cannot find the name of {ip} in the target: {error}"),
+            ..Default::default()
+        }
+    })?;
+    let name = found
+        .answers()
+        .iter()
+        .find_map(|record| match &record.data {
+            hickory_resolver::proto::rr::RData::PTR(ptr) => Some(ptr.0.to_utf8()),
+            _ => None,
+        })
+        .ok_or_else(|| ErrorInfo {
+            code: ErrorCode::NotFound as i32,
+            message: format!("{ip} has no name in the target"),
+            ..Default::default()
+        })?;
+    Ok(DnsAnswer {
+        addresses: vec![ip_bytes(ip)],
         canonical_name: name.trim_end_matches('.').to_owned(),
     })
 }

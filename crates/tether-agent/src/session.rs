@@ -855,10 +855,17 @@ impl OpContext {
         let result = match op {
             request::Op::OutgoingConnect(connect) => return self.connect(id, connect).await,
             request::Op::DnsLookup(lookup) => match self.agent.dns() {
-                Ok(dns) => dns
+                Ok(dns) if lookup.address.is_empty() => dns
                     .lookup(lookup.name.clone(), lookup.family())
                     .await
                     .map(response::Result::DnsAnswer),
+                Ok(dns) => match ip_of(&lookup.address) {
+                    Some(ip) => dns.reverse(ip).await.map(response::Result::DnsAnswer),
+                    None => Err(error(
+                        ErrorCode::Unsupported,
+                        "an address of neither 4 nor 16 bytes",
+                    )),
+                },
                 Err(e) => Err(e),
             },
             request::Op::EnvGet(_) => self.agent.environment().map(response::Result::Env),
@@ -1188,4 +1195,13 @@ where
     };
     let (_, clean) = tokio::join!(upstream, downstream);
     clean
+}
+
+/// An address on the wire: 4 or 16 bytes.
+fn ip_of(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
 }

@@ -50,6 +50,9 @@ pub enum Request {
     },
     /// Resolve `name` in the target (`family`: 0 any, 4, 6).
     Resolve { name: String, family: u8 },
+    /// The name of `address` in the target (its hosts file, then a PTR query); answered with
+    /// `Resolved`, whose `canonical` is the name (empty: none).
+    ResolveAddress { address: std::net::IpAddr },
     /// A file operation: a protobuf `FsRequest` of `len` bytes follows the line.
     Fs { len: usize },
     /// The process closed the sockets using these UDP relay streams.

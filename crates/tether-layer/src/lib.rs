@@ -108,6 +108,7 @@ macro_rules! real_fns {
         mod real {
             use super::*;
             $(
+                #[allow(clippy::too_many_arguments, reason = "libc's signature")]
                 pub(crate) unsafe fn $name($($arg: $ty),*) -> $ret {
                     static REAL: Real = Real::new(match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
                         Ok(name) => name,
@@ -148,6 +149,9 @@ real_fns! {
     getaddrinfo(node: *const c_char, service: *const c_char, hints: *const libc::addrinfo, res: *mut *mut libc::addrinfo) -> c_int;
     freeaddrinfo(res: *mut libc::addrinfo) -> ();
     gethostbyname2(name: *const c_char, family: c_int) -> *mut libc::hostent;
+    gethostbyaddr(address: *const c_void, len: socklen_t, family: c_int) -> *mut libc::hostent;
+    gethostbyaddr_r(address: *const c_void, len: socklen_t, family: c_int, ret: *mut libc::hostent, buf: *mut c_char, buflen: libc::size_t, result: *mut *mut libc::hostent, h_errnop: *mut c_int) -> c_int;
+    getnameinfo(address: *const sockaddr, len: socklen_t, host: *mut c_char, host_len: socklen_t, service: *mut c_char, service_len: socklen_t, flags: c_int) -> c_int;
     gethostbyname2_r(name: *const c_char, family: c_int, ret: *mut libc::hostent, buf: *mut c_char, buflen: libc::size_t, result: *mut *mut libc::hostent, h_errnop: *mut c_int) -> c_int;
     open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;
     open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int;

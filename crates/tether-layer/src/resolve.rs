@@ -418,6 +418,77 @@ pub unsafe extern "C" fn gethostbyname2(name: *const c_char, family: c_int) -> *
     unsafe { real::gethostbyname2(name, family) }
 }
 
+/// The caller's buffers of the `_r` forms (`gethostbyname_r`, `gethostbyaddr_r`, …).
+struct HostOut {
+    ret: *mut libc::hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+}
+
+impl HostOut {
+    fn set_h_errno(&self, code: c_int) {
+        if !self.h_errnop.is_null() {
+            // SAFETY: a valid out-pointer (or null), per the `_r` contract.
+            unsafe { *self.h_errnop = code };
+        }
+    }
+
+    /// Writes `found` (or its h_errno) as the `_r` forms do; returns their result code.
+    ///
+    /// # Safety
+    /// `ret`, `result` valid out-pointers; `buf` has `buflen` writable bytes.
+    unsafe fn fill(&self, family: c_int, found: Result<Host, c_int>) -> c_int {
+        // SAFETY: `result` is a valid out-pointer, per the contract.
+        unsafe { *self.result = std::ptr::null_mut() };
+        let (owned_name, addresses) = match found {
+            Ok(found) => found,
+            Err(code) => {
+                self.set_h_errno(code);
+                return libc::ENOENT;
+            }
+        };
+        // The caller's buffer holds, pointer-aligned: the alias list (one null), the address
+        // list (a pointer per address and a null), the addresses, the name.
+        let pointer = size_of::<*mut c_char>();
+        let skip = self.buf.align_offset(align_of::<*mut c_char>());
+        let pointers = 1 + addresses.len() + 1;
+        let bytes: usize = addresses.iter().map(Vec::len).sum();
+        let name_bytes = owned_name.as_bytes_with_nul();
+        let needed = skip + pointers * pointer + bytes + name_bytes.len();
+        if needed > self.buflen || addresses.is_empty() {
+            self.set_h_errno(NETDB_INTERNAL);
+            return libc::ERANGE;
+        }
+        // SAFETY: `buf` has `buflen` ≥ `needed` writable bytes, per the contract; `skip` makes
+        // the pointer arrays aligned; every write below stays within `needed`.
+        unsafe {
+            let aliases = self.buf.add(skip).cast::<*mut c_char>();
+            *aliases = std::ptr::null_mut();
+            let list = aliases.add(1);
+            let mut data = list.add(addresses.len() + 1).cast::<c_char>();
+            for (i, address) in addresses.iter().enumerate() {
+                std::ptr::copy_nonoverlapping(address.as_ptr().cast(), data, address.len());
+                *list.add(i) = data;
+                data = data.add(address.len());
+            }
+            *list.add(addresses.len()) = std::ptr::null_mut();
+            std::ptr::copy_nonoverlapping(name_bytes.as_ptr().cast(), data, name_bytes.len());
+            *self.ret = libc::hostent {
+                h_name: data,
+                h_aliases: aliases,
+                h_addrtype: family,
+                h_length: addresses[0].len() as c_int,
+                h_addr_list: list,
+            };
+            *self.result = self.ret;
+        }
+        self.set_h_errno(0);
+        0
+    }
+}
+
 /// # Safety
 /// As libc's `gethostbyname_r` (what Python's `socket.gethostbyname` calls).
 #[unsafe(no_mangle)]
@@ -451,59 +522,235 @@ pub unsafe extern "C" fn gethostbyname2_r(
         && let Some(_entered) = enter()
         && let Some(found) = remote_host(name, family)
     {
-        // SAFETY: `result` is a valid out-pointer, per the contract.
-        unsafe { *result = std::ptr::null_mut() };
-        let set_h_errno = |code: c_int| {
-            if !h_errnop.is_null() {
-                // SAFETY: a valid out-pointer, per the contract.
-                unsafe { *h_errnop = code };
-            }
+        let out = HostOut {
+            ret,
+            buf,
+            buflen,
+            result,
+            h_errnop,
         };
-        let (owned_name, addresses) = match found {
-            Ok(found) => found,
-            Err(code) => {
-                set_h_errno(code);
-                return libc::ENOENT;
-            }
-        };
-        // The caller's buffer holds, pointer-aligned: the alias list (one null), the address
-        // list (a pointer per address and a null), the addresses, the name.
-        let pointer = size_of::<*mut c_char>();
-        let skip = buf.align_offset(align_of::<*mut c_char>());
-        let pointers = 1 + addresses.len() + 1;
-        let bytes: usize = addresses.iter().map(Vec::len).sum();
-        let name_bytes = owned_name.as_bytes_with_nul();
-        let needed = skip + pointers * pointer + bytes + name_bytes.len();
-        if needed > buflen {
-            set_h_errno(NETDB_INTERNAL);
-            return libc::ERANGE;
-        }
-        // SAFETY: `buf` has `buflen` ≥ `needed` writable bytes, per the contract; `skip` makes
-        // the pointer arrays aligned; every write below stays within `needed`.
-        unsafe {
-            let aliases = buf.add(skip).cast::<*mut c_char>();
-            *aliases = std::ptr::null_mut();
-            let list = aliases.add(1);
-            let mut data = list.add(addresses.len() + 1).cast::<c_char>();
-            for (i, address) in addresses.iter().enumerate() {
-                std::ptr::copy_nonoverlapping(address.as_ptr().cast(), data, address.len());
-                *list.add(i) = data;
-                data = data.add(address.len());
-            }
-            *list.add(addresses.len()) = std::ptr::null_mut();
-            std::ptr::copy_nonoverlapping(name_bytes.as_ptr().cast(), data, name_bytes.len());
-            *ret = libc::hostent {
-                h_name: data,
-                h_aliases: aliases,
-                h_addrtype: family,
-                h_length: addresses[0].len() as c_int,
-                h_addr_list: list,
-            };
-            *result = ret;
-        }
-        set_h_errno(0);
-        return 0;
+        // SAFETY: the caller's buffers, per gethostbyname2_r's contract.
+        return unsafe { out.fill(family, found) };
     }
     // SAFETY: arguments passed through.
     unsafe { real::gethostbyname2_r(name, family, ret, buf, buflen, result, h_errnop) }
+}
+
+/// The name of `ip` as the target knows it, when `ip` is the target's business: a name it
+/// resolved (remembered, no question asked), or an address the outgoing policy sends to the
+/// target (asked: its hosts file, then a PTR query). `None`: a local matter; `Err(h_errno)`:
+/// the target has no name for it.
+fn remote_name(ip: IpAddr) -> Option<Result<String, c_int>> {
+    if let Some((name, true)) = name_of(ip) {
+        return Some(Ok(name));
+    }
+    let policy = policy()?;
+    let addr = SocketAddr::new(ip, 0);
+    if !policy.may_go_remote(addr)
+        || !policy.outgoing(crate::channel::Transport::Tcp, addr, None, false)
+    {
+        return None;
+    }
+    Some(match crate::ask(&Request::ResolveAddress { address: ip }) {
+        Ok(Answer::Resolved { canonical, .. }) if !canonical.is_empty() => Ok(canonical),
+        Ok(Answer::Resolved { .. }) => Err(HOST_NOT_FOUND),
+        _ => Err(NETDB_INTERNAL),
+    })
+}
+
+/// The address `gethostbyaddr` is given, if it is one (AF_INET, 4 bytes; AF_INET6, 16).
+///
+/// # Safety
+/// `address` is null or points to `len` bytes.
+unsafe fn host_address(
+    address: *const libc::c_void,
+    len: libc::socklen_t,
+    family: c_int,
+) -> Option<IpAddr> {
+    if address.is_null() {
+        return None;
+    }
+    match (family, len) {
+        // SAFETY: `address` points to `len` bytes, per the contract.
+        (libc::AF_INET, 4) => Some(IpAddr::from(unsafe {
+            address.cast::<[u8; 4]>().read_unaligned()
+        })),
+        // SAFETY: as above.
+        (libc::AF_INET6, 16) => Some(IpAddr::from(unsafe {
+            address.cast::<[u8; 16]>().read_unaligned()
+        })),
+        _ => None,
+    }
+}
+
+/// # Safety
+/// As libc's `gethostbyaddr_r` (what Python's `socket.gethostbyaddr` calls).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyaddr_r(
+    address: *const libc::c_void,
+    len: libc::socklen_t,
+    family: c_int,
+    ret: *mut libc::hostent,
+    buf: *mut c_char,
+    buflen: libc::size_t,
+    result: *mut *mut libc::hostent,
+    h_errnop: *mut c_int,
+) -> c_int {
+    if !ret.is_null()
+        && !buf.is_null()
+        && !result.is_null()
+        // SAFETY: the caller's address, per the contract.
+        && let Some(ip) = unsafe { host_address(address, len, family) }
+        && let Some(_entered) = enter()
+        && let Some(found) = remote_name(ip)
+    {
+        let out = HostOut {
+            ret,
+            buf,
+            buflen,
+            result,
+            h_errnop,
+        };
+        let found = found.and_then(|name| {
+            let name = CString::new(name).map_err(|_| HOST_NOT_FOUND)?;
+            Ok((name, vec![ip_octets(ip)]))
+        });
+        // SAFETY: the caller's buffers, per gethostbyaddr_r's contract.
+        return unsafe { out.fill(family, found) };
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::gethostbyaddr_r(address, len, family, ret, buf, buflen, result, h_errnop) }
+}
+
+fn ip_octets(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// Reverse names of the target's addresses (`getent hosts ADDRESS`).
+///
+/// # Safety
+/// As libc's `gethostbyaddr`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gethostbyaddr(
+    address: *const libc::c_void,
+    len: libc::socklen_t,
+    family: c_int,
+) -> *mut libc::hostent {
+    // SAFETY: the caller's address, per the contract.
+    if let Some(ip) = unsafe { host_address(address, len, family) }
+        && let Some(_entered) = enter()
+        && let Some(found) = remote_name(ip)
+    {
+        let name = match found.and_then(|name| CString::new(name).map_err(|_| HOST_NOT_FOUND)) {
+            Ok(name) => name,
+            Err(code) => {
+                // SAFETY: glibc's per-thread h_errno.
+                unsafe { *__h_errno_location() = code };
+                return std::ptr::null_mut();
+            }
+        };
+        let mut addresses = vec![ip_octets(ip)];
+        let mut list: Vec<*mut c_char> =
+            vec![addresses[0].as_mut_ptr().cast(), std::ptr::null_mut()];
+        let mut aliases = vec![std::ptr::null_mut()];
+        let mut storage = Box::new(HostStorage {
+            entry: libc::hostent {
+                h_name: name.as_ptr().cast_mut(),
+                h_aliases: aliases.as_mut_ptr(),
+                h_addrtype: family,
+                h_length: len as c_int,
+                h_addr_list: list.as_mut_ptr(),
+            },
+            _name: name,
+            _addresses: std::mem::take(&mut addresses),
+            _list: list,
+            _aliases: aliases,
+        });
+        let pointer = &raw mut storage.entry;
+        let _ = HOST.try_with(|slot| *slot.borrow_mut() = Some(storage));
+        return pointer;
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::gethostbyaddr(address, len, family) }
+}
+
+/// The host part of an address's name from the target (`NI_NUMERICHOST` keeps it numeric, as
+/// ever); the service part is libc's.
+///
+/// # Safety
+/// As libc's `getnameinfo`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getnameinfo(
+    address: *const libc::sockaddr,
+    len: libc::socklen_t,
+    host: *mut c_char,
+    host_len: libc::socklen_t,
+    service: *mut c_char,
+    service_len: libc::socklen_t,
+    flags: c_int,
+) -> c_int {
+    if !host.is_null()
+        && host_len > 0
+        && flags & libc::NI_NUMERICHOST == 0
+        && let Some(_entered) = enter()
+        // SAFETY: `address` points to `len` bytes, per the contract.
+        && let Some(socket_address) = unsafe { addr::read(address, len) }
+        && let Some(found) = remote_name(socket_address.ip())
+    {
+        let name = match found {
+            Ok(name) => name,
+            Err(_) if flags & libc::NI_NAMEREQD != 0 => return libc::EAI_NONAME,
+            // No name in the target: the numeric form, as libc gives when DNS has none.
+            Err(_) => {
+                // SAFETY: arguments passed through, the host asked for numerically.
+                return unsafe {
+                    real::getnameinfo(
+                        address,
+                        len,
+                        host,
+                        host_len,
+                        service,
+                        service_len,
+                        flags | libc::NI_NUMERICHOST,
+                    )
+                };
+            }
+        };
+        let name = if flags & libc::NI_NOFQDN != 0 {
+            name.split('.').next().unwrap_or(&name).to_owned()
+        } else {
+            name
+        };
+        if name.len() + 1 > host_len as usize {
+            return libc::EAI_OVERFLOW;
+        }
+        if !service.is_null() && service_len > 0 {
+            // SAFETY: the caller's service buffer; no host asked of libc.
+            let rc = unsafe {
+                real::getnameinfo(
+                    address,
+                    len,
+                    std::ptr::null_mut(),
+                    0,
+                    service,
+                    service_len,
+                    flags,
+                )
+            };
+            if rc != 0 {
+                return rc;
+            }
+        }
+        // SAFETY: `host` has `host_len` > `name.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(name.as_ptr().cast::<c_char>(), host, name.len());
+            *host.add(name.len()) = 0;
+        }
+        return 0;
+    }
+    // SAFETY: arguments passed through.
+    unsafe { real::getnameinfo(address, len, host, host_len, service, service_len, flags) }
 }

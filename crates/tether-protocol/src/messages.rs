@@ -677,7 +677,9 @@ pub enum AddressFamily {
     Ipv6 = 2,
 }
 
-/// Resolve a name as the target would (its resolv.conf and hosts file).
+/// Resolve a name as the target would (its resolv.conf and hosts file); or, with `address`
+/// (4 or 16 bytes) and no name, find the address's name (hosts file, then PTR). An agent that
+/// predates `address` answers an empty name with an error.
 #[derive(Clone, PartialEq, prost::Message)]
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 pub struct DnsLookup {
@@ -685,6 +687,9 @@ pub struct DnsLookup {
     pub name: String,
     #[prost(enumeration = "AddressFamily", tag = "2")]
     pub family: i32,
+    #[prost(bytes = "bytes", tag = "3")]
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = arbitrary_bytes))]
+    pub address: Bytes,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -320,7 +320,25 @@ impl Shared {
                 6 => AddressFamily::Ipv6,
                 _ => AddressFamily::Any,
             } as i32,
+            address: Default::default(),
         };
+        self.dns(lookup).await
+    }
+
+    /// The name of `address` in the target.
+    pub(super) async fn resolve_address(&self, address: std::net::IpAddr) -> Answer {
+        let address = match address {
+            std::net::IpAddr::V4(v4) => bytes::Bytes::copy_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => bytes::Bytes::copy_from_slice(&v6.octets()),
+        };
+        self.dns(DnsLookup {
+            address,
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn dns(&self, lookup: DnsLookup) -> Answer {
         match self.request(request::Op::DnsLookup(lookup)).await {
             Ok(response::Result::DnsAnswer(answer)) => Answer::Resolved {
                 addresses: answer

@@ -717,6 +717,7 @@ impl Shared {
                 hostname,
             } => self.connect_out(transport, remote, from, hostname).await,
             LayerRequest::Resolve { name, family } => self.resolve(name, family).await,
+            LayerRequest::ResolveAddress { address } => self.resolve_address(address).await,
             LayerRequest::Fs { .. } => return self.fs(&payload).await,
             LayerRequest::Release { streams } => self.release(&streams),
         };

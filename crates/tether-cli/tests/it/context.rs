@@ -455,7 +455,7 @@ for i in range(10):
 
 /// Regression: `getent hosts` (glibc's `gethostbyname2`, AF_INET6 then AF_INET) and python's
 /// `socket.gethostbyname` (`gethostbyname_r`) resolved locally and did not find a name only the
-/// pod's `/etc/hosts` has.
+/// pod's `/etc/hosts` has; reverse lookups of the pod's addresses neither.
 #[test]
 fn getent_and_python_s_gethostbyname_find_a_name_only_the_pod_has() {
     if !require_root("getent_and_python_s_gethostbyname_find_a_name_only_the_pod_has") {
@@ -474,6 +474,23 @@ fn getent_and_python_s_gethostbyname_find_a_name_only_the_pod_has() {
     assert_eq!(
         out,
         format!("{db}\n('db.pod.internal', [], ['{db}'])\n"),
+        "{out}"
+    );
+    // Reverse: the pod's address has a name only in the pod's hosts file (gethostbyaddr,
+    // gethostbyaddr_r, getnameinfo).
+    let out = pod.exec_ok(&[], &["getent", "hosts", &db.to_string()]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        [db.to_string().as_str(), "db.pod.internal"],
+        "{out}"
+    );
+    let script = format!(
+        "import socket; print(socket.gethostbyaddr('{db}')[0]); print(socket.getnameinfo(('{db}', 80), 0)); print(socket.getnameinfo(('{db}', 80), socket.NI_NUMERICHOST))"
+    );
+    let out = pod.exec_ok(&[], &["python3", "-c", &script]);
+    assert_eq!(
+        out,
+        format!("db.pod.internal\n('db.pod.internal', 'http')\n('{db}', 'http')\n"),
         "{out}"
     );
 }
