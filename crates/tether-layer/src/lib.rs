@@ -622,6 +622,10 @@ fn after_accept(listener: c_int, accepted: c_int, addr: *mut sockaddr, len: *mut
         return;
     }
     let Some(entered) = enter() else { return };
+    // Most listeners are local: they cost one lookup here, nothing more.
+    if !state::with(|t| t.listeners.contains_key(&listener)) {
+        return;
+    }
     revalidate(&entered, listener);
     // The accepted fd is new: whatever was recorded under its number is stale.
     revalidate(&entered, accepted);
