@@ -1388,8 +1388,7 @@ pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
                 Some(match open_remote_dir(path.to_string_lossy().into_owned()) {
                     Ok(handle) => register_dir(handle, fd),
                     Err(errno) => {
-                        // SAFETY: the placeholder just opened.
-                        unsafe { crate::close(fd) };
+                        crate::close_entered(&_entered, fd);
                         fail(errno, std::ptr::null_mut())
                     }
                 })
@@ -1454,7 +1453,7 @@ pub unsafe extern "C" fn readdir64(dir: *mut libc::DIR) -> *mut libc::dirent64 {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
     if DIRS_ACTIVE.load(Ordering::Acquire)
-        && let Some(_entered) = enter()
+        && let Some(entered) = enter()
     {
         let removed = DIRS
             .lock()
@@ -1466,9 +1465,9 @@ pub unsafe extern "C" fn closedir(dir: *mut libc::DIR) -> c_int {
                 handle: removed.handle,
             }));
             if removed.fd >= 0 {
-                // The fd `fdopendir` took belongs to the DIR, and goes with it.
-                // SAFETY: an fd this DIR owns.
-                return unsafe { crate::close(removed.fd) };
+                // The fd the DIR owns goes with it, with its records (its placeholder's remote
+                // handle closes too).
+                return crate::close_entered(&entered, removed.fd);
             }
             return 0;
         }
@@ -1574,33 +1573,30 @@ pub unsafe extern "C" fn scandir64(
     filter: ScanFilter,
     compare: ScanCompare,
 ) -> c_int {
-    let remote = (|| {
+    // The listing is made inside the layer; the caller's filter and comparison run outside it,
+    // so their own libc calls (a `stat` of an entry) are hooked as usual.
+    let listed = (|| {
         let _entered = enter()?;
         let path = path_of(path)?;
         Some(match route(path, false) {
             FsRoute::Local => return None,
-            FsRoute::NotFound => fail(libc::ENOENT, -1),
-            FsRoute::Remote => match open_remote_dir(path.to_string_lossy().into_owned()) {
-                // SAFETY: the caller's out-pointer and functions, per scandir's contract.
-                Ok(handle) => unsafe { scan_remote(handle, list, filter, compare) },
-                Err(errno) => fail(errno, -1),
-            },
+            FsRoute::NotFound => Err(libc::ENOENT),
+            FsRoute::Remote => {
+                open_remote_dir(path.to_string_lossy().into_owned()).and_then(list_remote)
+            }
         })
     })();
-    // SAFETY: arguments passed through.
-    remote.unwrap_or_else(|| unsafe { real::scandir64(path, list, filter, compare) })
+    match listed {
+        // SAFETY: arguments passed through.
+        None => unsafe { real::scandir64(path, list, filter, compare) },
+        Some(Err(errno)) => fail(errno, -1),
+        // SAFETY: the caller's out-pointer and functions, per scandir's contract.
+        Some(Ok(entries)) => unsafe { hand_out(&entries, list, filter, compare) },
+    }
 }
 
-/// Lists the directory open in the target as `handle` into a `malloc`ed array for `scandir`.
-///
-/// # Safety
-/// `list` is a valid out-pointer; `filter` and `compare` follow scandir's contract.
-unsafe fn scan_remote(
-    handle: u64,
-    list: *mut *mut *mut libc::dirent64,
-    filter: ScanFilter,
-    compare: ScanCompare,
-) -> c_int {
+/// Every entry of the directory open in the target as `handle`, which is closed after.
+fn list_remote(handle: u64) -> Result<Vec<libc::dirent64>, c_int> {
     let mut dir = RemoteDir {
         handle,
         listed: Vec::new(),
@@ -1610,6 +1606,33 @@ unsafe fn scan_remote(
         // SAFETY: plain old data.
         current: unsafe { std::mem::zeroed() },
     };
+    let saved = errno();
+    let mut entries = Vec::new();
+    let outcome = loop {
+        set_errno(0);
+        let entry = next_entry(&mut dir);
+        if entry.is_null() {
+            break if errno() == 0 { Ok(()) } else { Err(errno()) };
+        }
+        // SAFETY: `next_entry` returns a pointer to the DIR's current entry.
+        entries.push(unsafe { entry.read() });
+    };
+    let _ = fs(Op::Close(FsHandle { handle }));
+    set_errno(saved);
+    outcome.map(|()| entries)
+}
+
+/// `scandir`'s result from `entries`: filtered, each copied into a `malloc`ed block, the array
+/// `malloc`ed and sorted; the caller frees them.
+///
+/// # Safety
+/// `list` is a valid out-pointer; `filter` and `compare` follow scandir's contract.
+unsafe fn hand_out(
+    entries: &[libc::dirent64],
+    list: *mut *mut *mut libc::dirent64,
+    filter: ScanFilter,
+    compare: ScanCompare,
+) -> c_int {
     let mut kept: Vec<*mut libc::dirent64> = Vec::new();
     let release = |kept: &[*mut libc::dirent64]| {
         for entry in kept {
@@ -1617,29 +1640,20 @@ unsafe fn scan_remote(
             unsafe { libc::free(entry.cast()) };
         }
     };
-    let outcome = loop {
-        set_errno(0);
-        let entry = next_entry(&mut dir);
-        if entry.is_null() {
-            break if errno() == 0 { Ok(()) } else { Err(errno()) };
-        }
-        // SAFETY: the caller's filter, given an entry that lives until the next read.
+    for entry in entries {
+        // SAFETY: the caller's filter, given a whole entry.
         if filter.is_some_and(|keep| unsafe { keep(entry) } == 0) {
             continue;
         }
         // SAFETY: a `dirent64`-sized block, freed by the caller (or below on failure).
         let copy = unsafe { libc::malloc(size_of::<libc::dirent64>()) }.cast::<libc::dirent64>();
         if copy.is_null() {
-            break Err(libc::ENOMEM);
+            release(&kept);
+            return fail(libc::ENOMEM, -1);
         }
-        // SAFETY: both point to a whole `dirent64`.
-        unsafe { copy.write(entry.read()) };
+        // SAFETY: `copy` has room for a whole `dirent64`.
+        unsafe { copy.write(*entry) };
         kept.push(copy);
-    };
-    let _ = fs(Op::Close(FsHandle { handle }));
-    if let Err(errno) = outcome {
-        release(&kept);
-        return fail(errno, -1);
     }
     // SAFETY: room for every pointer (at least one byte, as malloc(0) may return null).
     let array = unsafe { libc::malloc(kept.len().max(1) * size_of::<*mut libc::dirent64>()) }

@@ -230,13 +230,20 @@ fn enter() -> Option<Entered> {
 static TRACKING: AtomicBool = AtomicBool::new(false);
 
 /// Makes records for `fd`, noting what it refers to now (see [`revalidate`]).
+/// Records of another object still under `fd`'s number (closed where no hook saw it) are
+/// forgotten first, not re-stamped with the new identity. Called inside the layer (entered).
 fn track<T>(fd: c_int, f: impl FnOnce(&mut state::Tables) -> T) -> T {
     TRACKING.store(true, Ordering::Relaxed);
     let identity = identity(fd);
-    state::with(|t| {
+    let (result, stale) = state::with(|t| {
+        let stale = identity.and_then(|now| t.revalidate(fd, Some(now)));
         t.identify(fd, identity);
-        f(t)
-    })
+        (f(t), stale)
+    });
+    if let Some(stale) = stale {
+        ended(stale);
+    }
+    result
 }
 
 /// Forgets `fd`'s records if it no longer refers to the object they were made for: it was closed
@@ -710,9 +717,23 @@ fn forget(fd: c_int) {
     if !TRACKING.load(Ordering::Relaxed) {
         return;
     }
-    let Some(_entered) = enter() else { return };
+    let Some(entered) = enter() else { return };
+    forget_entered(&entered, fd);
+}
+
+/// What `close` does for the layer's records, from inside the layer (`closedir` closing the fd
+/// its DIR owns): forget the fd, and end at the proxy what it was the last fd of.
+fn forget_entered(_entered: &Entered, fd: c_int) {
     let forgotten = state::with(|t| t.forget(fd));
     ended(forgotten);
+}
+
+/// Closes an fd the layer itself holds for the process (a DIR's), with its records.
+fn close_entered(entered: &Entered, fd: c_int) -> c_int {
+    channel_fd_closing(fd);
+    forget_entered(entered, fd);
+    // SAFETY: an fd the caller owns.
+    unsafe { real::close(fd) }
 }
 
 fn duplicated(old: c_int, new: c_int) {
@@ -949,7 +970,12 @@ pub unsafe extern "C" fn execve(
             // SAFETY: `path` is a C string, per execve's contract.
             let program = unsafe { CStr::from_ptr(path) }.to_string_lossy();
             if let Some(unreachable) = program::unreachable(std::path::Path::new(&*program)) {
-                eprintln!("tether: warning: {}", unreachable.explain(&program));
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tether: warning: {}",
+                    unreachable.explain(&program)
+                );
             }
         }
         // SAFETY: `envp` is a NULL-terminated array of C strings, per execve's contract.

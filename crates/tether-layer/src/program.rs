@@ -45,8 +45,9 @@ pub fn unreachable(path: &Path) -> Option<Unreachable> {
         Object as _, ObjectSection as _,
         read::elf::{ElfFile64, ProgramHeader as _},
     };
+    // Only a regular file is opened (opening a FIFO would block).
+    let metadata = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
     let file = std::fs::File::open(path).ok()?;
-    let metadata = file.metadata().ok()?;
     let cache = object::ReadCache::new(file);
     let elf = ElfFile64::<object::Endianness, _>::parse(&cache).ok()?;
     let endian = elf.endian();

@@ -17,7 +17,7 @@ use std::{
     sync::Mutex,
 };
 
-use crate::{Answer, Request, addr, enter, policy, policy::Names, real};
+use crate::{Answer, Request, addr, enter, policy, policy::Names, real, set_errno};
 
 static NAMES: Mutex<Option<Names>> = Mutex::new(None);
 
@@ -310,6 +310,7 @@ pub unsafe extern "C" fn freeaddrinfo(res: *mut libc::addrinfo) {
 
 /// `h_errno` values (netdb.h).
 const HOST_NOT_FOUND: c_int = 1;
+const TRY_AGAIN: c_int = 2;
 const NO_DATA: c_int = 4;
 const NETDB_INTERNAL: c_int = -1;
 
@@ -330,9 +331,13 @@ fn remote_host(name: *const c_char, family: c_int) -> Option<Result<Host, c_int>
     // SAFETY: `name` is a C string, per the callers' contract.
     let text = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
     let resolved = resolve_remote(text, family)?;
+    // The target could not be asked (or did not answer): try again, not "unknown host".
     let Ok((addresses, _)) = resolved else {
-        return Some(Err(HOST_NOT_FOUND));
+        return Some(Err(TRY_AGAIN));
     };
+    if addresses.is_empty() {
+        return Some(Err(HOST_NOT_FOUND));
+    }
     let addresses: Vec<Vec<u8>> = addresses
         .iter()
         .filter_map(|ip| match (ip, family) {
@@ -411,7 +416,16 @@ pub unsafe extern "C" fn gethostbyname2(name: *const c_char, family: c_int) -> *
             _aliases: aliases,
         });
         let pointer = &raw mut storage.entry;
-        let _ = HOST.try_with(|slot| *slot.borrow_mut() = Some(storage));
+        // The storage lives in this thread's slot; without the slot (the thread is ending)
+        // there is nowhere to keep it: no result rather than a dangling one.
+        if HOST
+            .try_with(|slot| *slot.borrow_mut() = Some(storage))
+            .is_err()
+        {
+            // SAFETY: glibc's per-thread h_errno.
+            unsafe { *__h_errno_location() = NETDB_INTERNAL };
+            return std::ptr::null_mut();
+        }
         return pointer;
     }
     // SAFETY: arguments passed through.
@@ -444,9 +458,15 @@ impl HostOut {
         unsafe { *self.result = std::ptr::null_mut() };
         let (owned_name, addresses) = match found {
             Ok(found) => found,
+            // As glibc: no such host is a success with no result (h_errno says why); a
+            // resolver that could not be asked is EAGAIN.
+            Err(TRY_AGAIN) => {
+                self.set_h_errno(TRY_AGAIN);
+                return libc::EAGAIN;
+            }
             Err(code) => {
                 self.set_h_errno(code);
-                return libc::ENOENT;
+                return 0;
             }
         };
         // The caller's buffer holds, pointer-aligned: the alias list (one null), the address
@@ -459,6 +479,7 @@ impl HostOut {
         let needed = skip + pointers * pointer + bytes + name_bytes.len();
         if needed > self.buflen || addresses.is_empty() {
             self.set_h_errno(NETDB_INTERNAL);
+            set_errno(libc::ERANGE);
             return libc::ERANGE;
         }
         // SAFETY: `buf` has `buflen` ≥ `needed` writable bytes, per the contract; `skip` makes
@@ -554,7 +575,7 @@ fn remote_name(ip: IpAddr) -> Option<Result<String, c_int>> {
     Some(match crate::ask(&Request::ResolveAddress { address: ip }) {
         Ok(Answer::Resolved { canonical, .. }) if !canonical.is_empty() => Ok(canonical),
         Ok(Answer::Resolved { .. }) => Err(HOST_NOT_FOUND),
-        _ => Err(NETDB_INTERNAL),
+        _ => Err(TRY_AGAIN),
     })
 }
 
@@ -670,7 +691,16 @@ pub unsafe extern "C" fn gethostbyaddr(
             _aliases: aliases,
         });
         let pointer = &raw mut storage.entry;
-        let _ = HOST.try_with(|slot| *slot.borrow_mut() = Some(storage));
+        // The storage lives in this thread's slot; without the slot (the thread is ending)
+        // there is nowhere to keep it: no result rather than a dangling one.
+        if HOST
+            .try_with(|slot| *slot.borrow_mut() = Some(storage))
+            .is_err()
+        {
+            // SAFETY: glibc's per-thread h_errno.
+            unsafe { *__h_errno_location() = NETDB_INTERNAL };
+            return std::ptr::null_mut();
+        }
         return pointer;
     }
     // SAFETY: arguments passed through.
@@ -702,6 +732,7 @@ pub unsafe extern "C" fn getnameinfo(
     {
         let name = match found {
             Ok(name) => name,
+            Err(TRY_AGAIN) if flags & libc::NI_NAMEREQD != 0 => return libc::EAI_AGAIN,
             Err(_) if flags & libc::NI_NAMEREQD != 0 => return libc::EAI_NONAME,
             // No name in the target: the numeric form, as libc gives when DNS has none.
             Err(_) => {
