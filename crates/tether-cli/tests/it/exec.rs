@@ -264,6 +264,20 @@ fn scenario(mode: &str, app: impl Fn(u16) -> Vec<String>, local_answer: &str) {
             "mirrored requests are answered by the pod: {answers:?}"
         ),
     }
+    if mode == "mirror" && command[0] == "socat" {
+        // Every copy handled before tether stops: a copy still arriving while it shuts down
+        // starts a script that finds no proxy any more, and says so (by design, loudly).
+        let served = socat_served(port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&served).map_or(0, |s| s.lines().count()) < answers.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the local socat answered fewer than {} mirrored copies in 10 s",
+                answers.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let code = exec.interrupt();
     assert!(code.is_some(), "tether must exit with the app's code");
     assert!(
@@ -305,12 +319,19 @@ pub(crate) fn node_app(port: u16) -> Vec<String> {
     vec!["node".into(), "-e".into(), script]
 }
 
+/// Where the socat app notes each connection it answered.
+fn socat_served(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tether-socat-served-{port}"))
+}
+
 fn socat_app(port: u16) -> Vec<String> {
     // socat's address syntax mangles quotes and spaces: the reply lives in a script it execs. The
     // script reads the request head first: closing with unread input makes the kernel send a
     // reset, which would drop the answer (for any client, with or without tether).
     let script = std::env::temp_dir().join(format!("tether-socat-reply-{port}.sh"));
-    std::fs::write(&script, "#!/bin/sh\nsed -u -n '/^\\r\\?$/q'\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 12\\r\\nConnection: close\\r\\n\\r\\nlocal socat\\n'\n").unwrap();
+    let served = socat_served(port);
+    let _ = std::fs::remove_file(&served);
+    std::fs::write(&script, format!("#!/bin/sh\nsed -u -n '/^\\r\\?$/q'\nprintf 'HTTP/1.1 200 OK\\r\\nContent-Length: 12\\r\\nConnection: close\\r\\n\\r\\nlocal socat\\n'\necho served >> {}\n", served.display())).unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     vec![
         "socat".into(),
