@@ -187,7 +187,7 @@ pub(crate) fn tether_binary() -> anyhow::Result<PathBuf> {
     let tether = exe.parent().context("no directory")?.join("tether");
     if !tether.is_file() {
         bail!(
-            "{} is missing: cargo build --release -p tether -p tether-bench",
+            "{} is missing: cargo build --release -p tether -p tether-layer -p tether-bench",
             tether.display()
         );
     }
@@ -200,7 +200,7 @@ fn layer_path() -> anyhow::Result<PathBuf> {
     [dir.join("libtether_layer.so"), dir.join("deps/libtether_layer.so")]
         .into_iter()
         .find(|p| p.is_file())
-        .context("libtether_layer.so is not built next to tether-bench (cargo build --release -p tether-bench)")
+        .context("libtether_layer.so is not built next to tether-bench (cargo build --release -p tether-layer -p tether-bench)")
 }
 
 /// A stand-in for the local proxy that keeps every listener local (as the real one does for
@@ -231,15 +231,15 @@ fn stand_in_proxy() -> anyhow::Result<PathBuf> {
 
 /// The policy `tether exec` hands out with a default configuration.
 fn policy_answer() -> String {
-    let spec = tether_layer::channel::PolicySpec {
-        fs_mode: "read".into(),
+    let spec = tether_intercept::channel::PolicySpec {
+        fs_mode: tether_intercept::channel::FsMode::Read,
         outgoing_tcp: true,
         outgoing_udp: true,
         outgoing_ignore_localhost: true,
         dns_enabled: true,
         ..Default::default()
     };
-    let answer = tether_layer::channel::Answer::Policy(spec);
+    let answer = tether_intercept::channel::Answer::Policy(spec);
     String::from_utf8(answer.encode(&[])).expect("JSON is UTF-8")
 }
 
@@ -248,11 +248,11 @@ fn run_once(kind: &str, iters: u32, layer: Option<(&PathBuf, &PathBuf)>) -> anyh
     command.args(["workload", "--kind", kind, "--iters", &iters.to_string()]);
     command
         .env_remove("LD_PRELOAD")
-        .env_remove(tether_layer::channel::SOCKET_ENV);
+        .env_remove(tether_intercept::channel::SOCKET_ENV);
     if let Some((layer, socket)) = layer {
         command
             .env("LD_PRELOAD", layer)
-            .env(tether_layer::channel::SOCKET_ENV, socket);
+            .env(tether_intercept::channel::SOCKET_ENV, socket);
     }
     let output = command.output()?;
     if !output.status.success() {

@@ -3,19 +3,19 @@
 //! line. Safe code, unit-tested without preloading.
 
 /// Bytes fetched per round trip when reading sequentially.
-pub const READ_AHEAD: usize = 256 * 1024;
+pub(crate) const READ_AHEAD: usize = 256 * 1024;
 
 /// The largest write sent in one request.
-pub const MAX_WRITE: usize = 512 * 1024;
+pub(crate) const MAX_WRITE: usize = 512 * 1024;
 
 /// Files opened read-only up to this size are copied whole into their placeholder at `open`:
 /// the process then reads a real file (any read path works, `mmap` and `fileno` included).
-pub const SNAPSHOT_MAX: u64 = 16 << 20;
+pub(crate) const SNAPSHOT_MAX: u64 = 16 << 20;
 
 /// A file opened in the target. Shared by every fd that refers to it (`dup`), as the kernel
 /// shares one open file description.
 #[derive(Debug)]
-pub struct RemoteFile {
+pub(crate) struct RemoteFile {
     pub handle: u64,
     pub path: String,
     pub position: u64,
@@ -33,7 +33,7 @@ pub struct RemoteFile {
 }
 
 impl RemoteFile {
-    pub fn new(handle: u64, path: String, append: bool, placeholder: u64) -> RemoteFile {
+    pub(crate) fn new(handle: u64, path: String, append: bool, placeholder: u64) -> RemoteFile {
         RemoteFile {
             handle,
             path,
@@ -49,7 +49,7 @@ impl RemoteFile {
 
     /// Reads up to `want` bytes at `offset` into `out`: from the buffer when it covers `offset`,
     /// else after one `fetch(offset, len) -> (bytes, eof)`. Returns the count (0: end of file).
-    pub fn read_at(
+    pub(crate) fn read_at(
         &mut self,
         offset: u64,
         out: &mut [u8],
@@ -75,7 +75,7 @@ impl RemoteFile {
     }
 
     /// Reads at the position and advances it.
-    pub fn read(
+    pub(crate) fn read(
         &mut self,
         out: &mut [u8],
         fetch: impl FnOnce(u64, usize) -> Result<(Vec<u8>, bool), i32>,
@@ -86,7 +86,7 @@ impl RemoteFile {
     }
 
     /// Something wrote to the file: what was read ahead may be stale.
-    pub fn invalidate(&mut self) {
+    pub(crate) fn invalidate(&mut self) {
         self.buffer.clear();
     }
 }

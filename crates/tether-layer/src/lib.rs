@@ -12,8 +12,9 @@
 //! `close_range`; `fork` is bracketed so a child never inherits a held lock and opens its own
 //! channel; `execve` keeps the layer's variables in a replaced environment.
 //!
-//! Layout: `channel` (the proxy protocol), `policy`, `files` and `state` (fd tables) are safe
-//! code, unit-tested without preloading; `addr` converts addresses; this file holds the
+//! Layout: the decisions (the `policy`) and the proxy protocol (`channel`) come from
+//! `tether-intercept`, shared with the proxy; `files` and `state` (fd tables) are safe code,
+//! unit-tested without preloading; `addr` converts addresses; this file holds the
 //! infrastructure (real functions, the re-entry guard, the channels) and the incoming hooks.
 //!
 //! Architecture Invariant: unsafe code lives in this crate (and nowhere else in the workspace),
@@ -22,14 +23,13 @@
 //! stderr instead of silently staying local.
 
 mod addr;
-pub mod channel;
 mod file_hooks;
-pub mod files;
+mod files;
 mod outgoing;
-pub mod policy;
-pub mod program;
 mod resolve;
-pub mod state;
+mod state;
+
+use tether_intercept::{channel, policy, program};
 
 mod alloc;
 
@@ -50,10 +50,7 @@ use std::{
 
 use libc::{sockaddr, socklen_t};
 
-use crate::channel::{Answer, Channel, Request, SOCKET_ENV};
-
-/// The variable holding this library's own path, so `execve` can keep it preloaded.
-pub const LIBRARY_ENV: &str = "TETHER_LAYER_PATH";
+use crate::channel::{Answer, Channel, LIBRARY_ENV, Request, SOCKET_ENV};
 
 // ---------------------------------------------------------------------------------------------
 // Real functions.

@@ -22,14 +22,14 @@ use std::{
 
 use crate::files::RemoteFile;
 
-pub type SharedFile = Arc<Mutex<RemoteFile>>;
+pub(crate) type SharedFile = Arc<Mutex<RemoteFile>>;
 
 /// What an fd refers to: `(st_dev, st_ino)` from `fstat`. Socket inode numbers come from a
 /// counter, so a new socket on a reused fd number has another identity.
-pub type Identity = (u64, u64);
+pub(crate) type Identity = (u64, u64);
 
 #[derive(Debug, Default)]
-pub struct Tables {
+pub(crate) struct Tables {
     pub bound: HashMap<i32, u16>,
     pub listeners: HashMap<i32, SocketAddr>,
     pub peers: HashMap<i32, SocketAddr>,
@@ -43,7 +43,7 @@ pub struct Tables {
 
 /// A UDP destination reached through a relay socket of the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Relay {
+pub(crate) struct Relay {
     pub via: SocketAddr,
     pub remote: SocketAddr,
     /// The session stream behind the relay (released when the socket closes).
@@ -52,7 +52,7 @@ pub struct Relay {
 
 /// What closing an fd ended.
 #[derive(Debug, Default)]
-pub struct Forgotten {
+pub(crate) struct Forgotten {
     /// A listener whose last fd this was.
     pub listener: Option<SocketAddr>,
     /// A remote file whose last fd this was (to close in the target).
@@ -62,7 +62,8 @@ pub struct Forgotten {
 }
 
 impl Tables {
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.bound.is_empty()
             && self.listeners.is_empty()
             && self.peers.is_empty()
@@ -74,7 +75,7 @@ impl Tables {
 
     /// Notes what `fd` refers to, as its records are made. A record made for an fd whose
     /// identity could not be read is trusted as before (no identity, nothing to compare).
-    pub fn identify(&mut self, fd: i32, identity: Option<Identity>) {
+    pub(crate) fn identify(&mut self, fd: i32, identity: Option<Identity>) {
         if let Some(identity) = identity {
             self.identities.insert(fd, identity);
         }
@@ -83,7 +84,7 @@ impl Tables {
     /// `fd` refers to `now` (`None`: it is not open): if its records were made for another
     /// object, the fd was closed behind the hooks' back and reused, so they are forgotten.
     /// Returns what that ended.
-    pub fn revalidate(&mut self, fd: i32, now: Option<Identity>) -> Option<Forgotten> {
+    pub(crate) fn revalidate(&mut self, fd: i32, now: Option<Identity>) -> Option<Forgotten> {
         match self.identities.get(&fd) {
             Some(recorded) if Some(*recorded) != now => Some(self.forget(fd)),
             _ => None,
@@ -92,7 +93,7 @@ impl Tables {
 
     /// `new` now refers to what `old` refers to (and no longer to what it referred to). Returns
     /// what was implicitly closed, if `new` was the last fd of something.
-    pub fn dup(&mut self, old: i32, new: i32) -> Forgotten {
+    pub(crate) fn dup(&mut self, old: i32, new: i32) -> Forgotten {
         let closed = self.forget(new);
         if let Some(port) = self.bound.get(&old).copied() {
             self.bound.insert(new, port);
@@ -119,7 +120,7 @@ impl Tables {
     }
 
     /// The fd is closed; returns what it was the last fd of.
-    pub fn forget(&mut self, fd: i32) -> Forgotten {
+    pub(crate) fn forget(&mut self, fd: i32) -> Forgotten {
         self.bound.remove(&fd);
         self.peers.remove(&fd);
         self.vias.remove(&fd);
@@ -149,10 +150,10 @@ impl Tables {
 }
 
 /// The process's tables. A plain mutex: hooks that touch it are not on data paths.
-pub static TABLES: Mutex<Option<Tables>> = Mutex::new(None);
+pub(crate) static TABLES: Mutex<Option<Tables>> = Mutex::new(None);
 
 /// Runs `f` on the tables.
-pub fn with<T>(f: impl FnOnce(&mut Tables) -> T) -> T {
+pub(crate) fn with<T>(f: impl FnOnce(&mut Tables) -> T) -> T {
     let mut guard = TABLES
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -86,7 +86,7 @@ fn target(config: &Config) -> anyhow::Result<Target> {
 
 /// The preloaded library: `TETHER_LAYER_PATH`, else next to the `tether` executable.
 fn layer_path() -> anyhow::Result<PathBuf> {
-    if let Some(path) = std::env::var_os(tether_layer::LIBRARY_ENV) {
+    if let Some(path) = std::env::var_os(tether_intercept::channel::LIBRARY_ENV) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe().context("cannot find the tether executable")?;
@@ -99,9 +99,9 @@ fn layer_path() -> anyhow::Result<PathBuf> {
     ];
     candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
         format!(
-            "the preload library libtether_layer.so is not next to {} (build it with `cargo build --workspace`, or set {})",
+            "the preload library libtether_layer.so is not next to {} (build it with `cargo build -p tether-layer`, in the same profile as tether, or set {})",
             exe.display(),
-            tether_layer::LIBRARY_ENV
+            tether_intercept::channel::LIBRARY_ENV
         )
     })
 }
@@ -281,7 +281,7 @@ async fn with_agent(
     // Never a silent local run: a program the layer cannot enter is named before it runs.
     if let Some(program) = args.command.first()
         && let Some(path) = crate::commands::doctor::find_in_path(program)
-        && let Some(unreachable) = tether_layer::program::unreachable(&path)
+        && let Some(unreachable) = tether_intercept::program::unreachable(&path)
     {
         ui.warn(&unreachable.explain(program));
     }
@@ -519,8 +519,8 @@ fn spawn_command(
         .args(rest)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("LD_PRELOAD", preload)
-        .env(tether_layer::channel::SOCKET_ENV, socket)
-        .env(tether_layer::LIBRARY_ENV, layer)
+        .env(tether_intercept::channel::SOCKET_ENV, socket)
+        .env(tether_intercept::channel::LIBRARY_ENV, layer)
         .spawn()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => (127, format!("command not found: {program}")),

@@ -15,7 +15,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use prost::Message as _;
 use tether_config::{Config, model::FsMode};
-use tether_layer::channel::{Answer, PolicySpec, Transport};
+use tether_intercept::channel::{self, Answer, PolicySpec, Transport};
 use tether_protocol::{
     AddressFamily, Body, Datagram, DnsLookup, ErrorCode, OutgoingConnect, StreamEnd, StreamReset,
     request, response,
@@ -51,13 +51,12 @@ pub(super) fn policy_spec(config: &Config, target_files: bool) -> PolicySpec {
     let dns = &feature.network.dns;
     PolicySpec {
         fs_mode: match feature.fs.mode {
-            _ if !target_files => "local",
-            FsMode::Local => "local",
-            FsMode::Read => "read",
-            FsMode::Write => "write",
-            FsMode::LocalWithOverrides => "localwithoverrides",
-        }
-        .into(),
+            _ if !target_files => channel::FsMode::Local,
+            FsMode::Local => channel::FsMode::Local,
+            FsMode::Read => channel::FsMode::Read,
+            FsMode::Write => channel::FsMode::Write,
+            FsMode::LocalWithOverrides => channel::FsMode::LocalWithOverrides,
+        },
         fs_read_write: feature.fs.read_write.clone(),
         fs_read_only: feature.fs.read_only.clone(),
         fs_local: feature.fs.local.clone(),

@@ -35,7 +35,7 @@ use std::{
 use bytes::Bytes;
 use tether_agent::carrier::{Attach, Carrier, Endpoints, LinkState};
 use tether_config::model::IncomingConfig;
-use tether_layer::channel::{Answer, Request as LayerRequest};
+use tether_intercept::channel::{Answer, Delivery, Request as LayerRequest};
 use tether_protocol::{
     Body, Frame, IncomingConnection, LogLevel, PortSubscribe, PortUnsubscribe, StreamData,
     StreamEnd, StreamReset, SubscriptionMode, request, response,
@@ -118,7 +118,7 @@ struct Listener {
 struct Shared {
     incoming: IncomingConfig,
     /// What the layer decides by itself.
-    policy: tether_layer::channel::PolicySpec,
+    policy: tether_intercept::channel::PolicySpec,
     /// Where the process's sockets connect for their outgoing connections (IPv4, IPv6).
     outgoing_v4: SocketAddr,
     outgoing_v6: Option<SocketAddr>,
@@ -664,7 +664,7 @@ impl Shared {
             let (answer, payload) = match serde_json::from_str::<LayerRequest>(&line) {
                 Ok(request) => {
                     // Checked before allocating: the length comes from the process's memory.
-                    if request.payload_len() > tether_layer::channel::MAX_PAYLOAD {
+                    if request.payload_len() > tether_intercept::channel::MAX_PAYLOAD {
                         return;
                     }
                     let mut payload = vec![0; request.payload_len()];
@@ -735,16 +735,17 @@ impl Shared {
             }
             Decision::Remote { remote_port, steal } => (remote_port, steal),
         };
-        let mode = if steal { "steal" } else { "mirror" };
+        let mode = if steal {
+            Delivery::Steal
+        } else {
+            Delivery::Mirror
+        };
         let _subscribing = self.subscribing.lock().await;
         {
             let mut listeners = self.listeners.lock().expect("listeners lock");
             if let Some(existing) = listeners.get_mut(&remote_port) {
                 existing.owners.insert(pid);
-                return Answer::Remote {
-                    remote_port,
-                    mode: mode.into(),
-                };
+                return Answer::Remote { remote_port, mode };
             }
         }
         let subscribe = PortSubscribe {
@@ -783,14 +784,12 @@ impl Shared {
                     remote_port,
                     steal,
                 });
-                Answer::Remote {
-                    remote_port,
-                    mode: mode.into(),
-                }
+                Answer::Remote { remote_port, mode }
             }
             Err(error) => {
                 let _ = self.events.send(Event::Warning(format!(
-                    "cannot {mode} target port {remote_port}: {}",
+                    "cannot {} target port {remote_port}: {}",
+                    mode.verb(),
                     error.message
                 )));
                 Answer::Error {

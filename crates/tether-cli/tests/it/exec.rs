@@ -780,7 +780,7 @@ fn layer_library() -> std::path::PathBuf {
     ]
     .into_iter()
     .find(|p| p.is_file())
-    .expect("libtether_layer.so is built with the tether binary")
+    .expect("libtether_layer.so is built next to the tether binary (cargo build -p tether-layer)")
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The `tether` binary as users run it.
 
+mod binary;
 mod cleanup;
 mod config;
 mod context;

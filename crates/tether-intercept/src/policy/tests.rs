@@ -1,8 +1,9 @@
 use super::*;
+use crate::channel::FsMode;
 
 fn spec() -> PolicySpec {
     PolicySpec {
-        fs_mode: "read".into(),
+        fs_mode: FsMode::Read,
         outgoing_tcp: true,
         outgoing_udp: true,
         outgoing_ignore_localhost: true,
@@ -105,27 +106,27 @@ fn user_lists_win_in_their_order() {
 fn write_and_local_modes() {
     let write = Policy::new(
         &PolicySpec {
-            fs_mode: "write".into(),
+            fs_mode: FsMode::Write,
             ..spec()
         },
         &places(),
     );
     assert_eq!(file(&write, "/srv/x", true), FsRoute::Remote);
     assert_eq!(file(&write, "/tmp/x", true), FsRoute::Local);
-    for mode in ["local", "localwithoverrides"] {
+    for mode in [FsMode::Local, FsMode::LocalWithOverrides] {
         let local = Policy::new(
             &PolicySpec {
-                fs_mode: mode.into(),
+                fs_mode: mode,
                 fs_read_only: vec!["^/srv/only".into()],
                 ..spec()
             },
             &places(),
         );
-        assert_eq!(file(&local, "/srv/x", false), FsRoute::Local, "{mode}");
+        assert_eq!(file(&local, "/srv/x", false), FsRoute::Local, "{mode:?}");
         assert_eq!(
             file(&local, "/srv/only/x", false),
             FsRoute::Remote,
-            "{mode}"
+            "{mode:?}"
         );
     }
 }

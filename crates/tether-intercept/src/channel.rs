@@ -5,8 +5,8 @@
 //! protobuf) as a binary payload of `len` bytes right after their line, so file data is never
 //! escaped into JSON and the op set is defined once.
 //!
-//! The message types are shared with the proxy (it depends on this crate as a library), so the
-//! two sides cannot drift.
+//! The message types are shared by the interceptors and the proxy (all depend on this crate), so
+//! the sides cannot drift.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 
 /// The variable naming the proxy's socket, set by `tether exec` for the process it starts.
 pub const SOCKET_ENV: &str = "TETHER_LAYER_SOCKET";
+
+/// The variable holding the preloaded library's own path, so its `execve` hook can keep it
+/// preloaded in a replaced environment.
+pub const LIBRARY_ENV: &str = "TETHER_LAYER_PATH";
 
 /// Layer → proxy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,11 +70,45 @@ pub enum Transport {
     Udp,
 }
 
+/// How the target's files are used, when no list names a path (`feature.fs.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsMode {
+    /// Every file is local.
+    Local,
+    /// Read from the target, written locally.
+    #[default]
+    Read,
+    /// Read from and written to the target.
+    Write,
+    /// Local, except what the lists send to the target.
+    LocalWithOverrides,
+}
+
+/// What the target's traffic to a port does for a listener of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// The target's connections come here instead of to the target's app.
+    Steal,
+    /// Copies of the target's connections come here; the target's app still answers.
+    Mirror,
+}
+
+impl Delivery {
+    /// The verb, for messages ("cannot steal target port 80").
+    pub fn verb(self) -> &'static str {
+        match self {
+            Delivery::Steal => "steal",
+            Delivery::Mirror => "mirror",
+        }
+    }
+}
+
 /// The configuration the layer applies itself (see `policy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicySpec {
-    /// `local`, `read`, `write` or `localwithoverrides`.
-    pub fs_mode: String,
+    pub fs_mode: FsMode,
     pub fs_read_write: Vec<String>,
     pub fs_read_only: Vec<String>,
     pub fs_local: Vec<String>,
@@ -92,7 +130,7 @@ pub enum Answer {
     /// The listener gets the target's traffic of `remote_port`.
     Remote {
         remote_port: u16,
-        mode: String,
+        mode: Delivery,
     },
     /// The listener stays local (the reason is for logs).
     Local {
@@ -239,5 +277,33 @@ impl Channel {
         let mut payload = vec![0; answer.payload_len().min(MAX_PAYLOAD)];
         std::io::Read::read_exact(&mut self.stream, &mut payload).map_err(AskError::Lost)?;
         Ok((answer, payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_keep_their_wire_names() {
+        // The layer of an older tether build may still run in a process: the JSON must not move.
+        let spec = PolicySpec {
+            fs_mode: FsMode::LocalWithOverrides,
+            ..PolicySpec::default()
+        };
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["fs_mode"], "localwithoverrides");
+        let answer = Answer::Remote {
+            remote_port: 80,
+            mode: Delivery::Mirror,
+        };
+        assert_eq!(
+            serde_json::to_string(&answer).unwrap(),
+            r#"{"answer":"remote","remote_port":80,"mode":"mirror"}"#
+        );
+        assert!(
+            serde_json::from_str::<Answer>(r#"{"answer":"remote","remote_port":80,"mode":"copy"}"#)
+                .is_err()
+        );
     }
 }

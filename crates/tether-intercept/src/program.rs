@@ -6,6 +6,10 @@
 
 use std::{os::unix::fs::PermissionsExt as _, path::Path};
 
+/// The set-user-ID and set-group-ID bits of a file's mode (`S_ISUID`, `S_ISGID`).
+const SET_UID: u32 = 0o4000;
+const SET_GID: u32 = 0o2000;
+
 /// What the layer cannot do for a program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
@@ -58,7 +62,7 @@ pub fn unreachable(path: &Path) -> Option<Unreachable> {
     if !interpreted {
         return Some(Unreachable::Static);
     }
-    if metadata.permissions().mode() & (libc::S_ISUID | libc::S_ISGID) != 0 {
+    if metadata.permissions().mode() & (SET_UID | SET_GID) != 0 {
         return Some(Unreachable::SetId);
     }
     elf.section_by_name(".go.buildinfo")

@@ -21,7 +21,7 @@ use std::{
 
 use regex::RegexSet;
 
-use crate::channel::{PolicySpec, Transport};
+use crate::channel::{self, PolicySpec, Transport};
 
 /// Where one file operation goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,10 +156,10 @@ impl Policy {
                 (None, None) => None,
             };
         Policy {
-            fs_mode: match spec.fs_mode.as_str() {
-                "write" => Mode::Write,
-                "local" | "localwithoverrides" => Mode::Local,
-                _ => Mode::Read,
+            fs_mode: match spec.fs_mode {
+                channel::FsMode::Write => Mode::Write,
+                channel::FsMode::Local | channel::FsMode::LocalWithOverrides => Mode::Local,
+                channel::FsMode::Read => Mode::Read,
             },
             not_found: set(&spec.fs_not_found),
             local: set(&spec.fs_local),

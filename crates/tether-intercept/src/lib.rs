@@ -1,0 +1,19 @@
+//! What tether decides for an intercepted program, apart from how the program was intercepted.
+//!
+//! The preloaded layer (`tether-layer`, libc hooks) carries these decisions out today; a
+//! syscall-level interceptor carries out the same ones. The local proxy (the `tether` binary)
+//! answers the channel. Neither end has to link the other: the `tether` binary depends on this
+//! crate, never on the preloaded library.
+//!
+//! - [`channel`]: the interceptor ↔ proxy protocol (one JSON line per message, a binary payload
+//!   for file operations) and its blocking client.
+//! - [`policy`]: what stays local and what goes to the target — files by path, outgoing traffic by
+//!   destination, names by name.
+//! - [`program`]: whether the preloaded layer can reach an executable at all.
+//!
+//! Architecture Invariant: no `unsafe` here (the workspace forbids it); what needs the process's
+//! memory or libc's symbols lives in the interceptor.
+
+pub mod channel;
+pub mod policy;
+pub mod program;
