@@ -11,18 +11,14 @@
 //! Entry points: [`AgentArgs`] (shared by the `tether-agent` binary and the hidden
 //! `tether agent` subcommand), [`run`], and [`Agent`] + [`serve`] for embedding in tests.
 
-pub mod carrier;
 pub mod container;
 mod dns;
-pub mod flow;
 mod flush;
 pub mod fs;
 pub mod http;
-pub mod link;
 mod mirror;
 pub mod netns;
 mod outgoing;
-pub mod process;
 pub mod rules;
 mod session;
 mod steal;

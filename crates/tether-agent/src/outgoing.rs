@@ -14,8 +14,9 @@ use tokio::{
     sync::mpsc,
 };
 
+use tether_session::flow::SendWindow;
+
 use crate::{
-    flow::SendWindow,
     netns::Netns,
     session::{StreamInput, Streams},
 };

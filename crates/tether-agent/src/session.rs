@@ -26,10 +26,15 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::{
-    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Settings, Status},
-    dns::Dns,
+use tether_session::{
+    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Status},
     flow::{RecvCredit, SendWindow},
+    link::{self, LinkError},
+    settings::Settings,
+};
+
+use crate::{
+    dns::Dns,
     fs::{Files, Root},
     http::{
         HttpContext,
@@ -37,7 +42,6 @@ use crate::{
         serve_http1,
         sniff::{self, Sniff},
     },
-    link::{self, LinkError},
     mirror,
     netns::Netns,
     rules::{self, Backend, Owner, SessionRules},

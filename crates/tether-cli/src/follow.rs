@@ -538,7 +538,7 @@ impl Follow {
             .keep(uid.clone(), agent);
         let (link, welcome) = kube_agent::open_session(&dialer, &self.config)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.describe())?;
         Ok(Opened {
             dialer,
             link,

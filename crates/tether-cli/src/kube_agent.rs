@@ -4,7 +4,6 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use tether_agent::carrier::Io;
 use tether_config::{
     Config, KubeTarget,
     model::{IncomingMode, PullPolicy},
@@ -16,10 +15,11 @@ use tether_kube::{
     target::TargetPod,
 };
 use tether_protocol::TokenDigest;
+use tether_session::carrier::Io;
 
 use backon::Retryable as _;
-use tether_agent::carrier::Link;
 use tether_protocol::Welcome;
+use tether_session::carrier::Link;
 
 use crate::{
     proxy::link::{Connect, DialError, Dialer, StillThere},

@@ -379,7 +379,7 @@ impl SessionClient {
             client: "testkit".into(),
             ..Default::default()
         };
-        let (link, welcome) = tether_agent::link::client_handshake(stream, hello)
+        let (link, welcome) = tether_session::link::client_handshake(stream, hello)
             .await
             .unwrap();
         let (mut sink, mut frames) = link.split();

@@ -87,7 +87,7 @@ fn sweep_leftovers() {
         else {
             continue;
         };
-        if pid.parse().is_ok_and(tether_agent::process::alive) {
+        if pid.parse().is_ok_and(tether_sys::process::alive) {
             continue;
         }
         if let Ok(containers) = std::fs::read_dir(pod.path()) {

@@ -673,7 +673,7 @@ pub fn sweep_leftovers() {
         };
         let pid = rest.split('-').next().unwrap_or_default();
         pid.parse()
-            .is_ok_and(|pid| !tether_agent::process::alive(pid))
+            .is_ok_and(|pid| !tether_sys::process::alive(pid))
     });
 }
 

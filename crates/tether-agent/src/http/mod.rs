@@ -25,7 +25,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
     body::{Frame, Incoming},
@@ -34,13 +34,16 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use tether_protocol::{
-    Body, Header, HttpRequestHead, HttpVersion, MAX_DATA_CHUNK, StreamData, StreamEnd, StreamReset,
-    WindowUpdate,
+    Body, HttpRequestHead, MAX_DATA_CHUNK, StreamData, StreamEnd, StreamReset, WindowUpdate,
 };
 use tokio::{net::TcpStream, sync::mpsc};
 
-use crate::{
+use tether_session::{
     flow::{RecvCredit, SendWindow},
+    http::{from_wire, is_upgrade, to_wire, wire_version},
+};
+
+use crate::{
     netns::Netns,
     session::{StreamInput, Streams},
     steal::connect_marked,
@@ -255,19 +258,6 @@ async fn to_original(
         Ok(response) => response.map(|body| body.map_err(BoxError::from).boxed_unsync()),
         Err(error) => bad_gateway(&format!("the original app failed: {error}")),
     }
-}
-
-/// `Connection: upgrade` with an `Upgrade` header (a WebSocket handshake, say).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    let connection_says_upgrade = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
-        });
-    connection_says_upgrade && headers.contains_key(http::header::UPGRADE)
 }
 
 /// An upgrade the route leaves to the original app: on its own connection (an upgraded connection
@@ -533,37 +523,6 @@ fn response_body(
         }
     });
     StreamBody::new(frames.boxed()).boxed_unsync()
-}
-
-pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
-    headers
-        .iter()
-        .map(|(name, value)| Header {
-            name: name.as_str().to_owned(),
-            value: Bytes::copy_from_slice(value.as_bytes()),
-        })
-        .collect()
-}
-
-pub fn from_wire(headers: &[Header]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len());
-    for header in headers {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_bytes(&header.value),
-        ) {
-            map.append(name, value);
-        }
-    }
-    map
-}
-
-pub fn wire_version(version: http::Version) -> HttpVersion {
-    match version {
-        http::Version::HTTP_10 => HttpVersion::Http10,
-        http::Version::HTTP_2 => HttpVersion::Http2,
-        _ => HttpVersion::Http11,
-    }
 }
 
 /// A filtered mirror of one connection: its reassembled client → server bytes are parsed as

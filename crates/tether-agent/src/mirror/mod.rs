@@ -44,7 +44,7 @@ const RECV_BUFFER: usize = 16 << 20;
 #[derive(Debug, Clone)]
 pub(crate) struct Pressure {
     pub(crate) connected: Arc<AtomicBool>,
-    pub(crate) status: tokio::sync::watch::Receiver<crate::carrier::Status>,
+    pub(crate) status: tokio::sync::watch::Receiver<tether_session::carrier::Status>,
     /// The replay buffer's size (`resume.buffer`).
     pub(crate) limit: usize,
 }
@@ -151,7 +151,7 @@ fn capture(
         };
         // Each outage counts from zero.
         let outage = match pressure.status.borrow().state {
-            crate::carrier::LinkState::Down { since, .. } => Some(since),
+            tether_session::carrier::LinkState::Down { since, .. } => Some(since),
             _ => None,
         };
         if outage != last_outage {

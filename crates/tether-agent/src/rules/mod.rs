@@ -12,7 +12,9 @@ use std::process::Stdio;
 
 pub use plan::{AGENT_MARK, Backend, Leftover, Mesh, Owner, Plan, SessionRules};
 
-use crate::{netns::Netns, process};
+use tether_sys::process;
+
+use crate::netns::Netns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {

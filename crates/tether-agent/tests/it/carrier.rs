@@ -10,9 +10,10 @@ use std::sync::{
     Arc,
     atomic::{AtomicBool, Ordering},
 };
-use tether_agent::{
-    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Settings},
+use tether_session::{
+    carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState},
     link,
+    settings::Settings,
 };
 
 use tether_protocol::{Body, Frame, Hello, Resume, StreamData, StreamEnd, Welcome};

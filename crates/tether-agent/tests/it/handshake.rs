@@ -2,8 +2,8 @@
 
 use bytes::BufMut;
 use futures_util::{SinkExt as _, StreamExt as _};
-use tether_agent::link::{self, LinkError};
 use tether_protocol::{Body, ErrorCode, Frame, Hello, Ping, Preface, Request, response};
+use tether_session::link::{self, LinkError};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{TOKEN, connect, start_agent};

@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-use tether_agent::carrier::Io;
 use tether_config::{Config, Target, model::OnLinkLost};
+use tether_session::carrier::Io;
 use tokio::{
     io::AsyncBufReadExt as _,
     net::TcpStream,
@@ -215,7 +215,7 @@ async fn with_agent(
     let (link, welcome) = match opened {
         Ok(opened) => opened,
         Err(error) => {
-            step.fail(&error.to_string());
+            step.fail(&error.describe());
             agent.stop().await;
             return Ok(TETHER_FAILED);
         }
@@ -465,13 +465,13 @@ fn local_still_there(agent: &AgentChild, target: &str) -> StillThere {
     let target_owned = target.to_owned();
     Arc::new(move || {
         if let Some(pid) = agent_pid
-            && !tether_agent::process::alive(pid)
+            && !tether_sys::process::alive(pid)
         {
             return Err(format!("the agent (pid {pid}) exited"));
         }
         let there = match target_owned.split_once('/') {
             Some(("netns", name)) => Path::new("/run/netns").join(name).exists(),
-            Some(("pid", pid)) => pid.parse().is_ok_and(tether_agent::process::alive),
+            Some(("pid", pid)) => pid.parse().is_ok_and(tether_sys::process::alive),
             _ => true,
         };
         if there {

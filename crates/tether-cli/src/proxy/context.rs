@@ -215,7 +215,7 @@ impl Shared {
                     mut from_agent,
                     queued,
                 } = pending;
-                let window = Arc::new(tether_agent::flow::SendWindow::default());
+                let window = Arc::new(tether_session::flow::SendWindow::default());
                 up.windows
                     .lock()
                     .expect("windows lock")

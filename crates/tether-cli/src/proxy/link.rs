@@ -1,6 +1,6 @@
 //! The local proxy's side of the link: opening the session, and when the link drops,
 //! reconnecting with capped exponential backoff and jitter (backon) and resuming the session on
-//! the new link. The [`Carrier`](tether_agent::carrier::Carrier) replays what the agent missed.
+//! the new link. The [`Carrier`](tether_session::carrier::Carrier) replays what the agent missed.
 
 use std::{
     future::Future,
@@ -13,11 +13,12 @@ use std::{
 };
 
 use backon::{ExponentialBuilder, Retryable as _};
-use tether_agent::{
-    carrier::{Attach, Control, Io, Link, LinkState, Settings, Status},
-    link::{self, LinkError},
-};
 use tether_protocol::{Hello, Resume, Welcome};
+use tether_session::{
+    carrier::{Attach, Control, Io, Link, LinkState, Status},
+    link::{self, LinkError},
+    settings::Settings,
+};
 use tokio::sync::watch;
 
 use super::Event;
@@ -53,8 +54,8 @@ impl std::fmt::Debug for Dialer {
 /// Why a reconnect attempt failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DialError {
-    #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
     #[error(transparent)]
     Link(#[from] LinkError),
     /// The agent no longer knows the session.
@@ -65,6 +66,18 @@ pub(crate) enum DialError {
 }
 
 impl DialError {
+    /// The message and every cause, for the user ("the link failed: connection reset").
+    pub(crate) fn describe(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
     pub(crate) fn retryable(&self) -> bool {
         match self {
             // A pod that is gone, or a port-forward that is forbidden, stays so.
@@ -204,7 +217,7 @@ pub(crate) async fn reconnect_forever(
                 let _ = events.send(Event::Reconnecting {
                     attempt: attempts.load(Ordering::Relaxed),
                     next,
-                    error: error.to_string(),
+                    error: error.describe(),
                 });
             })
             .await;
@@ -239,9 +252,10 @@ pub(crate) async fn reconnect_forever(
                 let reason = match error {
                     DialError::Gone(reason) | DialError::Expired(reason) => reason,
                     other => format!(
-                        "gave up after {} attempts in {:.0} s: {other}",
+                        "gave up after {} attempts in {:.0} s: {}",
                         attempts.load(Ordering::Relaxed),
-                        since.elapsed().as_secs_f64()
+                        since.elapsed().as_secs_f64(),
+                        other.describe()
                     ),
                 };
                 control.end(reason).await;

@@ -33,13 +33,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use tether_agent::carrier::{Attach, Carrier, Endpoints, LinkState};
 use tether_config::model::IncomingConfig;
 use tether_intercept::channel::{Answer, Delivery, Request as LayerRequest};
 use tether_protocol::{
     Body, Frame, IncomingConnection, LogLevel, PortSubscribe, PortUnsubscribe, StreamData,
     StreamEnd, StreamReset, SubscriptionMode, request, response,
 };
+use tether_session::carrier::{Attach, Carrier, Endpoints, LinkState};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpStream, UnixListener, UnixStream},
@@ -169,7 +169,7 @@ pub(crate) struct Lost {
 /// A session just opened with an agent, to be attached to the proxy.
 pub(crate) struct Opened {
     pub(crate) dialer: Arc<link::Dialer>,
-    pub(crate) link: tether_agent::carrier::Link,
+    pub(crate) link: tether_session::carrier::Link,
     pub(crate) welcome: tether_protocol::Welcome,
     /// The pod the agent serves (empty for local targets), for messages.
     pub(crate) pod: String,
@@ -908,7 +908,7 @@ impl Shared {
                 return;
             }
         };
-        let window = Arc::new(tether_agent::flow::SendWindow::default());
+        let window = Arc::new(tether_session::flow::SendWindow::default());
         if !mirror {
             up.windows
                 .lock()
@@ -943,7 +943,7 @@ impl Shared {
         id: u64,
         from_agent: &mut mpsc::UnboundedReceiver<ToStream>,
         mirror: bool,
-        window: &tether_agent::flow::SendWindow,
+        window: &tether_session::flow::SendWindow,
         queued: &std::sync::atomic::AtomicUsize,
     ) where
         R: tokio::io::AsyncRead + Unpin,
@@ -954,7 +954,7 @@ impl Shared {
         let aborted = tokio::sync::Notify::new();
         let copied = tokio::sync::Notify::new();
         let to_app = async {
-            let mut credit = tether_agent::flow::RecvCredit::default();
+            let mut credit = tether_session::flow::RecvCredit::default();
             while let Some(item) = from_agent.recv().await {
                 match item {
                     ToStream::Data(data) => {
@@ -1120,8 +1120,8 @@ impl Shared {
                 .path_and_query()
                 .map_or("/", |pq| pq.as_str())
                 .to_owned();
-            let headers = tether_agent::http::from_wire(&head.headers);
-            let upgrade = tether_agent::http::is_upgrade(&headers);
+            let headers = tether_session::http::from_wire(&head.headers);
+            let upgrade = tether_session::http::is_upgrade(&headers);
             // An upgrade request has no body; its stream stays open for the upgraded bytes.
             let (body, mut from_agent) = if upgrade {
                 let empty = http_body_util::Empty::new()
@@ -1216,8 +1216,8 @@ impl Shared {
                 let response_head = tether_protocol::HttpResponseHead {
                     stream_id: id,
                     status: 101,
-                    version: tether_agent::http::wire_version(response.version()) as i32,
-                    headers: tether_agent::http::to_wire(response.headers()),
+                    version: tether_session::http::wire_version(response.version()) as i32,
+                    headers: tether_session::http::to_wire(response.headers()),
                 };
                 up.out
                     .send(Body::HttpResponseHead(response_head))
@@ -1226,7 +1226,7 @@ impl Shared {
                 let upgraded = upgraded
                     .await
                     .map_err(|e| format!("the local process's upgrade failed: {e}"))?;
-                let window = Arc::new(tether_agent::flow::SendWindow::default());
+                let window = Arc::new(tether_session::flow::SendWindow::default());
                 up.windows
                     .lock()
                     .expect("windows lock")
@@ -1249,10 +1249,10 @@ impl Shared {
             let response_head = tether_protocol::HttpResponseHead {
                 stream_id: id,
                 status: u32::from(parts.status.as_u16()),
-                version: tether_agent::http::wire_version(parts.version) as i32,
-                headers: tether_agent::http::to_wire(&parts.headers),
+                version: tether_session::http::wire_version(parts.version) as i32,
+                headers: tether_session::http::to_wire(&parts.headers),
             };
-            let window = Arc::new(tether_agent::flow::SendWindow::default());
+            let window = Arc::new(tether_session::flow::SendWindow::default());
             up.windows
                 .lock()
                 .expect("windows lock")
@@ -1286,7 +1286,7 @@ impl Shared {
                     }
                     Err(frame) => {
                         if let Ok(map) = frame.into_trailers() {
-                            trailers = tether_agent::http::to_wire(&map);
+                            trailers = tether_session::http::to_wire(&map);
                         }
                     }
                 }
@@ -1426,7 +1426,7 @@ fn request_body(
     use hyper::body::Frame;
     struct State {
         from_agent: mpsc::UnboundedReceiver<ToStream>,
-        credit: tether_agent::flow::RecvCredit,
+        credit: tether_session::flow::RecvCredit,
         out: mpsc::Sender<Body>,
         done: bool,
         mirror_queue: Option<Arc<std::sync::atomic::AtomicUsize>>,
@@ -1460,7 +1460,7 @@ fn request_body(
                 state.done = true;
                 (!trailers.is_empty()).then(|| {
                     (
-                        Ok(Frame::trailers(tether_agent::http::from_wire(&trailers))),
+                        Ok(Frame::trailers(tether_session::http::from_wire(&trailers))),
                         state,
                     )
                 })

@@ -10,7 +10,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tether_agent::carrier::{Control, LinkState, Status};
+use tether_session::carrier::{Control, LinkState, Status};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},

@@ -12,8 +12,8 @@ use std::{
     time::Duration,
 };
 
-use tether_agent::carrier::{Carrier, Control, LinkState, Status};
 use tether_protocol::{Body, ErrorInfo, Request, Response, request, response};
+use tether_session::carrier::{Carrier, Control, LinkState, Status};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinSet,
@@ -39,7 +39,7 @@ pub(crate) struct Upstream {
     pub(super) pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
     pub(super) streams: Mutex<HashMap<u64, StreamEntry>>,
     /// Credit for the bytes the proxy sends on each stream.
-    pub(super) windows: Mutex<HashMap<u64, Arc<tether_agent::flow::SendWindow>>>,
+    pub(super) windows: Mutex<HashMap<u64, Arc<tether_session::flow::SendWindow>>>,
     pub(crate) status: watch::Receiver<Status>,
     pub(crate) control: Control,
     carrier: tokio::sync::Mutex<Option<Carrier>>,

@@ -1,6 +1,6 @@
 //! The `tether` binary as users run it.
 
-mod binary;
+mod boundaries;
 mod cleanup;
 mod config;
 mod context;

@@ -462,7 +462,7 @@ fn sweep_etc_netns() {
         };
         if pid
             .parse()
-            .is_ok_and(|pid| !tether_agent::process::alive(pid))
+            .is_ok_and(|pid| !tether_sys::process::alive(pid))
         {
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -265,17 +265,25 @@ where
     }
 }
 
-/// A TCP connection to `127.0.0.1:port` made from inside `netns`.
+/// A TCP connection to `127.0.0.1:port` made from inside `netns` (as the kubelet's runtime
+/// dials into the pod's namespace): a short-lived thread enters the namespace, and the socket
+/// keeps it.
 async fn dial(netns: &str, port: u16) -> std::io::Result<TcpStream> {
-    let target = tether_agent::netns::Netns::resolve(&format!("netns/{netns}"))
-        .map_err(std::io::Error::other)?;
-    let stream = target
-        .run_in(move || {
-            let stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            stream.set_nonblocking(true)?;
-            Ok(stream)
-        })
-        .await?;
+    let path = std::path::Path::new("/run/netns").join(netns);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let dialed = std::fs::File::open(&path)
+            .and_then(|namespace| {
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            })
+            .and_then(|()| std::net::TcpStream::connect(("127.0.0.1", port)))
+            .and_then(|stream| stream.set_nonblocking(true).map(|()| stream));
+        let _ = tx.send(dialed);
+    });
+    let stream = rx
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))?;
     let stream = TcpStream::from_std(stream)?;
     stream.set_nodelay(true)?;
     Ok(stream)

@@ -17,9 +17,11 @@ pub type FramedLink<S> = Framed<S, FrameCodec>;
 /// How long a peer may take to send its preface and first frame.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a handshake failed. The message says what failed; the cause, if any, is the `source`
+/// (print the chain, as `anyhow`'s `{:#}` does).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("link failed: {0}")]
+    #[error("the link failed")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Preface(#[from] PrefaceError),

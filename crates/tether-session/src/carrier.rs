@@ -25,7 +25,6 @@
 //! leaves the frame unacknowledged and the peer sends it again.
 
 use std::{
-    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -34,7 +33,7 @@ use std::{
 };
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use tether_protocol::{Ack, Body, Frame, LinkOptions, Ping, Pong, Welcome};
+use tether_protocol::{Ack, Body, Frame, Ping, Pong, Welcome};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{Notify, mpsc, oneshot, watch},
@@ -42,7 +41,11 @@ use tokio::{
     time::Instant,
 };
 
-use crate::link::FramedLink;
+use crate::{
+    link::FramedLink,
+    replay::{Replay, body_size},
+    settings::Settings,
+};
 
 /// Anything a link can run over: TCP, a Kubernetes port-forward stream, a test's cutting proxy.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -55,75 +58,8 @@ pub type Link = FramedLink<Box<dyn Io>>;
 /// `Ack` frame, so a peer that only sends can free its replay buffer.
 pub const ACK_EVERY: u64 = 32;
 
-/// The most replay buffer a peer may ask this side to keep.
-pub const MAX_BUFFER: usize = 1 << 30;
-
 /// Frames written at most before a flush.
 const WRITE_BATCH: usize = 64;
-
-/// How a session lives through link trouble. Both sides use the client's settings (sent in
-/// [`Hello::link`](tether_protocol::Hello::link)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settings {
-    pub keepalive_interval: Duration,
-    pub keepalive_timeout: Duration,
-    /// How long the session waits for a new link; `None`: it ends with its link (no resume).
-    pub grace: Option<Duration>,
-    /// Bytes of unacknowledged frames kept for replay, at most.
-    pub buffer: usize,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            keepalive_interval: Duration::from_secs(5),
-            keepalive_timeout: Duration::from_secs(15),
-            grace: None,
-            buffer: 64 << 20,
-        }
-    }
-}
-
-impl Settings {
-    /// The settings a client asked for; zero fields take the defaults, and a hello without
-    /// link options gets a session that ends with its link.
-    pub fn from_options(options: Option<&LinkOptions>) -> Settings {
-        let default = Settings::default();
-        let Some(options) = options else {
-            return default;
-        };
-        let millis = |ms: u64, default: Duration| {
-            if ms == 0 {
-                default
-            } else {
-                Duration::from_millis(ms)
-            }
-        };
-        Settings {
-            keepalive_interval: millis(options.keepalive_interval_ms, default.keepalive_interval),
-            keepalive_timeout: millis(options.keepalive_timeout_ms, default.keepalive_timeout),
-            grace: (options.grace_ms > 0).then(|| Duration::from_millis(options.grace_ms)),
-            // The client chooses, within what this side is willing to hold.
-            buffer: if options.buffer_bytes == 0 {
-                default.buffer
-            } else {
-                usize::try_from(options.buffer_bytes)
-                    .unwrap_or(usize::MAX)
-                    .min(MAX_BUFFER)
-            },
-        }
-    }
-
-    pub fn to_options(self) -> LinkOptions {
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        LinkOptions {
-            keepalive_interval_ms: ms(self.keepalive_interval),
-            keepalive_timeout_ms: ms(self.keepalive_timeout),
-            grace_ms: self.grace.map_or(0, ms),
-            buffer_bytes: self.buffer as u64,
-        }
-    }
-}
 
 /// A new link for the session.
 pub struct Attach {
@@ -332,112 +268,6 @@ impl Drop for Carrier {
             driver.abort();
         }
     }
-}
-
-/// Frames sent and not yet acknowledged, oldest first.
-#[derive(Debug, Default)]
-pub struct Replay {
-    frames: VecDeque<(u64, Body, usize)>,
-    bytes: usize,
-    /// The last `seq` handed out.
-    last: u64,
-    /// The highest `seq` the peer acknowledged.
-    acked: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReplayError {
-    #[error(
-        "the peer asks to resume after frame {asked}, but frames up to {acked} were acknowledged and dropped"
-    )]
-    AlreadyDropped { asked: u64, acked: u64 },
-    #[error("the peer claims frame {asked}, but only {last} were sent")]
-    NeverSent { asked: u64, last: u64 },
-}
-
-impl Replay {
-    /// Numbers `body` and, when `keep`, keeps it for replay. Returns its `seq`.
-    pub fn push(&mut self, body: &Body, keep: bool) -> u64 {
-        self.last += 1;
-        if keep {
-            let size = body_size(body);
-            self.bytes += size;
-            self.frames.push_back((self.last, body.clone(), size));
-        }
-        self.last
-    }
-
-    /// Drops what the peer acknowledged. True when anything was dropped.
-    pub fn ack(&mut self, upto: u64) -> bool {
-        let upto = upto.min(self.last);
-        if upto <= self.acked {
-            return false;
-        }
-        self.acked = upto;
-        let mut dropped = false;
-        while let Some((seq, _, size)) = self.frames.front() {
-            if *seq > upto {
-                break;
-            }
-            self.bytes -= size;
-            self.frames.pop_front();
-            dropped = true;
-        }
-        dropped
-    }
-
-    /// Whether a peer that received up to `received` can be served by [`Replay::after`].
-    pub fn check(&self, received: u64) -> Result<(), ReplayError> {
-        if received > self.last {
-            return Err(ReplayError::NeverSent {
-                asked: received,
-                last: self.last,
-            });
-        }
-        if received < self.acked {
-            return Err(ReplayError::AlreadyDropped {
-                asked: received,
-                acked: self.acked,
-            });
-        }
-        Ok(())
-    }
-
-    /// The kept frames after `received` (what the peer lacks), in order.
-    ///
-    /// A `received` below what the peer already acknowledged is served from the acknowledgement
-    /// (the peer has those frames; it drops duplicates anyway): only [`Replay::check`] refuses it.
-    pub fn after(&mut self, received: u64) -> Result<Vec<Frame>, ReplayError> {
-        let received = received.max(self.acked);
-        self.check(received)?;
-        self.ack(received);
-        Ok(self
-            .frames
-            .iter()
-            .map(|(seq, body, _)| Frame {
-                seq: *seq,
-                ack: 0,
-                body: Some(body.clone()),
-            })
-            .collect())
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    pub fn len(&self) -> usize {
-        self.frames.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-}
-
-/// What a kept frame costs: its encoded size plus bookkeeping.
-fn body_size(body: &Body) -> usize {
-    body.encoded_len() + 32
 }
 
 enum LinkEvent {
@@ -1037,96 +867,5 @@ impl Reader {
                 });
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use tether_protocol::{StreamData, WindowUpdate};
-
-    use super::*;
-
-    fn data(n: u8) -> Body {
-        Body::StreamData(StreamData {
-            stream_id: 1,
-            data: bytes::Bytes::from(vec![n; 100]),
-        })
-    }
-
-    #[test]
-    fn replay_keeps_what_the_peer_did_not_acknowledge() {
-        let mut replay = Replay::default();
-        for n in 1..=5 {
-            assert_eq!(replay.push(&data(n), true), u64::from(n));
-        }
-        assert!(replay.ack(2));
-        assert!(!replay.ack(2), "an old ack frees nothing");
-        let again = replay.after(3).unwrap();
-        assert_eq!(
-            again.iter().map(|f| f.seq).collect::<Vec<_>>(),
-            vec![4, 5],
-            "only what the peer lacks, in order"
-        );
-        assert_eq!(replay.len(), 2);
-        assert!(replay.ack(5));
-        assert_eq!((replay.len(), replay.bytes()), (0, 0));
-    }
-
-    #[test]
-    fn replay_refuses_a_resume_it_cannot_serve() {
-        let mut replay = Replay::default();
-        replay.push(&data(1), true);
-        replay.push(&data(2), true);
-        replay.ack(2);
-        assert_eq!(
-            replay.check(1),
-            Err(ReplayError::AlreadyDropped { asked: 1, acked: 2 }),
-            "a resume older than an acknowledgement is stale"
-        );
-        assert_eq!(
-            replay.after(1),
-            Ok(Vec::new()),
-            "once accepted, it is served from the acknowledgement"
-        );
-        assert_eq!(
-            replay.check(7),
-            Err(ReplayError::NeverSent { asked: 7, last: 2 })
-        );
-        assert_eq!(
-            replay.after(7),
-            Err(ReplayError::NeverSent { asked: 7, last: 2 })
-        );
-    }
-
-    #[test]
-    fn replay_counts_bytes_and_ignores_acks_beyond_what_was_sent() {
-        let mut replay = Replay::default();
-        let update = Body::WindowUpdate(WindowUpdate {
-            stream_id: 3,
-            increment: 10,
-        });
-        replay.push(&update, true);
-        replay.push(&data(9), false);
-        assert_eq!(replay.len(), 1, "a frame not kept is numbered only");
-        assert!(replay.bytes() > 0);
-        assert!(replay.ack(100));
-        assert_eq!(replay.after(2).unwrap(), Vec::new());
-    }
-
-    #[test]
-    fn settings_round_trip_through_the_hello() {
-        let settings = Settings {
-            keepalive_interval: Duration::from_millis(250),
-            keepalive_timeout: Duration::from_secs(2),
-            grace: Some(Duration::from_secs(30)),
-            buffer: 1 << 20,
-        };
-        assert_eq!(
-            Settings::from_options(Some(&settings.to_options())),
-            settings
-        );
-        assert_eq!(Settings::from_options(None).grace, None);
-        let zeros = LinkOptions::default();
-        assert_eq!(Settings::from_options(Some(&zeros)), Settings::default());
     }
 }
