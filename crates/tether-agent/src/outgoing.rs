@@ -5,7 +5,7 @@
 //! same window as stolen connections; UDP flows carry one [`Datagram`] per datagram, unbounded
 //! in count but each dropped rather than queued when the socket cannot take it (UDP semantics).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use tether_protocol::{Body, Datagram, ErrorCode, ErrorInfo, StreamEnd};
@@ -14,12 +14,9 @@ use tokio::{
     sync::mpsc,
 };
 
-use tether_session::flow::SendWindow;
+use tether_session::stream::{Ended, Relay, Stream, StreamInput, pump};
 
-use crate::{
-    netns::Netns,
-    session::{StreamInput, Streams},
-};
+use crate::netns::Netns;
 
 /// How long a TCP connect may take before the client is told ETIMEDOUT.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -72,35 +69,40 @@ pub(crate) async fn connect_udp(netns: &Netns, remote: SocketAddr) -> Result<Udp
 /// Serves an outgoing TCP stream until both sides are done.
 pub(crate) async fn run_tcp(
     stream: TcpStream,
-    id: u64,
+    mut session_stream: Stream,
     out: mpsc::Sender<Body>,
-    streams: Arc<Streams>,
 ) {
-    let (input_tx, mut input) = mpsc::unbounded_channel();
-    let window = Arc::new(SendWindow::default());
-    streams.insert(id, input_tx, Arc::clone(&window));
+    let id = session_stream.id;
     let (mut reader, mut writer) = stream.into_split();
-    let clean = crate::session::pump(&mut reader, &mut writer, id, &out, &mut input, &window).await;
-    if !clean && let Ok(stream) = reader.reunite(writer) {
+    let ended = pump(
+        &mut reader,
+        &mut writer,
+        id,
+        &mut session_stream.input,
+        &session_stream.window,
+        &out,
+        Relay::Windowed,
+    )
+    .await;
+    if ended == Ended::Aborted
+        && let Ok(stream) = reader.reunite(writer)
+    {
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     }
-    streams.remove(id);
 }
 
 /// Serves an outgoing UDP flow: the client's datagrams out, the answers back, until the client
 /// ends the stream or the flow idles for [`UDP_IDLE`].
 pub(crate) async fn run_udp(
     socket: UdpSocket,
-    id: u64,
+    mut session_stream: Stream,
     out: mpsc::Sender<Body>,
-    streams: Arc<Streams>,
 ) {
-    let (input_tx, mut input) = mpsc::unbounded_channel();
-    streams.insert(id, input_tx, Arc::new(SendWindow::default()));
+    let id = session_stream.id;
     let mut buf = vec![0u8; 65_536];
     loop {
         tokio::select! {
-            item = input.recv() => match item {
+            item = session_stream.input.recv() => match item {
                 Some(StreamInput::Data(data)) => {
                     // A refused or dropped datagram is UDP's business, not the session's.
                     let _ = socket.send(&data).await;
@@ -129,7 +131,6 @@ pub(crate) async fn run_udp(
             }
         }
     }
-    streams.remove(id);
 }
 
 fn io_error(error: &std::io::Error, remote: SocketAddr) -> ErrorInfo {

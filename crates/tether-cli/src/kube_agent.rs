@@ -22,7 +22,7 @@ use tether_protocol::Welcome;
 use tether_session::carrier::Link;
 
 use crate::{
-    proxy::link::{Connect, DialError, Dialer, StillThere},
+    proxy::link::{Connect, ConnectError, DialError, Dialer, StillThere},
     ui::Ui,
 };
 
@@ -331,13 +331,11 @@ impl KubeAgent {
             let client = client.clone();
             let pod = pod.clone();
             Box::pin(async move {
-                let stream = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    tether_kube::agent::port_forward(&client, &pod),
-                )
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
-                .flatten()?;
+                const WITHIN: Duration = Duration::from_secs(10);
+                let stream =
+                    tokio::time::timeout(WITHIN, tether_kube::agent::port_forward(&client, &pod))
+                        .await
+                        .map_err(|_| ConnectError::TimedOut(WITHIN))??;
                 Ok(Box::new(stream) as Box<dyn Io>)
             })
         })

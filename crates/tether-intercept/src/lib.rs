@@ -9,11 +9,14 @@
 //!   for file operations) and its blocking client.
 //! - [`policy`]: what stays local and what goes to the target — files by path, outgoing traffic by
 //!   destination, names by name.
+//! - [`plan`]: one file operation decided from what the program asked (`open` flags, `fopen`
+//!   modes, `rename`, `lseek`) — the interceptor carries the plan out.
 //! - [`program`]: whether the preloaded layer can reach an executable at all.
 //!
 //! Architecture Invariant: no `unsafe` here (the workspace forbids it); what needs the process's
 //! memory or libc's symbols lives in the interceptor.
 
 pub mod channel;
+pub mod plan;
 pub mod policy;
 pub mod program;

@@ -364,26 +364,24 @@ pub async fn delete(client: &Client, namespace: &str, job: &str) -> anyhow::Resu
 ///
 /// Errors that another try cannot fix (the pod is gone or not running, the port-forward is
 /// forbidden) have kind `NotFound` or `PermissionDenied`; the rest are worth retrying.
-pub async fn port_forward(client: &Client, agent: &AgentPod) -> std::io::Result<PortForward> {
+pub async fn port_forward(client: &Client, agent: &AgentPod) -> Result<PortForward, ForwardError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &agent.namespace);
+    let pod = || agent.pod.clone();
     let mut forwarder = pods
         .portforward(&agent.pod, &[agent.port])
         .await
-        .map_err(|e| {
-            let kind = match &e {
-                kube::Error::Api(status) if status.code == 404 || status.code == 400 => {
-                    std::io::ErrorKind::NotFound
-                }
-                kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
-                    std::io::ErrorKind::PermissionDenied
-                }
-                _ => std::io::ErrorKind::Other,
-            };
-            std::io::Error::new(kind, format!("port-forward to pod {}: {e}", agent.pod))
+        .map_err(|source| match &source {
+            kube::Error::Api(status) if status.code == 404 || status.code == 400 => {
+                ForwardError::Gone { pod: pod(), source }
+            }
+            kube::Error::Api(status) if status.code == 401 || status.code == 403 => {
+                ForwardError::Forbidden { pod: pod(), source }
+            }
+            _ => ForwardError::Failed { pod: pod(), source },
         })?;
-    let stream = forwarder.take_stream(agent.port).ok_or_else(|| {
-        std::io::Error::other(format!("port-forward to pod {}: no stream", agent.pod))
-    })?;
+    let stream = forwarder
+        .take_stream(agent.port)
+        .ok_or_else(|| ForwardError::NoStream { pod: pod() })?;
     if let Some(error) = forwarder.take_error(agent.port) {
         let pod = agent.pod.clone();
         tokio::spawn(async move {
@@ -396,6 +394,43 @@ pub async fn port_forward(client: &Client, agent: &AgentPod) -> std::io::Result<
         stream: Some(stream),
         forwarder: Some(forwarder),
     })
+}
+
+/// Why a port-forward to the agent's pod could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The pod is gone (or the API server refused the request as malformed for it).
+    #[error("the agent's pod {pod} is gone")]
+    Gone {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("port-forward to the agent's pod {pod} is not allowed (RBAC: pods/portforward)")]
+    Forbidden {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// Anything else on the way (the network, the API server, the kubelet).
+    #[error("cannot port-forward to the agent's pod {pod}")]
+    Failed {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the port-forward to the agent's pod {pod} opened no stream")]
+    NoStream { pod: String },
+}
+
+impl ForwardError {
+    /// Whether trying again may help: a gone pod and a forbidden port-forward stay so.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ForwardError::Failed { .. } | ForwardError::NoStream { .. }
+        )
+    }
 }
 
 /// A port-forward's byte stream. When it is dropped, what was written still goes out: the

@@ -8,10 +8,6 @@ pub(crate) const READ_AHEAD: usize = 256 * 1024;
 /// The largest write sent in one request.
 pub(crate) const MAX_WRITE: usize = 512 * 1024;
 
-/// Files opened read-only up to this size are copied whole into their placeholder at `open`:
-/// the process then reads a real file (any read path works, `mmap` and `fileno` included).
-pub(crate) const SNAPSHOT_MAX: u64 = 16 << 20;
-
 /// A file opened in the target. Shared by every fd that refers to it (`dup`), as the kernel
 /// shares one open file description.
 #[derive(Debug)]

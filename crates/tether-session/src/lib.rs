@@ -6,9 +6,10 @@
 //! - [`flow`]: per-stream credit (the receiver's side; the sender's with `tokio`);
 //! - [`http`]: HTTP heads to and from the wire.
 //!
-//! The `tokio` feature adds what runs: [`link`] (preface and handshake, both sides) and
+//! The `tokio` feature adds what runs: [`link`] (preface and handshake, both sides),
 //! [`carrier`] (a session's frames over successive links: numbering, acknowledgements,
-//! keepalive, resume).
+//! keepalive, resume) and [`stream`] (the streams' table and the one pump between a stream and
+//! a socket).
 //!
 //! Architecture Invariant: nothing outside the `tokio` feature touches a socket, a clock or a
 //! task; what depends on time takes it as an argument.
@@ -21,3 +22,5 @@ pub mod http;
 pub mod link;
 pub mod replay;
 pub mod settings;
+#[cfg(feature = "tokio")]
+pub mod stream;

@@ -41,13 +41,10 @@ use tokio::{net::TcpStream, sync::mpsc};
 use tether_session::{
     flow::{RecvCredit, SendWindow},
     http::{from_wire, is_upgrade, to_wire, wire_version},
+    stream::{Relay, Stream, StreamInput, Streams, pump},
 };
 
-use crate::{
-    netns::Netns,
-    session::{StreamInput, Streams},
-    steal::connect_marked,
-};
+use crate::{netns::Netns, steal::connect_marked};
 
 use self::filter::Route;
 
@@ -66,7 +63,7 @@ pub(crate) struct HttpContext {
 }
 
 /// The agent's connection to the original app for one stolen connection's left requests.
-enum Upstream {
+enum AppConnection {
     /// HTTP/1: one request at a time.
     Http1(tokio::sync::Mutex<Option<SendRequest<AnyBody>>>),
     /// HTTP/2: one multiplexed connection.
@@ -81,7 +78,7 @@ struct Router {
     connection_id: u64,
     route: Arc<Route>,
     ctx: HttpContext,
-    upstream: Upstream,
+    app_connection: AppConnection,
 }
 
 impl Router {
@@ -90,7 +87,7 @@ impl Router {
         peer: SocketAddr,
         route: Arc<Route>,
         ctx: HttpContext,
-        upstream: Upstream,
+        app_connection: AppConnection,
     ) -> Arc<Router> {
         let connection_id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
         Arc::new(Router {
@@ -99,7 +96,7 @@ impl Router {
             connection_id,
             route,
             ctx,
-            upstream,
+            app_connection,
         })
     }
 
@@ -119,7 +116,7 @@ impl Router {
                 // Only HTTP/1 has upgrades (HTTP/2 forbids `Connection` headers).
                 upgrade_to_original(request, original, ctx).await
             } else {
-                to_original(request, original, ctx, &self.upstream).await
+                to_original(request, original, ctx, &self.app_connection).await
             },
         )
     }
@@ -139,7 +136,7 @@ pub(crate) async fn serve_http2(
         peer,
         route,
         ctx,
-        Upstream::Http2(tokio::sync::Mutex::new(None)),
+        AppConnection::Http2(tokio::sync::Mutex::new(None)),
     );
     let service = service_fn(move |request| Arc::clone(&router).route(request));
     let served = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -163,7 +160,7 @@ pub(crate) async fn serve_http1(
         peer,
         route,
         ctx,
-        Upstream::Http1(tokio::sync::Mutex::new(None)),
+        AppConnection::Http1(tokio::sync::Mutex::new(None)),
     );
     let service = service_fn(move |request| Arc::clone(&router).route(request));
     // Half-close: a client may shut its side after sending a request and still want the answer.
@@ -194,7 +191,7 @@ async fn to_original(
     request: Request<Incoming>,
     original: SocketAddrV4,
     ctx: &HttpContext,
-    upstream: &Upstream,
+    app_connection: &AppConnection,
 ) -> Response<AnyBody> {
     let request = request.map(|body| body.map_err(BoxError::from).boxed_unsync());
     let unreachable = |error: String| {
@@ -202,8 +199,8 @@ async fn to_original(
             "cannot reach the original app at {original}: {error}"
         ))
     };
-    let answered = match upstream {
-        Upstream::Http1(sender) => {
+    let answered = match app_connection {
+        AppConnection::Http1(sender) => {
             let mut sender = sender.lock().await;
             if sender.as_ref().is_none_or(SendRequest::is_closed) {
                 let tcp = match connect_marked(&ctx.netns, SocketAddr::V4(original)).await {
@@ -225,7 +222,7 @@ async fn to_original(
             }
             send.send_request(request).await
         }
-        Upstream::Http2(sender) => {
+        AppConnection::Http2(sender) => {
             let mut send = {
                 let mut sender = sender.lock().await;
                 if sender.as_ref().is_none_or(|s| s.is_closed()) {
@@ -303,18 +300,6 @@ async fn upgrade_to_original(
     response.map(|body| body.map_err(BoxError::from).boxed_unsync())
 }
 
-/// Removes a request's stream from the session's table when its handling ends.
-struct Registration {
-    id: u64,
-    streams: Arc<Streams>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.streams.remove(self.id);
-    }
-}
-
 /// The local process's answer, over the session.
 async fn to_local(
     mut request: Request<Incoming>,
@@ -324,13 +309,7 @@ async fn to_local(
     ctx: &HttpContext,
 ) -> Response<AnyBody> {
     let id = ctx.next_stream.fetch_add(2, Ordering::Relaxed);
-    let (input_tx, mut input) = mpsc::unbounded_channel();
-    let window = Arc::new(SendWindow::default());
-    ctx.streams.insert(id, input_tx, Arc::clone(&window));
-    let registration = Registration {
-        id,
-        streams: Arc::clone(&ctx.streams),
-    };
+    let mut stream = ctx.streams.open(id);
     let upgrade = is_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
     let (parts, body) = request.into_parts();
     let head = HttpRequestHead {
@@ -353,11 +332,11 @@ async fn to_local(
             body,
             id,
             ctx.out.clone(),
-            Some(Arc::clone(&window)),
+            Some(Arc::clone(&stream.window)),
         ));
     }
     let head = loop {
-        match input.recv().await {
+        match stream.input.recv().await {
             Some(StreamInput::ResponseHead(head)) => break head,
             Some(StreamInput::Reset(reason)) => {
                 return bad_gateway(&format!("the local process did not answer: {reason}"));
@@ -370,13 +349,20 @@ async fn to_local(
         // The local process switched protocols: the connection is its from here on.
         let out = ctx.out.clone();
         tokio::spawn(async move {
-            let _registration = registration;
-            let mut input = input;
+            let mut stream = stream;
             match upgrade.await {
                 Ok(upgraded) => {
                     let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
-                    crate::session::pump(&mut reader, &mut writer, id, &out, &mut input, &window)
-                        .await;
+                    pump(
+                        &mut reader,
+                        &mut writer,
+                        id,
+                        &mut stream.input,
+                        &stream.window,
+                        &out,
+                        Relay::Windowed,
+                    )
+                    .await;
                 }
                 Err(error) => {
                     let reset = StreamReset {
@@ -397,7 +383,7 @@ async fn to_local(
         *response.headers_mut() = from_wire(&head.headers);
         return response;
     }
-    let mut response = Response::new(response_body(input, id, ctx.out.clone(), registration));
+    let mut response = Response::new(response_body(stream, ctx.out.clone()));
     *response.status_mut() =
         StatusCode::from_u16(head.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
     *response.headers_mut() = from_wire(&head.headers);
@@ -463,32 +449,26 @@ async fn send_request_body(
 }
 
 /// Session → response body, granting the window back as hyper takes the bytes.
-fn response_body(
-    input: mpsc::UnboundedReceiver<StreamInput>,
-    id: u64,
-    out: mpsc::Sender<Body>,
-    registration: Registration,
-) -> AnyBody {
+fn response_body(stream: Stream, out: mpsc::Sender<Body>) -> AnyBody {
     struct State {
-        input: mpsc::UnboundedReceiver<StreamInput>,
+        stream: Stream,
         credit: RecvCredit,
         out: mpsc::Sender<Body>,
         done: bool,
-        _registration: Registration,
     }
+    let id = stream.id;
     let state = State {
-        input,
+        stream,
         credit: RecvCredit::default(),
         out,
         done: false,
-        _registration: registration,
     };
     let frames = futures_util::stream::unfold(state, move |mut state| async move {
         if state.done {
             return None;
         }
         loop {
-            match state.input.recv().await {
+            match state.stream.input.recv().await {
                 Some(StreamInput::Data(data)) => {
                     if let Some(increment) = state.credit.consumed(data.len()) {
                         let _ = state

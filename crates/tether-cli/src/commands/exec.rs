@@ -26,7 +26,7 @@ use crate::{
     cli::ExecArgs,
     proxy::{
         Event, Opened, Proxy,
-        link::{Connect, Dialer, StillThere},
+        link::{Connect, ConnectError, Dialer, StillThere},
     },
     ui::Ui,
 };
@@ -449,12 +449,12 @@ impl Agent {
 fn local_connect(addr: std::net::SocketAddr) -> Connect {
     Arc::new(move || {
         Box::pin(async move {
+            let tcp = |source| ConnectError::Tcp { addr, source };
             let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                 .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))
-                .flatten()
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{addr}: {e}")))?;
-            stream.set_nodelay(true)?;
+                .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+                .map_err(tcp)?;
+            stream.set_nodelay(true).map_err(tcp)?;
             Ok(Box::new(stream) as Box<dyn Io>)
         })
     })

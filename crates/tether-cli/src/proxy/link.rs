@@ -26,8 +26,36 @@ use super::Event;
 /// Opens a new byte stream to the agent: a TCP connection for a local agent, a port-forward for
 /// a pod.
 pub(crate) type Connect = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<Box<dyn Io>>> + Send>> + Send + Sync,
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Box<dyn Io>, ConnectError>> + Send>>
+        + Send
+        + Sync,
 >;
+
+/// Why a new link's transport could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// A local agent's TCP port.
+    #[error("cannot connect to {addr}")]
+    Tcp {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Forward(#[from] tether_kube::agent::ForwardError),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+impl ConnectError {
+    fn retryable(&self) -> bool {
+        match self {
+            ConnectError::Tcp { .. } | ConnectError::TimedOut(_) => true,
+            // A pod that is gone, or a port-forward that is forbidden, stays so.
+            ConnectError::Forward(e) => e.retryable(),
+        }
+    }
+}
 
 /// Whether reconnecting still makes sense: `Err(reason)` when the target (or the agent) is gone.
 pub(crate) type StillThere = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -54,8 +82,8 @@ impl std::fmt::Debug for Dialer {
 /// Why a reconnect attempt failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DialError {
-    #[error("cannot connect")]
-    Connect(#[source] std::io::Error),
+    #[error(transparent)]
+    Connect(ConnectError),
     #[error(transparent)]
     Link(#[from] LinkError),
     /// The agent no longer knows the session.
@@ -80,11 +108,7 @@ impl DialError {
 
     pub(crate) fn retryable(&self) -> bool {
         match self {
-            // A pod that is gone, or a port-forward that is forbidden, stays so.
-            DialError::Connect(e) => !matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-            ),
+            DialError::Connect(e) => e.retryable(),
             // A refusal that is not about the session (e.g. the agent is shutting down) is final;
             // everything else on the link is the network's fault.
             DialError::Link(LinkError::Refused(_)) => false,

@@ -17,7 +17,7 @@ use tokio::{
     sync::watch,
 };
 
-use super::Upstream;
+use super::Session;
 
 /// Where running sessions put their status sockets.
 pub(crate) fn dir() -> PathBuf {
@@ -58,7 +58,7 @@ impl StatusSocket {
     /// convenience, never a reason to fail a run.
     pub(crate) fn start(
         info: RunInfo,
-        primary: watch::Receiver<Arc<Upstream>>,
+        primary: watch::Receiver<Arc<Session>>,
     ) -> Option<StatusSocket> {
         let dir = dir();
         let bound = std::fs::create_dir_all(&dir)
@@ -98,7 +98,7 @@ async fn answer(
     stream: UnixStream,
     info: &RunInfo,
     started: u64,
-    up: &Upstream,
+    up: &Session,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -123,7 +123,7 @@ async fn answer(
     write.write_all(format!("{reply}\n").as_bytes()).await
 }
 
-fn report(info: &RunInfo, started: u64, up: &Upstream, status: &Status) -> Value {
+fn report(info: &RunInfo, started: u64, up: &Session, status: &Status) -> Value {
     let (state, down_ms, reason) = match &status.state {
         LinkState::Up => ("up", None, None),
         LinkState::Down { since, reason } => (

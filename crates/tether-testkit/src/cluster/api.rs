@@ -4,17 +4,16 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::{
     State, kubelet,
+    rest::{Body, Query, json_response, status},
     store::{JOBS, Key, PODS, Resource, fields_match, labels_match, parse_labels},
 };
-
-pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 pub(crate) async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
@@ -256,66 +255,6 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
             "the simulator does not serve this method here".into(),
         ),
     }
-}
-
-/// Query parameters, percent-decoded.
-pub(crate) struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(raw: &str) -> Query {
-        Query(
-            raw.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (decode(k), decode(v))
-                })
-                .collect(),
-        )
-    }
-
-    pub(crate) fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Every value of a repeated key (`ports=80&ports=81`) and comma lists (`ports=80,81`).
-    pub(crate) fn all(&self, key: &str) -> Vec<String> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k == key)
-            .flat_map(|(_, v)| v.split(',').map(str::to_owned).collect::<Vec<_>>())
-            .filter(|v| !v.is_empty())
-            .collect()
-    }
-}
-
-fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(
-                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
-                    16,
-                ) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The 403 answer when the user may not do `verb` on `resource`.
@@ -663,27 +602,6 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, String> {
         return Ok(Value::Null);
     }
     serde_json::from_slice(&body).map_err(|e| format!("the body is not JSON: {e}"))
-}
-
-pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(BodyExt::boxed(Full::new(Bytes::from(
-            serde_json::to_vec(value).unwrap(),
-        ))))
-        .unwrap()
-}
-
-/// A `metav1.Status` error, as the API server answers every failure.
-pub(crate) fn status(code: StatusCode, reason: &str, message: String) -> Response<Body> {
-    json_response(
-        code,
-        &json!({
-            "kind": "Status", "apiVersion": "v1", "metadata": {},
-            "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
-        }),
-    )
 }
 
 fn not_found(key: &Key) -> Response<Body> {

@@ -32,6 +32,7 @@ mod api;
 mod images;
 mod kubelet;
 mod portforward;
+mod rest;
 mod store;
 mod workload;
 

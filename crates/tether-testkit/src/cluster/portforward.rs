@@ -27,7 +27,7 @@ use tokio_tungstenite::{
 
 use super::{
     State,
-    api::{Body, Query, status},
+    rest::{Body, Query, status},
 };
 
 const BINARY: &str = "v4.channel.k8s.io";

@@ -1,4 +1,4 @@
-//! One session with one agent. A run has a primary upstream, which carries everything (incoming
+//! One session with one agent. A run has a primary session, which carries everything (incoming
 //! ports, outgoing connections, names, files, environment); with `mirror_all_replicas` it has one
 //! more per other replica of the workload, which only mirrors. Following a replaced pod swaps the
 //! primary for a session with the new pod's agent (`Shared::replace_primary`).
@@ -19,12 +19,14 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::{StreamEntry, ToStream};
+use tether_session::stream::{Stream, Streams};
+
+use super::MIRROR_QUEUE_LIMIT;
 
 /// A session with one agent, and the streams it carries.
 #[derive(Debug)]
-pub(crate) struct Upstream {
-    /// Unique in this run: pooled connections to the app are kept per upstream, since two
+pub(crate) struct Session {
+    /// Unique in this run: pooled connections to the app are kept per session, since two
     /// agents' connection ids may be equal.
     pub(crate) id: u32,
     /// The pod this agent serves (empty for local targets), for messages.
@@ -37,9 +39,7 @@ pub(crate) struct Upstream {
     connected: Arc<AtomicBool>,
     next_request: AtomicU64,
     pub(super) pending: Mutex<HashMap<u64, oneshot::Sender<Response>>>,
-    pub(super) streams: Mutex<HashMap<u64, StreamEntry>>,
-    /// Credit for the bytes the proxy sends on each stream.
-    pub(super) windows: Mutex<HashMap<u64, Arc<tether_session::flow::SendWindow>>>,
+    pub(super) streams: Arc<Streams>,
     pub(crate) status: watch::Receiver<Status>,
     pub(crate) control: Control,
     carrier: tokio::sync::Mutex<Option<Carrier>>,
@@ -51,7 +51,7 @@ pub(crate) struct Upstream {
     ended: watch::Sender<bool>,
 }
 
-impl Upstream {
+impl Session {
     pub(super) fn new(
         id: u32,
         pod: String,
@@ -59,8 +59,8 @@ impl Upstream {
         session_id: String,
         carrier: Carrier,
         out: mpsc::Sender<Body>,
-    ) -> Upstream {
-        Upstream {
+    ) -> Session {
+        Session {
             id,
             pod,
             key,
@@ -69,8 +69,7 @@ impl Upstream {
             connected: carrier.connected(),
             next_request: AtomicU64::new(1),
             pending: Mutex::default(),
-            streams: Mutex::default(),
-            windows: Mutex::default(),
+            streams: Arc::default(),
             status: carrier.status(),
             control: carrier.control(),
             carrier: tokio::sync::Mutex::new(Some(carrier)),
@@ -92,29 +91,19 @@ impl Upstream {
     }
 
     /// Registers a stream; its frames reach the returned receiver.
-    pub(super) fn open_stream(
-        &self,
-        id: u64,
-        mirror: bool,
-    ) -> (
-        mpsc::UnboundedReceiver<ToStream>,
-        Arc<std::sync::atomic::AtomicUsize>,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let entry = StreamEntry {
-            tx,
-            queued: Arc::clone(&queued),
-            mirror,
-        };
-        self.streams.lock().expect("streams lock").insert(id, entry);
-        (rx, queued)
+    /// Registers a stream the agent opened (or this side is about to): a mirrored copy's data
+    /// comes without credit and is bounded instead ([`MIRROR_QUEUE_LIMIT`]).
+    pub(super) fn open_stream(&self, id: u64, mirror: bool) -> Stream {
+        if mirror {
+            self.streams.open_bounded(id, MIRROR_QUEUE_LIMIT)
+        } else {
+            self.streams.open(id)
+        }
     }
 
     /// Forgets a stream (both directions).
     pub(super) fn close_stream(&self, id: u64) {
-        self.streams.lock().expect("streams lock").remove(&id);
-        self.windows.lock().expect("windows lock").remove(&id);
+        self.streams.close(id);
     }
 
     /// Asks the agent and waits for its answer: up to 30 s of link time (while the link is down
@@ -187,8 +176,7 @@ impl Upstream {
             carrier.close().await;
         }
         self.pending.lock().expect("pending lock").clear();
-        self.streams.lock().expect("streams lock").clear();
-        self.windows.lock().expect("windows lock").clear();
+        self.streams.clear();
         self.mark_ended();
     }
 }

@@ -1,4 +1,4 @@
-//! The pod's context for the process: outgoing connections, names, files (environment is read
+//! What the process asks of the target: outgoing connections, names, files (environment is read
 //! once by `exec`, see [`Proxy::environment`](super::Proxy::environment)).
 //!
 //! Outgoing TCP: the layer asks `Connect` with the loopback address its socket is bound to; the
@@ -20,12 +20,10 @@ use tether_protocol::{
     AddressFamily, Body, Datagram, DnsLookup, ErrorCode, OutgoingConnect, StreamEnd, StreamReset,
     request, response,
 };
-use tokio::{
-    net::{TcpListener, UdpSocket},
-    sync::mpsc,
-};
+use tether_session::stream::{Relay, Stream, StreamInput, pump};
+use tokio::net::{TcpListener, UdpSocket};
 
-use super::{Shared, ToStream, Upstream};
+use super::{Session, Shared};
 
 /// How long an outgoing stream waits for the process's socket to connect to the proxy.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,10 +35,8 @@ const UDP_IDLE: Duration = Duration::from_secs(30 * 60);
 /// An outgoing stream open in the target, waiting for the process's socket.
 #[derive(Debug)]
 pub(super) struct PendingOutgoing {
-    up: Arc<Upstream>,
-    stream_id: u64,
-    from_agent: mpsc::UnboundedReceiver<ToStream>,
-    queued: Arc<std::sync::atomic::AtomicUsize>,
+    up: Arc<Session>,
+    stream: Stream,
 }
 
 /// The layer's part of the configuration. `target_files`: the target has a filesystem of its
@@ -101,7 +97,7 @@ impl Shared {
         // session moves to another pod's agent.
         let up = self.primary();
         // Registered before asking: the remote side may speak first, right after `Connected`.
-        let (from_agent, queued) = up.open_stream(stream_id, false);
+        let stream = up.open_stream(stream_id, false);
         let connect = OutgoingConnect {
             stream_id,
             transport: match transport {
@@ -141,21 +137,19 @@ impl Shared {
                     from,
                     PendingOutgoing {
                         up: Arc::clone(&up),
-                        stream_id,
-                        from_agent,
-                        queued,
+                        stream,
                     },
                 );
                 if let Some(replaced) = replaced {
                     // The socket asked again before connecting: its first stream is not needed.
-                    end_stream(&replaced.up, replaced.stream_id).await;
+                    end_stream(&replaced.up, replaced.stream.id).await;
                 }
                 let shared = Arc::clone(self);
                 tokio::spawn(async move {
                     tokio::time::sleep(CLAIM_TIMEOUT).await;
                     let unclaimed = {
                         let mut pending = shared.pending_outgoing.lock().expect("pending lock");
-                        let ours = pending.get(&from).is_some_and(|p| p.stream_id == stream_id);
+                        let ours = pending.get(&from).is_some_and(|p| p.stream.id == stream_id);
                         ours && pending.remove(&from).is_some()
                     };
                     if unclaimed {
@@ -168,7 +162,7 @@ impl Shared {
                     stream: stream_id,
                 }
             }
-            Transport::Udp => match self.udp_relay(&up, stream_id, from, from_agent).await {
+            Transport::Udp => match self.udp_relay(&up, from, stream).await {
                 Ok(via) => Answer::Connected {
                     via,
                     local,
@@ -207,33 +201,19 @@ impl Shared {
                 continue;
             };
             let _ = socket.set_nodelay(true);
-            let shared = Arc::clone(&self);
             tokio::spawn(async move {
-                let PendingOutgoing {
-                    up,
-                    stream_id,
-                    mut from_agent,
-                    queued,
-                } = pending;
-                let window = Arc::new(tether_session::flow::SendWindow::default());
-                up.windows
-                    .lock()
-                    .expect("windows lock")
-                    .insert(stream_id, Arc::clone(&window));
+                let PendingOutgoing { up, mut stream } = pending;
                 let (mut read, mut write) = socket.into_split();
-                shared
-                    .pump(
-                        &up,
-                        &mut read,
-                        &mut write,
-                        stream_id,
-                        &mut from_agent,
-                        false,
-                        &window,
-                        &queued,
-                    )
-                    .await;
-                up.close_stream(stream_id);
+                pump(
+                    &mut read,
+                    &mut write,
+                    stream.id,
+                    &mut stream.input,
+                    &stream.window,
+                    &up.out,
+                    Relay::Windowed,
+                )
+                .await;
             });
         }
     }
@@ -241,11 +221,11 @@ impl Shared {
     /// A relay socket for one UDP destination, connected to the process's socket `app`.
     async fn udp_relay(
         self: &Arc<Self>,
-        up: &Arc<Upstream>,
-        stream_id: u64,
+        up: &Arc<Session>,
         app: SocketAddr,
-        mut from_agent: mpsc::UnboundedReceiver<ToStream>,
+        stream: Stream,
     ) -> std::io::Result<SocketAddr> {
+        let stream_id = stream.id;
         let bind: SocketAddr = if app.is_ipv4() {
             (std::net::Ipv4Addr::LOCALHOST, 0).into()
         } else {
@@ -256,6 +236,9 @@ impl Shared {
         let via = socket.local_addr()?;
         let up = Arc::clone(up);
         tokio::spawn(async move {
+            // The whole stream moves in (its registration too, which a closure capturing only
+            // `stream.input` would leave behind to be dropped at once).
+            let mut stream = stream;
             let mut buf = vec![0u8; 65_536];
             loop {
                 tokio::select! {
@@ -272,8 +255,8 @@ impl Shared {
                             }
                         }
                     }
-                    item = from_agent.recv() => match item {
-                        Some(ToStream::Data(data)) => {
+                    item = stream.input.recv() => match item {
+                        Some(StreamInput::Data(data)) => {
                             let _ = socket.send(&data).await;
                         }
                         // Released by the process (the entry was removed): end it in the agent.
@@ -292,20 +275,18 @@ impl Shared {
                     }
                 }
             }
-            up.close_stream(stream_id);
         });
         Ok(via)
     }
 
     /// The process closed the sockets of these UDP relays.
     pub(super) fn release(&self, streams: &[u64]) -> Answer {
-        // The ids this side opens are unique across upstreams.
+        // The ids this side opens are unique across sessions.
         let mirrors = self.mirrors.lock().expect("mirrors lock").clone();
         for up in std::iter::once(self.primary()).chain(mirrors) {
-            let mut open = up.streams.lock().expect("streams lock");
-            for stream in streams {
-                // Dropping the entry ends the relay's task, which ends the stream in the agent.
-                open.remove(stream);
+            for &stream in streams {
+                // Closing the stream ends the relay's task, which ends the stream in the agent.
+                up.close_stream(stream);
             }
         }
         Answer::Done
@@ -386,7 +367,7 @@ impl Shared {
 }
 
 /// Closes a stream this side opened (both directions).
-async fn end_stream(up: &Upstream, stream_id: u64) {
+async fn end_stream(up: &Session, stream_id: u64) {
     up.close_stream(stream_id);
     let reset = StreamReset {
         stream_id,
