@@ -127,8 +127,15 @@ fn http_filter(filter: &HttpFilterConfig, pointer: &str, issues: &mut Vec<Issue>
         ("path_filter", &filter.path_filter),
         ("method_filter", &filter.method_filter),
     ] {
-        if let Some(pattern) = pattern {
-            regex(pattern, &format!("{pointer}/{name}"), issues);
+        match pattern {
+            // An empty regex matches every request: almost certainly a mistake (mirrord refuses
+            // it too).
+            Some(pattern) if pattern.is_empty() => issues.push(
+                Issue::new(format!("{pointer}/{name}"), format!("`{name}` is empty"), "empty filter")
+                    .help("an empty filter would take every request (probes aside); give a regex, or use a whole-port steal (no http_filter)".to_string()),
+            ),
+            Some(pattern) => regex(pattern, &format!("{pointer}/{name}"), issues),
+            None => {}
         }
     }
     for (name, list) in [("all_of", &filter.all_of), ("any_of", &filter.any_of)] {
@@ -138,7 +145,18 @@ fn http_filter(filter: &HttpFilterConfig, pointer: &str, issues: &mut Vec<Issue>
                 InnerFilter::Path(p) => ("path", p),
                 InnerFilter::Method(p) => ("method", p),
             };
-            regex(pattern, &format!("{pointer}/{name}/{i}/{kind}"), issues);
+            if pattern.is_empty() {
+                issues.push(
+                    Issue::new(
+                        format!("{pointer}/{name}/{i}/{kind}"),
+                        format!("the `{kind}` rule is empty"),
+                        "empty filter",
+                    )
+                    .help("an empty rule would match every request; give a regex".to_string()),
+                );
+            } else {
+                regex(pattern, &format!("{pointer}/{name}/{i}/{kind}"), issues);
+            }
         }
         if list.as_ref().is_some_and(Vec::is_empty) {
             issues.push(Issue::new(format!("{pointer}/{name}"), format!("`{name}` is empty"), "no rules").help("an empty list would match nothing (all_of: everything); remove it or add rules"));
@@ -155,6 +173,19 @@ fn exclusive(filter: &TrafficFilterConfig, pointer: &str, issues: &mut Vec<Issue
 
 /// Reports a regex error at its position inside the pattern.
 fn regex(pattern: &str, pointer: &str, issues: &mut Vec<Issue>) {
+    if pattern.contains("{{") {
+        issues.push(
+            Issue::new(
+                pointer,
+                "mirrord's templates (`{{ … }}`) are not supported yet",
+                "a template",
+            )
+            .help(
+                "write the value the template stands for, e.g. the header value itself".to_string(),
+            ),
+        );
+        return;
+    }
     let mut issue = match regex_syntax::ast::parse::Parser::new().parse(pattern) {
         Err(e) => {
             let span = e.span();

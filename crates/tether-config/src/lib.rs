@@ -15,6 +15,7 @@
 mod checks;
 mod duration;
 mod load;
+mod mirrord;
 pub mod model;
 mod problem;
 mod shorthand;
@@ -25,7 +26,7 @@ mod validate;
 pub use duration::ConfigDuration;
 pub use load::{DEFAULT_FILES, Loaded, Loader};
 pub use model::Config;
-pub use problem::{Origin, Problem, ProblemJson, Problems};
+pub use problem::{Notice, Origin, Problem, ProblemJson, Problems};
 pub use target::{KubeKind, KubeTarget, TARGET_FORMS, Target, TargetError};
 
 use serde_json::Value;

@@ -9,9 +9,9 @@ use std::{
 use serde_json::{Map, Value};
 
 use crate::{
-    checks,
+    checks, mirrord,
     model::Config,
-    problem::{Origin, Problem, Problems},
+    problem::{Notice, Origin, Problem, Problems},
     shorthand,
     source::{Format, Parsed},
     validate::{self, Issue, dotted},
@@ -35,6 +35,8 @@ pub struct Loaded {
     pub config: Config,
     /// The config file used, if any.
     pub file: Option<PathBuf>,
+    /// Settings accepted but not used (mirrord's own machinery), to tell the user once.
+    pub notices: Vec<Notice>,
 }
 
 #[derive(Debug)]
@@ -64,6 +66,7 @@ struct Layer {
 pub struct Loader {
     layers: Vec<Layer>,
     problems: Vec<Problem>,
+    notices: Vec<Notice>,
     file: Option<PathBuf>,
 }
 
@@ -119,6 +122,31 @@ impl Loader {
                 }
                 let mut value = std::mem::take(&mut parsed.value);
                 shorthand::expand(&mut value);
+                mirrord::normalize(&mut value);
+                for adapted in mirrord::adapt(&mut value) {
+                    let origin = Origin::File {
+                        path: path.to_owned(),
+                        text: text.clone(),
+                        span: parsed
+                            .locate(&adapted.pointer)
+                            .map_or(0..0, |s| s.key.clone().unwrap_or_else(|| s.value.clone())),
+                    };
+                    if adapted.refused {
+                        self.problems.push(Problem {
+                            key: adapted.key,
+                            message: adapted.message,
+                            help: Some("remove it to run without it".into()),
+                            label: "needs mirrord's operator".into(),
+                            origin,
+                        });
+                    } else {
+                        self.notices.push(Notice {
+                            key: adapted.key,
+                            message: adapted.message,
+                            origin,
+                        });
+                    }
+                }
                 self.layers.push(Layer {
                     source: LayerSource::File {
                         path: path.to_owned(),
@@ -228,6 +256,7 @@ impl Loader {
         let Loader {
             layers,
             mut problems,
+            notices,
             file,
         } = self;
         let mut merged = Value::Object(Map::new());
@@ -248,7 +277,11 @@ impl Loader {
                 let semantic = checks::check(&config);
                 problems.extend(semantic.into_iter().map(|issue| locate(&layers, issue)));
                 if problems.is_empty() {
-                    return Ok(Loaded { config, file });
+                    return Ok(Loaded {
+                        config,
+                        file,
+                        notices,
+                    });
                 }
             }
             Err(e) if issues.is_empty() => {

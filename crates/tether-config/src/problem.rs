@@ -47,6 +47,21 @@ impl Origin {
     }
 }
 
+/// A setting accepted but not used (a mirrord setting that only tunes mirrord), said once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// The setting, as a dotted path.
+    pub key: String,
+    pub message: String,
+    pub origin: Origin,
+}
+
+impl std::fmt::Display for Notice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.origin.describe(), self.message)
+    }
+}
+
 /// One problem with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

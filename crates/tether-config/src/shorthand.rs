@@ -1,5 +1,6 @@
 //! mirrord-style shorthand forms, in one table: `"incoming": "steal"` for
-//! `"incoming": {"mode": "steal"}`, a string where a list is expected, and so on.
+//! `"incoming": {"mode": "steal"}`, a string where a list is expected, mirrord's on/off switches
+//! (`"outgoing": true`, `"network": false`, `"fs": false`), and so on.
 //!
 //! The same table expands values before validation ([`expand`]) and widens the published JSON
 //! Schema so editors accept the short forms too ([`widen_schema`]).
@@ -7,6 +8,11 @@
 use serde_json::{Map, Value, json};
 
 enum Expand {
+    /// A boolean switches the whole section on (its defaults) or off, as mirrord's do.
+    Toggle {
+        on: fn() -> Value,
+        off: fn() -> Value,
+    },
     /// A scalar `s` stands for `{ key: s }`.
     Into(&'static str),
     /// A string stands for a list: split at the separator, or a one-item list.
@@ -42,8 +48,54 @@ const fn list(path: &'static [&'static str]) -> Shorthand {
 }
 
 /// Parents come before their children: expanding `feature.fs` first lets `feature.fs.read_write`
-/// be found inside the expanded object.
+/// be found inside the expanded object. A switch comes before another short form of the same
+/// setting (it only rewrites booleans).
 const SHORTHANDS: &[Shorthand] = &[
+    Shorthand {
+        path: &["feature", "network"],
+        // Explicit values both ways, so a switch in a higher layer overrides a lower one.
+        expand: Expand::Toggle {
+            on: || {
+                json!({
+                    "incoming": { "mode": "mirror" },
+                    "outgoing": { "tcp": true, "udp": true },
+                    "dns": { "enabled": true },
+                })
+            },
+            off: || {
+                json!({
+                    "incoming": { "mode": "off" },
+                    "outgoing": { "tcp": false, "udp": false },
+                    "dns": { "enabled": false },
+                })
+            },
+        },
+        short: boolean,
+    },
+    Shorthand {
+        path: &["feature", "network", "incoming"],
+        expand: Expand::Toggle {
+            on: || json!({ "mode": "mirror" }),
+            off: || json!({ "mode": "off" }),
+        },
+        short: boolean,
+    },
+    Shorthand {
+        path: &["feature", "network", "outgoing"],
+        expand: Expand::Toggle {
+            on: || json!({ "tcp": true, "udp": true }),
+            off: || json!({ "tcp": false, "udp": false }),
+        },
+        short: boolean,
+    },
+    Shorthand {
+        path: &["feature", "fs"],
+        expand: Expand::Toggle {
+            on: || json!({ "mode": "read" }),
+            off: || json!({ "mode": "local" }),
+        },
+        short: boolean,
+    },
     Shorthand {
         path: &["target"],
         expand: Expand::Into("path"),
@@ -100,6 +152,9 @@ pub(crate) fn expand(value: &mut Value) {
             continue;
         };
         match (&shorthand.expand, &*slot) {
+            (Expand::Toggle { on, off }, Value::Bool(switch)) => {
+                *slot = if *switch { on() } else { off() };
+            }
             (Expand::Into(key), Value::String(_) | Value::Bool(_)) => {
                 let short = slot.take();
                 *slot = Value::Object(Map::from_iter([((*key).to_owned(), short)]));

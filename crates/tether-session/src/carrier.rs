@@ -58,6 +58,9 @@ pub type Link = FramedLink<Box<dyn Io>>;
 /// `Ack` frame, so a peer that only sends can free its replay buffer.
 pub const ACK_EVERY: u64 = 32;
 
+/// Round-trip samples kept for the link's round trip as flow control sees it.
+const RTT_SAMPLES: usize = 8;
+
 /// Frames written at most before a flush.
 const WRITE_BATCH: usize = 64;
 
@@ -152,6 +155,8 @@ pub struct Carrier {
     status: watch::Receiver<Status>,
     received: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
+    rtt_micros: Arc<AtomicU64>,
+    settings: Settings,
     close: Option<oneshot::Sender<()>>,
     driver: Option<JoinHandle<()>>,
 }
@@ -187,6 +192,7 @@ impl Carrier {
         });
         let received = Arc::new(AtomicU64::new(0));
         let connected = Arc::new(AtomicBool::new(false));
+        let rtt_micros = Arc::new(AtomicU64::new(0));
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let driver = Driver {
             settings,
@@ -206,6 +212,8 @@ impl Carrier {
             events_rx,
             epoch: Instant::now(),
             rtt: None,
+            rtt_samples: std::collections::VecDeque::with_capacity(RTT_SAMPLES),
+            rtt_micros: Arc::clone(&rtt_micros),
             links: 0,
             last_ping: Instant::now(),
             ping_waiters: Vec::new(),
@@ -217,6 +225,8 @@ impl Carrier {
                 status: status_rx,
                 received,
                 connected,
+                rtt_micros,
+                settings,
                 close: Some(close_tx),
                 driver: Some(driver),
             },
@@ -225,6 +235,18 @@ impl Carrier {
                 incoming: in_rx,
             },
         )
+    }
+
+    /// The link's round trip in microseconds, the least of the last few pings (0 until the first
+    /// pong); shared, for the receivers that size their windows to it ([`crate::flow::Tuning`]).
+    /// Pings wait behind bulk data on the link: the least sample is the link's own.
+    pub fn rtt_micros(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.rtt_micros)
+    }
+
+    /// How this session lives through link trouble.
+    pub fn settings(&self) -> Settings {
+        self.settings
     }
 
     /// Where new links for this session go.
@@ -343,6 +365,9 @@ struct Driver {
     events_rx: mpsc::UnboundedReceiver<(u64, LinkEvent)>,
     epoch: Instant,
     rtt: Option<Duration>,
+    /// The last few round trips, for [`Carrier::rtt_micros`] (their least).
+    rtt_samples: std::collections::VecDeque<Duration>,
+    rtt_micros: Arc<AtomicU64>,
     links: u64,
     last_ping: Instant,
     /// Explicit pings (`Control::ping`) waiting for their pong, by nonce.
@@ -397,6 +422,15 @@ impl Driver {
                                 let sent = Duration::from_micros(nonce);
                                 self.rtt = self.epoch.elapsed().checked_sub(sent);
                                 if let Some(rtt) = self.rtt {
+                                    // The least of the recent samples: a pong that waited behind
+                                    // bulk data measures the queue, not the link.
+                                    if self.rtt_samples.len() == RTT_SAMPLES {
+                                        self.rtt_samples.pop_front();
+                                    }
+                                    self.rtt_samples.push_back(rtt);
+                                    let least = self.rtt_samples.iter().min().copied().unwrap_or(rtt);
+                                    let micros = u64::try_from(least.as_micros()).unwrap_or(u64::MAX).max(1);
+                                    self.rtt_micros.store(micros, Ordering::Relaxed);
                                     for (_, waiter) in self.ping_waiters.extract_if(.., |(n, _)| *n == nonce) {
                                         let _ = waiter.send(rtt);
                                     }

@@ -23,7 +23,7 @@ use tokio::{
     sync::{Notify, mpsc},
 };
 
-use crate::flow::{RecvCredit, SendWindow};
+use crate::flow::{RecvCredit, SendWindow, Tuning};
 
 /// What the peer sends into one stream.
 #[derive(Debug)]
@@ -49,15 +49,23 @@ pub struct Stream {
     pub registration: Registration,
 }
 
-/// What the peer sends into one stream, in order.
+/// What the peer sends into one stream, in order, and the credit this side grants back.
 #[derive(Debug)]
 pub struct Input {
     rx: mpsc::UnboundedReceiver<StreamInput>,
     /// Bytes routed here and not yet taken.
     queued: Arc<AtomicUsize>,
+    credit: RecvCredit,
 }
 
 impl Input {
+    /// Records `bytes` of the peer's data written out; the `WindowUpdate` increment when one is
+    /// due (the window grows on a long link, see [`crate::flow`]).
+    pub fn consumed(&mut self, bytes: usize) -> Option<u32> {
+        self.credit
+            .consumed(bytes, tokio::time::Instant::now().into_std())
+    }
+
     /// The next item; `None` once the stream is closed (or its session gone).
     pub async fn recv(&mut self) -> Option<StreamInput> {
         let item = self.rx.recv().await;
@@ -95,6 +103,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Streams {
     entries: Mutex<HashMap<u64, Entry>>,
+    /// How the windows this side grants grow; `None`: they never do.
+    tuning: Option<Arc<Tuning>>,
 }
 
 /// What [`Streams::route`] did with a frame.
@@ -109,6 +119,14 @@ pub enum Routed {
 }
 
 impl Streams {
+    /// A table whose streams grant windows that grow with the link (see [`crate::flow`]).
+    pub fn tuned(tuning: Arc<Tuning>) -> Streams {
+        Streams {
+            entries: Mutex::default(),
+            tuning: Some(tuning),
+        }
+    }
+
     /// Registers stream `id`, whose peer sends within this side's credit.
     pub fn open(self: &Arc<Self>, id: u64) -> Stream {
         self.register(id, None)
@@ -131,9 +149,19 @@ impl Streams {
             limit,
         };
         self.entries.lock().expect("streams lock").insert(id, entry);
+        // A bounded stream's peer sends without credit (a mirrored copy): growing its window
+        // would only spend the session's budget.
+        let credit = match (&self.tuning, limit) {
+            (Some(tuning), None) => RecvCredit::tuned(Arc::clone(tuning)),
+            _ => RecvCredit::default(),
+        };
         Stream {
             id,
-            input: Input { rx: input, queued },
+            input: Input {
+                rx: input,
+                queued,
+                credit,
+            },
             window,
             registration: Registration {
                 id,
@@ -239,7 +267,6 @@ where
     let copied = Notify::new();
     let broke = Notify::new();
     let into_socket = async {
-        let mut credit = RecvCredit::default();
         loop {
             let item = tokio::select! {
                 item = input.recv() => item,
@@ -259,7 +286,7 @@ where
                         let _ = out.send(Body::StreamReset(reset)).await;
                         break;
                     }
-                    if let Some(increment) = credit.consumed(data.len()) {
+                    if let Some(increment) = input.consumed(data.len()) {
                         let update = WindowUpdate {
                             stream_id: id,
                             increment,

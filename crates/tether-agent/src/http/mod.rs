@@ -39,7 +39,7 @@ use tether_protocol::{
 use tokio::{net::TcpStream, sync::mpsc};
 
 use tether_session::{
-    flow::{RecvCredit, SendWindow},
+    flow::SendWindow,
     http::{from_wire, is_upgrade, to_wire, wire_version},
     stream::{Relay, Stream, StreamInput, Streams, pump},
 };
@@ -452,14 +452,12 @@ async fn send_request_body(
 fn response_body(stream: Stream, out: mpsc::Sender<Body>) -> AnyBody {
     struct State {
         stream: Stream,
-        credit: RecvCredit,
         out: mpsc::Sender<Body>,
         done: bool,
     }
     let id = stream.id;
     let state = State {
         stream,
-        credit: RecvCredit::default(),
         out,
         done: false,
     };
@@ -470,7 +468,7 @@ fn response_body(stream: Stream, out: mpsc::Sender<Body>) -> AnyBody {
         loop {
             match state.stream.input.recv().await {
                 Some(StreamInput::Data(data)) => {
-                    if let Some(increment) = state.credit.consumed(data.len()) {
+                    if let Some(increment) = state.stream.input.consumed(data.len()) {
                         let _ = state
                             .out
                             .send(Body::WindowUpdate(WindowUpdate {

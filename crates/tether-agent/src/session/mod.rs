@@ -26,6 +26,7 @@ use tokio::{
 
 use tether_session::{
     carrier::{Attach, Carrier, Control, Endpoints, Io, LinkState, Status},
+    flow::{Tuning, session_budget},
     link::{self, LinkError},
     settings::Settings,
     stream::{Ended, Relay, Routed, Stream, Streams, pump},
@@ -79,11 +80,13 @@ struct Session {
 }
 
 impl Session {
+    /// `tuning`: how the windows this side grants grow (the carrier's round trip, a budget).
     fn new(
         agent: Arc<Agent>,
         id: String,
         out: mpsc::Sender<Body>,
         pressure: mirror::Pressure,
+        tuning: Tuning,
     ) -> Session {
         let (stolen_tx, stolen_rx) = mpsc::channel(256);
         Session {
@@ -92,7 +95,7 @@ impl Session {
             out,
             // The agent opens even stream ids.
             next_stream: Arc::new(AtomicU64::new(2)),
-            streams: Arc::default(),
+            streams: Arc::new(Streams::tuned(Arc::new(tuning))),
             routes: HashMap::new(),
             stream_tasks: JoinSet::new(),
             stolen_tx,

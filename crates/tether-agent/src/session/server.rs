@@ -325,7 +325,8 @@ pub(super) async fn run_session(
         status: carrier.status(),
         limit: settings.buffer,
     };
-    let mut session = Session::new(agent, id.clone(), out, pressure);
+    let tuning = Tuning::new(carrier.rtt_micros(), session_budget(settings.buffer));
+    let mut session = Session::new(agent, id.clone(), out, pressure, tuning);
     let status = carrier.status();
     let reason = loop {
         tokio::select! {

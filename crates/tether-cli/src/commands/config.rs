@@ -21,9 +21,18 @@ pub(crate) fn loader(file: Option<&Path>) -> Loader {
 pub(crate) fn check(file: Option<&Path>, ui: Ui) -> i32 {
     match loader(file).load() {
         Ok(loaded) => {
+            let notices: Vec<String> = loaded.notices.iter().map(ToString::to_string).collect();
             if ui.is_json() {
-                ui::emit(json!({ "valid": true, "file": loaded.file, "problems": [] }));
+                ui::emit(json!({
+                    "valid": true,
+                    "file": loaded.file,
+                    "problems": [],
+                    "notices": notices,
+                }));
             } else {
+                for notice in &notices {
+                    eprintln!("{notice}");
+                }
                 println!("{}", summary(&loaded));
             }
             0

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::json;
-use tether_config::{Config, Target, model::OnLinkLost};
+use tether_config::{Config, Loaded, Target, model::OnLinkLost};
 use tether_session::carrier::Io;
 use tokio::{
     io::AsyncBufReadExt as _,
@@ -40,7 +40,12 @@ pub(crate) async fn run(
     ui: Ui,
 ) -> anyhow::Result<i32> {
     let config = match load_config(&args, config_file.as_deref()) {
-        Ok(config) => config,
+        Ok(loaded) => {
+            for notice in &loaded.notices {
+                ui.info(&notice.to_string());
+            }
+            loaded.config
+        }
         Err(problems) => {
             eprint!("{}", crate::commands::config::render(&problems));
             return Ok(TETHER_FAILED);
@@ -55,7 +60,7 @@ pub(crate) async fn run(
     }
 }
 
-fn load_config(args: &ExecArgs, file: Option<&Path>) -> Result<Config, tether_config::Problems> {
+fn load_config(args: &ExecArgs, file: Option<&Path>) -> Result<Loaded, tether_config::Problems> {
     let mut loader = crate::commands::config::loader(file);
     let flags = &args.target;
     if let Some(target) = &flags.target {
@@ -70,7 +75,7 @@ fn load_config(args: &ExecArgs, file: Option<&Path>) -> Result<Config, tether_co
     if args.steal {
         loader = loader.flag("--steal", "/feature/network/incoming/mode", json!("steal"));
     }
-    loader.load().map(|loaded| loaded.config)
+    loader.load()
 }
 
 /// The target: `netns/NAME` and `pid/PID` run a local agent; Kubernetes targets an agent pod.

@@ -22,13 +22,11 @@ pub(super) fn request_body(
     use hyper::body::Frame;
     struct State {
         from_agent: Input,
-        credit: tether_session::flow::RecvCredit,
         out: mpsc::Sender<Body>,
         done: bool,
     }
     let state = State {
         from_agent,
-        credit: Default::default(),
         out,
         done: false,
     };
@@ -38,7 +36,7 @@ pub(super) fn request_body(
         }
         match state.from_agent.recv().await {
             Some(StreamInput::Data(data)) => {
-                if let Some(increment) = state.credit.consumed(data.len()) {
+                if let Some(increment) = state.from_agent.consumed(data.len()) {
                     let update = tether_protocol::WindowUpdate {
                         stream_id: id,
                         increment,

@@ -19,7 +19,10 @@ use tokio::{
     task::JoinSet,
 };
 
-use tether_session::stream::{Stream, Streams};
+use tether_session::{
+    flow::{Tuning, session_budget},
+    stream::{Stream, Streams},
+};
 
 use super::MIRROR_QUEUE_LIMIT;
 
@@ -69,7 +72,11 @@ impl Session {
             connected: carrier.connected(),
             next_request: AtomicU64::new(1),
             pending: Mutex::default(),
-            streams: Arc::default(),
+            // The windows this side grants grow to the link's bandwidth-delay product.
+            streams: Arc::new(Streams::tuned(Arc::new(Tuning::new(
+                carrier.rtt_micros(),
+                session_budget(carrier.settings().buffer),
+            )))),
             status: carrier.status(),
             control: carrier.control(),
             carrier: tokio::sync::Mutex::new(Some(carrier)),

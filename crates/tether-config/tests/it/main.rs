@@ -2,6 +2,7 @@
 
 mod formats;
 mod layers;
+mod mirrord;
 mod problems;
 mod schema;
 
