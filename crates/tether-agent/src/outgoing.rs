@@ -66,7 +66,9 @@ pub(crate) async fn connect_udp(netns: &Netns, remote: SocketAddr) -> Result<Udp
     UdpSocket::from_std(socket).map_err(|e| io_error(&e, remote))
 }
 
-/// Serves an outgoing TCP stream until both sides are done.
+/// Serves a TCP connection's stream (an outgoing one, or a stolen one) until both sides are
+/// done; a stream that ended abnormally resets the connection (`SO_LINGER` 0), so its other end
+/// sees a reset, not a clean close.
 pub(crate) async fn run_tcp(
     stream: TcpStream,
     mut session_stream: Stream,

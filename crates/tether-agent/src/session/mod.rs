@@ -29,7 +29,7 @@ use tether_session::{
     flow::{Tuning, session_budget},
     link::{self, LinkError},
     settings::Settings,
-    stream::{Ended, Relay, Routed, Stream, Streams, pump},
+    stream::{Routed, Stream, Streams},
 };
 
 use crate::{

@@ -52,11 +52,7 @@ pub(super) async fn sniff_stream(stream: &TcpStream) -> Sniff {
 /// Streams one stolen connection to the client and the client's answer back.
 /// The client's bytes are unbounded in the channel only in principle: the client may not send
 /// more than the window this side grants back as it writes them out.
-pub(super) async fn run_stolen(
-    stolen: Stolen,
-    mut session_stream: Stream,
-    out: mpsc::Sender<Body>,
-) {
+pub(super) async fn run_stolen(stolen: Stolen, session_stream: Stream, out: mpsc::Sender<Body>) {
     let id = session_stream.id;
     let Stolen {
         stream,
@@ -72,21 +68,5 @@ pub(super) async fn run_stolen(
     if out.send(opened).await.is_err() {
         return;
     }
-    let (mut reader, mut writer) = stream.into_split();
-    let ended = pump(
-        &mut reader,
-        &mut writer,
-        id,
-        &mut session_stream.input,
-        &session_stream.window,
-        &out,
-        Relay::Windowed,
-    )
-    .await;
-    if ended == Ended::Aborted {
-        // Abort the connection: the peer sees a reset, not a clean close.
-        if let Ok(stream) = reader.reunite(writer) {
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-        }
-    }
+    crate::outgoing::run_tcp(stream, session_stream, out).await;
 }
