@@ -138,7 +138,7 @@ impl Client {
         matches!(self, Client::Ab | Client::Wrk { close: true })
     }
 
-    fn describe(self, connections: u32, seconds: u32) -> String {
+    pub(crate) fn describe(self, connections: u32, seconds: u32) -> String {
         match self {
             Client::Ab => {
                 format!("ab -c{connections} -t{seconds} (latency from connect to answer)")
@@ -149,7 +149,7 @@ impl Client {
         }
     }
 
-    fn run(
+    pub(crate) fn run(
         self,
         net: &Network,
         url: &str,

@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 mod fs_remote;
 mod http_steal;
 mod suite;
+mod supervisor;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -102,6 +103,29 @@ enum Bench {
     },
     /// One timed loop of a workload (run by `layer-overhead`, with and without the layer).
     #[command(hide = true)]
+    /// Issue 26: the syscall supervisor's cost per trapped and untrapped call (vs none and the
+    /// preloaded library), then steal latency into a tokio app (library, supervisor) and a Go
+    /// app (supervisor) against the pod's app directly. Needs root and Go (golang-go).
+    Supervisor {
+        /// Repetitions of each per-call variant (interleaved).
+        #[arg(long, default_value_t = 15)]
+        reps: usize,
+        /// Calls per repetition.
+        #[arg(long, default_value_t = 20_000)]
+        iters: u32,
+        /// Interleaved rounds of the latency runs.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per latency run.
+        #[arg(long, default_value_t = 4)]
+        seconds: u32,
+        /// Concurrent connections of the latency runs.
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
+        /// A new connection per request (ab) instead of keep-alive (wrk).
+        #[arg(long)]
+        close: bool,
+    },
     Workload {
         #[arg(long)]
         kind: String,
@@ -144,6 +168,21 @@ fn main() -> anyhow::Result<()> {
                 .or_else(|| suite::default_benchmarks(quick))
                 .as_deref(),
         ),
+        Bench::Supervisor {
+            reps,
+            iters,
+            rounds,
+            seconds,
+            connections,
+            close,
+        } => {
+            supervisor::print_calls(supervisor::call_rows(reps, iters)?);
+            println!();
+            let client = http_steal::Client::pick(None, close);
+            let results = supervisor::steal_latency(rounds, seconds, connections, client)?;
+            supervisor::print_latency(&results, client, connections, seconds);
+            Ok(())
+        }
         Bench::Workload { kind, iters } => {
             println!("{}", workload(&kind, iters)?);
             Ok(())
@@ -165,6 +204,12 @@ fn workload(kind: &str, iters: u32) -> anyhow::Result<f64> {
             let elapsed = started.elapsed();
             std::fs::remove_file(&path)?;
             return Ok(elapsed.as_nanos() as f64 / f64::from(iters));
+        }
+        "getppid" => {
+            started = Instant::now();
+            for _ in 0..iters {
+                std::hint::black_box(nix::unistd::getppid());
+            }
         }
         "connect" => {
             let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -194,7 +239,7 @@ pub(crate) fn tether_binary() -> anyhow::Result<PathBuf> {
     Ok(tether)
 }
 
-fn layer_path() -> anyhow::Result<PathBuf> {
+pub(crate) fn layer_path() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("no directory")?;
     [dir.join("libtether_layer.so"), dir.join("deps/libtether_layer.so")]
@@ -206,7 +251,7 @@ fn layer_path() -> anyhow::Result<PathBuf> {
 /// A stand-in for the local proxy that keeps every listener local (as the real one does for
 /// loopback listeners) and hands out the default policy, under which the workloads' local files
 /// and loopback connections stay local: the layer is active and decides, nothing is redirected.
-fn stand_in_proxy() -> anyhow::Result<PathBuf> {
+pub(crate) fn stand_in_proxy() -> anyhow::Result<PathBuf> {
     use std::io::{BufRead as _, BufReader, Write as _};
     let path = std::env::temp_dir().join(format!("tether-bench-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -243,7 +288,11 @@ fn policy_answer() -> String {
     String::from_utf8(answer.encode(&[])).expect("JSON is UTF-8")
 }
 
-fn run_once(kind: &str, iters: u32, layer: Option<(&PathBuf, &PathBuf)>) -> anyhow::Result<f64> {
+pub(crate) fn run_once(
+    kind: &str,
+    iters: u32,
+    layer: Option<(&PathBuf, &PathBuf)>,
+) -> anyhow::Result<f64> {
     let mut command = Command::new(std::env::current_exe()?);
     command.args(["workload", "--kind", kind, "--iters", &iters.to_string()]);
     command
@@ -264,13 +313,13 @@ fn run_once(kind: &str, iters: u32, layer: Option<(&PathBuf, &PathBuf)>) -> anyh
     Ok(String::from_utf8(output.stdout)?.trim().parse()?)
 }
 
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Stats {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
-fn stats(mut values: Vec<f64>) -> Stats {
+pub(crate) fn stats(mut values: Vec<f64>) -> Stats {
     values.sort_by(f64::total_cmp);
     Stats {
         median: values[values.len() / 2],

@@ -247,6 +247,11 @@ pub(crate) struct ExecArgs {
     /// Steal incoming traffic instead of mirroring it (same as feature.network.incoming.mode=steal).
     #[arg(long)]
     pub steal: bool,
+    /// How the command is intercepted: `auto` preloads tether's library into ordinary programs
+    /// and supervises the system calls of those it cannot enter (Go programs, static
+    /// executables); `preload` and `syscall` force one way (config: interception).
+    #[arg(long, value_name = "HOW", value_parser = ["auto", "preload", "syscall"])]
+    pub interception: Option<String>,
     /// Use an agent that is already running (`tether agent --listen ADDR --token-file FILE`)
     /// instead of starting one. The target still says what kind of target it serves.
     #[arg(

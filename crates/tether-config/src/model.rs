@@ -39,6 +39,11 @@ pub struct Config {
     /// What happens to the local process when the link cannot be restored within
     /// `reconnect.grace`.
     pub on_link_lost: OnLinkLost,
+    /// How the local process is intercepted: `auto` (the preloaded library, or the syscall
+    /// supervisor for programs it cannot enter: Go programs and static executables), `preload`
+    /// (always the library), `syscall` (always the supervisor: seccomp user notification,
+    /// Linux 5.14+, x86_64).
+    pub interception: Interception,
 }
 
 /// The target: a pod or workload in Kubernetes, or a local network namespace or process.
@@ -385,6 +390,30 @@ pub struct ProbesConfig {
     /// Also steal kubelet probe requests (`User-Agent: kube-probe/…`). Off by default: a stolen
     /// probe answered wrongly gets the pod restarted.
     pub steal: bool,
+}
+
+/// How the local process is intercepted (`interception`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Interception {
+    /// The preloaded library, or the syscall supervisor for programs the library cannot enter.
+    #[default]
+    Auto,
+    /// Always the preloaded library (`LD_PRELOAD`).
+    Preload,
+    /// Always the syscall supervisor (seccomp user notification).
+    Syscall,
+}
+
+impl Interception {
+    /// The config's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interception::Auto => "auto",
+            Interception::Preload => "preload",
+            Interception::Syscall => "syscall",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

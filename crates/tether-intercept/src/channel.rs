@@ -21,6 +21,11 @@ use serde::{Deserialize, Serialize};
 /// The variable naming the proxy's socket, set by `tether exec` for the process it starts.
 pub const SOCKET_ENV: &str = "TETHER_LAYER_SOCKET";
 
+/// The variable naming the syscall supervisor's socket: the preloaded layer hands a program it
+/// cannot enter (a Go program, a static executable) over to the supervisor there, as it
+/// executes it.
+pub const SUPERVISOR_ENV: &str = "TETHER_SUPERVISOR_SOCKET";
+
 /// The variable holding the preloaded library's own path, so its `execve` hook can keep it
 /// preloaded in a replaced environment.
 pub const LIBRARY_ENV: &str = "TETHER_LAYER_PATH";
@@ -61,6 +66,35 @@ pub enum Request {
     Fs { len: usize },
     /// The process closed the sockets using these UDP relay streams.
     Release { streams: Vec<u64> },
+}
+
+/// The loopback address an interceptor binds a socket of `family` (`AF_INET`, `AF_INET6`) to
+/// before a [`Request::Connect`] to `remote`: IPv4, IPv4-mapped on an IPv6 socket for an IPv4
+/// destination, else `::1`.
+pub fn loopback_for(family: i32, remote: SocketAddr) -> std::net::IpAddr {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    match (family, remote) {
+        (libc::AF_INET, _) => Ipv4Addr::LOCALHOST.into(),
+        (_, SocketAddr::V4(_)) => Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
+        _ => Ipv6Addr::LOCALHOST.into(),
+    }
+}
+
+/// The `from` of a [`Request::Connect`] for a socket bound to `local`: its loopback address
+/// (an unspecified address means `loopback`), without IPv4 mapping.
+pub fn connect_source(local: SocketAddr, loopback: std::net::IpAddr) -> SocketAddr {
+    let from = if local.ip().is_unspecified() {
+        SocketAddr::new(loopback, local.port())
+    } else {
+        local
+    };
+    match from {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => from,
+        },
+        v4 => v4,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,8 @@
 //! 3. the local defaults (the machine's own runtime: `/proc`, `/sys`, `/dev`, `/usr`, `/lib*`,
 //!    `/bin`, `/sbin`, `/opt`, `/nix`, `/snap`, temp dirs, `$HOME`, the working directory, the
 //!    executable's directory, and the machine files of `/etc` such as TLS roots, `passwd` and
-//!    `nsswitch.conf`) → local;
+//!    `nsswitch.conf`; `/etc/hosts` and `/etc/resolv.conf` too when names are not resolved in
+//!    the target) → local;
 //! 4. the mode: `read` → target for reading, local for writing; `write` → target;
 //!    `local`/`localwithoverrides` → local.
 //!
@@ -222,6 +223,13 @@ impl Policy {
         if self.is_local_default(path) {
             return FsRoute::Local;
         }
+        // A program that resolves names itself reads these: they are the target's only when
+        // names are.
+        if !self.dns_enabled
+            && (path == Path::new("/etc/hosts") || path == Path::new("/etc/resolv.conf"))
+        {
+            return FsRoute::Local;
+        }
         match (self.fs_mode, write) {
             (Mode::Write, _) | (Mode::Read, false) => FsRoute::Remote,
             _ => FsRoute::Local,
@@ -298,6 +306,30 @@ impl Policy {
             // Names resolved in the target connect through it even when the address matches.
             remote_name || !entries.iter().any(by_ip)
         }
+    }
+
+    /// Whether a connection to `addr` goes through the target, for an interceptor that sees
+    /// addresses only (a program with its own resolver, such as Go's): traffic to port 53 is a
+    /// name lookup and follows `dns`; the rest follows the outgoing settings without a name.
+    pub fn outgoing_by_address(&self, transport: Transport, addr: SocketAddr) -> bool {
+        if addr.port() == 53 && self.dns_enabled && !addr.ip().is_unspecified() {
+            return !(self.ignore_localhost && is_loopback(addr.ip()));
+        }
+        self.outgoing(transport, addr, None, false)
+    }
+
+    /// Whether the target's name files (`/etc/hosts`, `/etc/resolv.conf`) are the ones a program
+    /// with its own resolver reads: when names are resolved in the target.
+    pub fn names_from_target(&self) -> bool {
+        self.dns_enabled
+    }
+
+    /// Whether outgoing filters name hosts (which an address-only interceptor cannot apply).
+    pub fn filters_by_name(&self) -> bool {
+        [&self.outgoing, &self.dns]
+            .into_iter()
+            .flatten()
+            .any(|(entries, _)| entries.iter().any(|e| matches!(e.host, Host::Name(_))))
     }
 
     /// Whether `name` is resolved in the target.

@@ -23,6 +23,15 @@ pub enum Unreachable {
 }
 
 impl Unreachable {
+    /// What the program is, for a line that names it ("is a Go program").
+    pub fn what(self) -> &'static str {
+        match self {
+            Unreachable::Static => "is statically linked",
+            Unreachable::SetId => "is set-user-ID or set-group-ID",
+            Unreachable::Go => "is a Go program",
+        }
+    }
+
     /// One line for the user, naming what does not reach the target.
     pub fn explain(self, program: &str) -> String {
         let why = match self {
@@ -59,15 +68,19 @@ pub fn unreachable(path: &Path) -> Option<Unreachable> {
         .elf_program_headers()
         .iter()
         .any(|header| header.p_type(endian) == object::elf::PT_INTERP);
-    if !interpreted {
-        return Some(Unreachable::Static);
-    }
+    // Set-id first: neither the library nor the supervisor may take such a program (the
+    // supervisor's filter would drop its privileges, `PR_SET_NO_NEW_PRIVS`, without root).
     if metadata.permissions().mode() & (SET_UID | SET_GID) != 0 {
         return Some(Unreachable::SetId);
     }
-    elf.section_by_name(".go.buildinfo")
+    // A Go program is one whether or not it is static (Go's default on Linux).
+    if elf
+        .section_by_name(".go.buildinfo")
         .is_some_and(|section| section.size() > 0)
-        .then_some(Unreachable::Go)
+    {
+        return Some(Unreachable::Go);
+    }
+    (!interpreted).then_some(Unreachable::Static)
 }
 
 #[cfg(test)]

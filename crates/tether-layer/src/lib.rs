@@ -962,17 +962,39 @@ pub unsafe extern "C" fn execve(
     envp: *const *const c_char,
 ) -> c_int {
     if let Some(_entered) = enter() {
-        // Never a silent local run: a program the layer cannot enter is named as it starts.
+        // Never a silent local run: a program the layer cannot enter is handed over to the
+        // syscall supervisor, or named as it starts.
         if socket_path().is_some() && !path.is_null() {
             // SAFETY: `path` is a C string, per execve's contract.
             let program = unsafe { CStr::from_ptr(path) }.to_string_lossy();
             if let Some(unreachable) = program::unreachable(std::path::Path::new(&*program)) {
                 use std::io::Write as _;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "tether: warning: {}",
-                    unreachable.explain(&program)
-                );
+                match hand_over(unreachable) {
+                    Ok(()) => {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "tether: {program} {}: intercepting its system calls (seccomp supervisor)",
+                            unreachable.what()
+                        );
+                        // The supervisor serves it: the library must not be loaded in it too.
+                        // SAFETY: `envp` is a NULL-terminated array of C strings, per execve's
+                        // contract.
+                        let kept = unsafe { without_layer(envp) };
+                        let mut pointers: Vec<*const c_char> =
+                            kept.iter().map(|s| s.as_ptr()).collect();
+                        pointers.push(std::ptr::null());
+                        // SAFETY: `pointers` is a NULL-terminated array of valid C strings that
+                        // outlives the call.
+                        return unsafe { real::execve(path, argv, pointers.as_ptr()) };
+                    }
+                    Err(why) => {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "tether: warning: {}{why}",
+                            unreachable.explain(&program)
+                        );
+                    }
+                }
             }
         }
         // SAFETY: `envp` is a NULL-terminated array of C strings, per execve's contract.
@@ -986,6 +1008,77 @@ pub unsafe extern "C" fn execve(
     }
     // SAFETY: arguments passed through.
     unsafe { real::execve(path, argv, envp) }
+}
+
+/// Puts this process (about to execute a program the library cannot enter) under the syscall
+/// supervisor's filter: the filter is installed on the calling thread, which `execve` turns
+/// into the program, and its listener handed to the supervisor at `TETHER_SUPERVISOR_SOCKET`.
+/// `Err`: why not, as the end of the warning line.
+fn hand_over(unreachable: program::Unreachable) -> Result<(), String> {
+    if unreachable == program::Unreachable::SetId {
+        return Err(String::new());
+    }
+    let Some(socket) = std::env::var_os(channel::SUPERVISOR_ENV) else {
+        return Err(String::new());
+    };
+    let stream = std::os::unix::net::UnixStream::connect(&socket)
+        .map_err(|e| format!(" (the syscall supervisor is not reachable: {e})"))?;
+    // The supervisor answers within the time it takes to copy a descriptor.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let filter = tether_sys::seccomp::Filter::trapping(&tether_intercept::syscalls::filter_spec());
+    use std::os::fd::AsFd as _;
+    match filter.install(stream.as_fd()) {
+        Ok(()) => Ok(()),
+        Err(tether_sys::seccomp::InstallError::Refused(e)) => Err(format!(
+            " (the syscall supervisor's filter was refused: {e})"
+        )),
+        Err(error @ tether_sys::seccomp::InstallError::HandOver(_)) => {
+            // The filter stays, with nobody to answer it: running the program now would make
+            // each of its trapped calls fail. Stop here, as a failed exec does in a child.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "tether: cannot hand the program over to the syscall supervisor ({error}); not running it"
+            );
+            // SAFETY: ends the process at once, as a child whose exec failed does.
+            unsafe { libc::_exit(126) }
+        }
+    }
+}
+
+/// `envp` without the library in `LD_PRELOAD` (other preloaded libraries stay).
+///
+/// # Safety
+/// `envp` must be null or a NULL-terminated array of valid C strings.
+unsafe fn without_layer(envp: *const *const c_char) -> Vec<CString> {
+    let library = std::env::var_os(LIBRARY_ENV).unwrap_or_default();
+    let mut vars = Vec::new();
+    let mut i = 0;
+    while !envp.is_null() {
+        // SAFETY: within the NULL-terminated array, per the contract.
+        let entry = unsafe { *envp.add(i) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: each entry is a valid C string.
+        let var = unsafe { CStr::from_ptr(entry) }.to_owned();
+        i += 1;
+        let Some(list) = var.to_bytes().strip_prefix(b"LD_PRELOAD=") else {
+            vars.push(var);
+            continue;
+        };
+        use std::os::unix::ffi::OsStrExt as _;
+        let others: Vec<&[u8]> = list
+            .split(|b| *b == b':' || *b == b' ')
+            .filter(|entry| !entry.is_empty() && *entry != library.as_bytes())
+            .collect();
+        if !others.is_empty() {
+            let mut kept = b"LD_PRELOAD=".to_vec();
+            kept.extend_from_slice(&others.join(&b':'));
+            vars.extend(CString::new(kept));
+        }
+    }
+    vars
 }
 
 /// The environment `envp` plus the layer's variables, when a replaced environment dropped them.

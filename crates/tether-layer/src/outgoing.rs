@@ -14,7 +14,7 @@
 
 use std::{
     ffi::{c_int, c_void},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use libc::{sockaddr, socklen_t};
@@ -91,11 +91,7 @@ fn open_remote(
     remote: SocketAddr,
     hostname: Option<String>,
 ) -> Result<(SocketAddr, u64), c_int> {
-    let loopback: IpAddr = match (family, remote) {
-        (libc::AF_INET, _) => Ipv4Addr::LOCALHOST.into(),
-        (_, SocketAddr::V4(_)) => Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
-        _ => Ipv6Addr::LOCALHOST.into(),
-    };
+    let loopback = crate::channel::loopback_for(family, remote);
     let mut local = local_addr(fd).filter(|a| a.port() != 0);
     if local.is_none() {
         let (storage, len) = addr::encode(SocketAddr::new(loopback, 0), family);
@@ -106,15 +102,10 @@ fn open_remote(
         local = local_addr(fd);
     }
     let local = local.ok_or(libc::EINVAL)?;
-    let from = if local.ip().is_unspecified() {
-        SocketAddr::new(loopback, local.port())
-    } else {
-        local
-    };
     let request = Request::Connect {
         transport,
         remote: unmapped(remote),
-        from: unmapped(from),
+        from: crate::channel::connect_source(local, loopback),
         hostname,
     };
     match crate::ask(&request)? {

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cgroup;
 pub mod cluster;
 pub mod cutter;
+pub mod go;
 pub mod netns;
 pub mod registry;
 

@@ -184,6 +184,18 @@ fn kernel_checks(ui: Ui) -> i32 {
             problems += 1;
         }
     }
+    // Optional: without it, Go programs and static executables cannot be intercepted (tether
+    // says so when it runs one), everything else works.
+    let step = ui.step(
+        "syscall supervisor for Go and static programs (seccomp user notification, pidfd_getfd, Linux 5.14)",
+    );
+    match tether_supervisor::support() {
+        tether_supervisor::Support::Available => step.done("available"),
+        missing => step.done(&format!(
+            "not available: {}; Go programs and static executables will run without interception",
+            missing
+        )),
+    }
     if is_root() && find_in_path("nft").is_some() {
         let step = ui.step("nftables in the kernel (nft list tables)");
         match std::process::Command::new("nft")

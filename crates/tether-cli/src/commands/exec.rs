@@ -72,6 +72,9 @@ fn load_config(args: &ExecArgs, file: Option<&Path>) -> Result<Loaded, tether_co
     if let Some(context) = &flags.context {
         loader = loader.flag("--context", "/kube_context", json!(context));
     }
+    if let Some(how) = &args.interception {
+        loader = loader.flag("--interception", "/interception", json!(how));
+    }
     if args.steal {
         loader = loader.flag("--steal", "/feature/network/incoming/mode", json!("steal"));
     }
@@ -135,7 +138,6 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
             "local targets need root (network namespaces and iptables): run `sudo tether exec …`"
         );
     }
-    let layer = layer_path()?.canonicalize()?;
     let dir = tempfile::Builder::new().prefix("tether-").tempdir()?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
 
@@ -187,7 +189,7 @@ async fn exec(args: &ExecArgs, config: &Config, ui: Ui) -> anyhow::Result<i32> {
         }
     };
 
-    let outcome = with_agent(args, config, ui, &mut agent, &target, &layer, dir.path()).await;
+    let outcome = with_agent(args, config, ui, &mut agent, &target, dir.path()).await;
     if outcome.is_err() {
         // The normal paths stop the agent themselves, in order (proxy first).
         agent.stop().await;
@@ -202,7 +204,6 @@ async fn with_agent(
     ui: Ui,
     agent: &mut Agent,
     target: &Target,
-    layer: &Path,
     dir: &Path,
 ) -> anyhow::Result<i32> {
     let step = ui.step("opening the session");
@@ -283,15 +284,16 @@ async fn with_agent(
         Vec::new()
     };
 
-    // Never a silent local run: a program the layer cannot enter is named before it runs.
-    if let Some(program) = args.command.first()
-        && let Some(path) = crate::commands::doctor::find_in_path(program)
-        && let Some(unreachable) = tether_intercept::program::unreachable(&path)
-    {
-        ui.warn(&unreachable.explain(program));
-    }
-    let mut child = match spawn_command(&args.command, layer, &socket, &env) {
-        Ok(child) => child,
+    let spawned = match interception(config, &args.command, ui) {
+        // Blocking work (the supervisor asks the proxy, which runs on this runtime, and waits
+        // for the child's listener): off the runtime's workers.
+        Ok(mechanism) => tokio::task::block_in_place(|| {
+            start_interception(mechanism, config, &args.command, &socket, dir, &env, ui)
+        }),
+        Err(message) => Err((TETHER_FAILED, message)),
+    };
+    let (mut child, supervisor) = match spawned {
+        Ok(spawned) => spawned,
         Err((code, message)) => {
             eprintln!("error: {message}");
             agent.halt().await;
@@ -345,6 +347,14 @@ async fn with_agent(
     };
     while let Ok(event) = events.try_recv() {
         show(event, ui);
+    }
+    // What supervised programs wrote to the target's files reaches it before the session ends.
+    if let Some(supervisor) = supervisor {
+        let finished =
+            tokio::task::spawn_blocking(move || supervisor.finish(Duration::from_secs(30))).await;
+        if !matches!(finished, Ok(true)) {
+            ui.warn("some writes to the target's files were still going on after 30 s; they may be lost");
+        }
     }
     let step = ui.step("cleaning up");
     agent.halt().await;
@@ -502,11 +512,214 @@ fn interrupt_came_from_terminal() -> bool {
     nix::unistd::tcgetpgrp(stdin.as_fd()).is_ok_and(|group| group == nix::unistd::getpgrp())
 }
 
+/// How the command is intercepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mechanism {
+    /// The preloaded library.
+    Preload,
+    /// The syscall supervisor.
+    Syscall,
+}
+
+/// Picks the mechanism for the command (`interception`). Never a silent local run: a program
+/// neither can reach is named before it runs, and a forced `syscall` the kernel cannot do fails.
+fn interception(config: &Config, command: &[String], ui: Ui) -> Result<Mechanism, String> {
+    use tether_config::model::Interception;
+    use tether_intercept::program::Unreachable;
+    let program = command.first().map(String::as_str).unwrap_or_default();
+    let unreachable = crate::commands::doctor::find_in_path(program)
+        .and_then(|path| tether_intercept::program::unreachable(&path));
+    let support = tether_supervisor::support();
+    match config.interception {
+        Interception::Preload => {
+            if let Some(unreachable) = unreachable {
+                ui.warn(&unreachable.explain(program));
+            }
+            Ok(Mechanism::Preload)
+        }
+        Interception::Syscall => match support {
+            tether_supervisor::Support::Available => Ok(Mechanism::Syscall),
+            missing => Err(format!(
+                "interception: syscall is not possible here: {} (use --interception preload)",
+                missing
+            )),
+        },
+        Interception::Auto => match (unreachable, support) {
+            (
+                Some(why @ (Unreachable::Static | Unreachable::Go)),
+                tether_supervisor::Support::Available,
+            ) => {
+                ui.info(&format!(
+                    "{program} {}: intercepting its system calls (seccomp supervisor)",
+                    why.what()
+                ));
+                Ok(Mechanism::Syscall)
+            }
+            (Some(why), support) => {
+                ui.warn(&why.explain(program));
+                if support != tether_supervisor::Support::Available {
+                    ui.warn(&format!("the syscall supervisor cannot help: {}", support));
+                }
+                Ok(Mechanism::Preload)
+            }
+            (None, _) => Ok(Mechanism::Preload),
+        },
+    }
+}
+
+/// Starts the command with its interception: preloaded (with the supervisor taking the
+/// programs the library hands over, where the kernel allows it) or supervised.
+fn start_interception(
+    mechanism: Mechanism,
+    config: &Config,
+    command: &[String],
+    socket: &Path,
+    dir: &Path,
+    env: &[(String, String)],
+    ui: Ui,
+) -> Result<(tokio::process::Child, Option<tether_supervisor::Supervisor>), (i32, String)> {
+    let program = command.first().map(String::as_str).unwrap_or_default();
+    let supervise = mechanism == Mechanism::Syscall
+        || (config.interception == tether_config::model::Interception::Auto
+            && tether_supervisor::support() == tether_supervisor::Support::Available);
+    let supervisor = match supervise {
+        false => None,
+        true => match start_supervisor(program, socket, &dir.join("supervisor"), env, ui) {
+            Ok(supervisor) => Some(supervisor),
+            Err(failed) if mechanism == Mechanism::Syscall => return Err(failed),
+            // Only for hand-overs: the command itself goes on with the library.
+            Err((_, message)) => {
+                ui.warn(&format!(
+                    "{message}; programs the preloaded library cannot enter will not be intercepted"
+                ));
+                None
+            }
+        },
+    };
+    match (mechanism, supervisor) {
+        (Mechanism::Syscall, Some(supervisor)) => {
+            let child = spawn_supervised(command, socket, env, &supervisor)?;
+            Ok((child, Some(supervisor)))
+        }
+        (_, supervisor) => {
+            let layer = layer_path()
+                .and_then(|p| Ok(p.canonicalize()?))
+                .map_err(|e| (TETHER_FAILED, format!("{e:#}")))?;
+            let handoff = dir.join("supervisor.sock");
+            let handoff = match &supervisor {
+                Some(supervisor) => match supervisor.accept_handoffs(&handoff) {
+                    Ok(()) => Some(handoff),
+                    Err(error) => {
+                        tracing::warn!(%error, "no hand-over socket for the syscall supervisor");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let child = spawn_command(command, &layer, socket, env, handoff.as_deref())?;
+            Ok((child, supervisor))
+        }
+    }
+}
+
+/// The supervisor of this run, asking the proxy at `socket`.
+fn start_supervisor(
+    program: &str,
+    socket: &Path,
+    scratch: &Path,
+    env: &[(String, String)],
+    ui: Ui,
+) -> Result<tether_supervisor::Supervisor, (i32, String)> {
+    let failed = |what: &str, error: std::io::Error| {
+        (
+            TETHER_FAILED,
+            format!("cannot supervise {program}: {what}: {error}"),
+        )
+    };
+    std::fs::create_dir_all(scratch).map_err(|e| failed("no scratch directory", e))?;
+    // The program's own places, as it will see them (its environment may come from the target).
+    let from_env = |name: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| PathBuf::from(v))
+            .or_else(|| std::env::var_os(name).map(PathBuf::from))
+    };
+    let places = tether_intercept::policy::LocalPlaces {
+        home: from_env("HOME"),
+        cwd: std::env::current_dir().ok(),
+        exe: crate::commands::doctor::find_in_path(program),
+        tmpdir: from_env("TMPDIR"),
+    };
+    let setup = tether_supervisor::Setup {
+        socket: socket.to_path_buf(),
+        scratch: scratch.to_path_buf(),
+        places,
+    };
+    tether_supervisor::Supervisor::start(setup, move |message| {
+        ui.warn(message);
+    })
+    .map_err(|e| failed("the local proxy did not answer", e))
+}
+
+/// Starts the command under the seccomp filter, served by `supervisor`.
+fn spawn_supervised(
+    command: &[String],
+    socket: &Path,
+    env: &[(String, String)],
+    supervisor: &tether_supervisor::Supervisor,
+) -> Result<tokio::process::Child, (i32, String)> {
+    let (program, rest) = command
+        .split_first()
+        .ok_or((126, "no command given".to_owned()))?;
+    let failed = |what: &str, error: std::io::Error| {
+        (
+            TETHER_FAILED,
+            format!("cannot supervise {program}: {what}: {error}"),
+        )
+    };
+    let (mut ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| failed("no socket pair", e))?;
+    // The child waits for its listener to be taken before it executes the program, and `spawn`
+    // returns only then: it is taken on a thread of its own.
+    let taking = std::thread::spawn(move || tether_supervisor::Listener::take(&mut ours, None));
+    let mut child = tokio::process::Command::new(program);
+    child
+        .args(rest)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(tether_intercept::channel::SOCKET_ENV, socket);
+    tether_sys::seccomp::install_before_exec(
+        child.as_std_mut(),
+        tether_supervisor::filter(),
+        theirs.into(),
+    );
+    let spawned = child.spawn();
+    // The child's end of the pair lives in the command's hook: closed with it (so a child that
+    // failed before the hand-over ends the taking thread's wait).
+    drop(child);
+    let taken = taking.join().unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "the thread taking the listener panicked",
+        ))
+    });
+    let spawned = spawned.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => (127, format!("command not found: {program}")),
+        _ => (
+            126,
+            format!("cannot run {program} under the syscall supervisor: {e}"),
+        ),
+    })?;
+    let listener = taken.map_err(|e| failed("its seccomp listener was not handed over", e))?;
+    supervisor.serve(listener);
+    Ok(spawned)
+}
+
 fn spawn_command(
     command: &[String],
     layer: &Path,
     socket: &Path,
     env: &[(String, String)],
+    handoff: Option<&Path>,
 ) -> Result<tokio::process::Child, (i32, String)> {
     let (program, rest) = command
         .split_first()
@@ -520,17 +733,20 @@ fn spawn_command(
         }
         _ => layer.as_os_str().to_owned(),
     };
-    tokio::process::Command::new(program)
+    let mut child = tokio::process::Command::new(program);
+    child
         .args(rest)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("LD_PRELOAD", preload)
         .env(tether_intercept::channel::SOCKET_ENV, socket)
-        .env(tether_intercept::channel::LIBRARY_ENV, layer)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => (127, format!("command not found: {program}")),
-            _ => (126, format!("cannot run {program}: {e}")),
-        })
+        .env(tether_intercept::channel::LIBRARY_ENV, layer);
+    if let Some(handoff) = handoff {
+        child.env(tether_intercept::channel::SUPERVISOR_ENV, handoff);
+    }
+    child.spawn().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => (127, format!("command not found: {program}")),
+        _ => (126, format!("cannot run {program}: {e}")),
+    })
 }
 
 /// The agent of this run: started by tether, or given with `--agent-addr`.

@@ -46,9 +46,15 @@ impl Exec {
         Exec::spawn(&["--target", &target], &all_env, command)
     }
 
-    /// `tether exec ARGS -- COMMAND` with `env` (and nothing of the caller's TETHER_CONFIG).
+    /// `tether exec ARGS -- COMMAND` with `env` (and nothing of the caller's TETHER_CONFIG), in
+    /// a mount namespace of its own whose `/etc/resolv.conf` names only loopback (a program
+    /// that escaped interception cannot reach the host's resolver).
     pub(crate) fn spawn(args: &[&str], env: &[(&str, String)], command: &[&str]) -> Exec {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
+            .arg(loopback_resolv_conf())
+            .arg(env!("CARGO_BIN_EXE_tether"))
             .arg("exec")
             .args(args)
             .arg("--")
@@ -224,6 +230,20 @@ pub(crate) fn scenario_with(
         pod,
         net,
     }
+}
+
+/// A `resolv.conf` naming only loopback, written once per test process.
+pub(crate) fn loopback_resolv_conf() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("tether-test-resolv-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+        .unwrap();
+        path
+    })
 }
 
 fn nix_kill(pid: u32, signal: &str) {

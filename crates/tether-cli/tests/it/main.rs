@@ -12,6 +12,7 @@ mod image;
 mod kube;
 mod link;
 mod mesh;
+mod syscall;
 mod usage;
 
 use assert_cmd::Command;

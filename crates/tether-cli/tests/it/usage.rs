@@ -74,13 +74,14 @@ fn doctor_reports_each_check() {
         .iter()
         .filter(|e| e["event"] == "step_finished")
         .collect();
-    // Root, five programs, the kernel (and, as root with nft, nftables in the kernel).
+    // Root, five programs, the kernel, the syscall supervisor's kernel support (and, as root
+    // with nft, nftables in the kernel).
     let checked: Vec<&str> = finished
         .iter()
         .filter_map(|e| e["step"].as_str()?.split_whitespace().next())
         .collect();
     assert_eq!(
-        checked[..7],
+        checked[..8],
         [
             "running",
             "ip",
@@ -88,11 +89,22 @@ fn doctor_reports_each_check() {
             "iptables-legacy",
             "nft",
             "conntrack",
-            "kernel"
+            "kernel",
+            "syscall"
         ],
         "{events:#?}"
     );
-    assert!(finished.len() <= 8, "{events:#?}");
+    assert!(finished.len() <= 9, "{events:#?}");
+    let supervisor = finished
+        .iter()
+        .find(|e| {
+            e["step"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("syscall supervisor"))
+        })
+        .expect("the supervisor's check");
+    // This machine's kernel (6.x, x86_64) has every piece.
+    assert_eq!(supervisor["detail"], "available", "{supervisor:#?}");
     let all_ok = finished.iter().all(|e| e["ok"] == true);
     assert_eq!(
         output.status.success(),

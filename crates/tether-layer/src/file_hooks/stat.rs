@@ -3,30 +3,16 @@
 
 use super::*;
 
-fn split_ns(ns: i64) -> (i64, i64) {
-    (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000))
-}
-
 /// # Safety
 /// `out` must be a valid `struct stat64` out-buffer.
 unsafe fn fill_stat(stat: &FileStat, out: *mut libc::stat64) {
+    // On 64-bit Linux `struct stat64` is `struct stat`.
+    const _: () = assert!(size_of::<libc::stat64>() == size_of::<libc::stat>());
     // SAFETY: plain old data.
-    let mut st: libc::stat64 = unsafe { std::mem::zeroed() };
-    st.st_dev = stat.dev;
-    st.st_ino = stat.ino;
-    st.st_nlink = stat.nlink as _;
-    st.st_mode = stat.mode;
-    st.st_uid = stat.uid;
-    st.st_gid = stat.gid;
-    st.st_rdev = stat.rdev;
-    st.st_size = stat.size as i64;
-    st.st_blksize = stat.blksize as _;
-    st.st_blocks = stat.blocks as i64;
-    (st.st_atime, st.st_atime_nsec) = split_ns(stat.atime_ns);
-    (st.st_mtime, st.st_mtime_nsec) = split_ns(stat.mtime_ns);
-    (st.st_ctime, st.st_ctime_nsec) = split_ns(stat.ctime_ns);
-    // SAFETY: per the contract.
-    unsafe { out.write(st) };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    tether_intercept::stat::fill_stat(stat, &mut st);
+    // SAFETY: per the contract; the two structs have one layout (checked above).
+    unsafe { out.cast::<libc::stat>().write(st) };
 }
 
 /// A path stat: `None` when it stays local, else the return value (errno set).
