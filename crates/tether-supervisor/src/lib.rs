@@ -261,7 +261,10 @@ impl Call {
     /// A copy of the program's descriptor in argument `i`; checked to still belong to this call
     /// (the thread id may have been reused).
     fn fd(&self, i: usize) -> io::Result<OwnedFd> {
-        let fd = tether_sys::seccomp::process_fd(self.process()?, self.fd_arg(i))?;
+        let fd = match tether_sys::seccomp::thread_fd(self.notification.pid, self.fd_arg(i)) {
+            Some(fd) => fd?,
+            None => tether_sys::seccomp::process_fd(self.process()?, self.fd_arg(i))?,
+        };
         if !self.valid() {
             return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }

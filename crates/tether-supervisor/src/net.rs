@@ -209,6 +209,16 @@ impl Shared {
     /// The address the program sees as its socket's peer: the destination in the target for a
     /// connection through the proxy, the real client for one the proxy delivered.
     pub(crate) fn getpeername(&self, call: &Call) -> io::Result<Outcome> {
+        // Most programs have no such socket: nothing to look at then.
+        if self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .peers
+            .is_empty()
+        {
+            return Ok(Outcome::Now(Reply::Continue));
+        }
         let socket = call.fd(0)?;
         let id = inode(&socket)?;
         let Some((reported, real)) = self
@@ -317,6 +327,15 @@ impl Shared {
     /// On a listener subscribed in the target: accepts here, so the program can be told the
     /// remote client's address instead of the proxy's.
     pub(crate) fn accept(&self, call: &Call) -> io::Result<Outcome> {
+        if self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .listeners
+            .is_empty()
+        {
+            return Ok(Outcome::Now(Reply::Continue));
+        }
         let socket = call.fd(0)?;
         let id = inode(&socket)?;
         if !self
