@@ -17,8 +17,9 @@ use super::{
     http_filter::curl,
 };
 
-/// What the Go program prints of the pod (see `apps/go_app`), as the pod would show it.
-fn expected_context(pod: &PodContext, dns_answer: &str) -> String {
+/// What the Go program prints of the pod (see `apps/go_app`), as the pod would show it: the
+/// pod's DNS server names the pod-only service `only-dns.pod.internal`.
+fn expected_context(pod: &PodContext) -> String {
     let db = pod.net.pod(1).ip;
     let port = pod.http_port;
     format!(
@@ -27,19 +28,28 @@ fn expected_context(pod: &PodContext, dns_answer: &str) -> String {
          stat 16\n\
          readdir absolute-link,big.bin,hosts,relative-link,resolv.conf,script.py,secret.txt\n\
          hosts [{db}]\n\
-         dns [{dns_answer}]\n\
+         dns [{db}]\n\
          http-ip pod-service {port} GET /go-ip\n\
          peer {db}\n\
          http-name pod-service {port} GET /go-name\n\
+         http-dns pod-service {port} GET /go-dns\n\
          udp echo hello\n"
     )
 }
 
+/// The pod's DNS server, knowing the pod-only service by a name of its own.
+fn start_pod_dns(pod: &PodContext) {
+    let db = pod.net.pod(1).ip.to_string();
+    pod.net.start_dns_server(
+        pod.net.pod(1),
+        53,
+        &[("only-dns.pod.internal", db.as_str())],
+    );
+}
+
 fn go_sees_the_pod(build: GoBuild) {
     let pod = PodContext::new();
-    let answer = "10.213.77.9";
-    pod.net
-        .start_dns_server(pod.net.pod(1), 53, &[("only-dns.pod.internal", answer)]);
+    start_pod_dns(&pod);
     let app = go_app(build).display().to_string();
     let output = pod.exec_with(
         &[],
@@ -49,11 +59,7 @@ fn go_sees_the_pod(build: GoBuild) {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert_eq!(
-        stdout,
-        expected_context(&pod, answer),
-        "tether said:\n{stderr}"
-    );
+    assert_eq!(stdout, expected_context(&pod), "tether said:\n{stderr}");
     assert!(
         stderr.contains("is a Go program: intercepting its system calls"),
         "{stderr}"
@@ -139,8 +145,8 @@ fn a_go_server_gets_the_stolen_port_and_sees_the_real_client() {
     }
 }
 
-/// Under a header filter only marked requests reach the Go server; unmarked ones and kubelet
-/// probes stay with the pod.
+/// Under a header filter only marked requests reach the Go server (static and cgo builds);
+/// unmarked ones and kubelet probes stay with the pod.
 #[test]
 fn a_go_server_gets_only_marked_requests_and_probes_stay_with_the_pod() {
     if !require_root("a_go_server_gets_only_marked_requests_and_probes_stay_with_the_pod") {
@@ -150,66 +156,72 @@ fn a_go_server_gets_only_marked_requests_and_probes_stay_with_the_pod() {
         "TETHER_FEATURE__NETWORK__INCOMING__HTTP_FILTER__HEADER_FILTER",
         "^X-Dev: go$",
     )];
-    let Scenario {
-        mut exec,
-        port,
-        pod,
-        net,
-    } = scenario_with("steal", &env, go_server(GoBuild::Static, "serve"));
-    let url = pod_url(&pod);
-    for _ in 0..3 {
-        let marked = curl(&net, &url, &["X-Dev: go"]);
-        assert!(
-            marked.starts_with(&format!("go-local {port} GET /hello")),
-            "{marked}; tether said:\n{}",
-            exec.seen_lines()
-        );
-        assert_eq!(curl(&net, &url, &[]), "original 80 GET /hello");
-        let probe = curl(&net, &url, &["X-Dev: go", "User-Agent: kube-probe/1.26"]);
-        assert_eq!(probe, "original 80 GET /hello");
+    for build in [GoBuild::Static, GoBuild::Cgo] {
+        let Scenario {
+            mut exec,
+            port,
+            pod,
+            net,
+        } = scenario_with("steal", &env, go_server(build, "serve"));
+        let url = pod_url(&pod);
+        for _ in 0..3 {
+            let marked = curl(&net, &url, &["X-Dev: go"]);
+            assert!(
+                marked.starts_with(&format!("go-local {port} GET /hello")),
+                "{build:?}: {marked}; tether said:\n{}",
+                exec.seen_lines()
+            );
+            assert_eq!(curl(&net, &url, &[]), "original 80 GET /hello");
+            let probe = curl(&net, &url, &["X-Dev: go", "User-Agent: kube-probe/1.26"]);
+            assert_eq!(probe, "original 80 GET /hello", "{build:?}");
+        }
     }
 }
 
-/// Mirrored: the pod answers every request and the Go server gets a copy of each.
+/// Mirrored: the pod answers every request and the Go server (static and cgo builds) gets a
+/// copy of each.
 #[test]
 fn a_go_server_gets_mirrored_copies() {
     if !require_root("a_go_server_gets_mirrored_copies") {
         return;
     }
-    let seen = std::env::temp_dir().join(format!("tether-go-seen-{}", std::process::id()));
-    let _ = std::fs::remove_file(&seen);
-    let seen_text = seen.display().to_string();
-    let Scenario {
-        mut exec, pod, net, ..
-    } = scenario_with(
-        "mirror",
-        &[("SEEN_FILE", seen_text.as_str())],
-        go_server(GoBuild::Static, "serve"),
-    );
-    let answers = net.http_requests(&pod_url(&pod), 3, false);
-    assert!(
-        answers.iter().all(|a| a.starts_with("original 80")),
-        "{answers:?}"
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let copies = std::fs::read_to_string(&seen).unwrap_or_default();
-        if copies.lines().count() >= 3 {
-            assert!(
-                copies.lines().all(|l| l.contains("GET /hello from")),
-                "{copies}"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the Go server saw {} of 3 mirrored copies in 10 s; tether said:\n{}",
-            copies.lines().count(),
-            exec.seen_lines()
+    for build in [GoBuild::Static, GoBuild::Cgo] {
+        let seen =
+            std::env::temp_dir().join(format!("tether-go-seen-{}-{build:?}", std::process::id()));
+        let _ = std::fs::remove_file(&seen);
+        let seen_text = seen.display().to_string();
+        let Scenario {
+            mut exec, pod, net, ..
+        } = scenario_with(
+            "mirror",
+            &[("SEEN_FILE", seen_text.as_str())],
+            go_server(build, "serve"),
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        let answers = net.http_requests(&pod_url(&pod), 3, false);
+        assert!(
+            answers.iter().all(|a| a.starts_with("original 80")),
+            "{answers:?}"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let copies = std::fs::read_to_string(&seen).unwrap_or_default();
+            if copies.lines().count() >= 3 {
+                assert!(
+                    copies.lines().all(|l| l.contains("GET /hello from")),
+                    "{copies}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{build:?}: the Go server saw {} of 3 mirrored copies in 10 s; tether said:\n{}",
+                copies.lines().count(),
+                exec.seen_lines()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(&seen);
     }
-    let _ = std::fs::remove_file(&seen);
 }
 
 /// Ordinary programs forced through the supervisor see the pod as they do with the preloaded
@@ -269,9 +281,7 @@ fn programs_started_by_a_preloaded_shell_are_handed_over_to_the_supervisor() {
         return;
     }
     let pod = PodContext::new();
-    let answer = "10.213.77.9";
-    pod.net
-        .start_dns_server(pod.net.pod(1), 53, &[("only-dns.pod.internal", answer)]);
+    start_pod_dns(&pod);
     let app = go_app(GoBuild::Cgo).display().to_string();
     let output = pod.exec_with(
         &[],
@@ -281,11 +291,7 @@ fn programs_started_by_a_preloaded_shell_are_handed_over_to_the_supervisor() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
-    assert_eq!(
-        stdout,
-        expected_context(&pod, answer),
-        "tether said:\n{stderr}"
-    );
+    assert_eq!(stdout, expected_context(&pod), "tether said:\n{stderr}");
     assert!(
         stderr.contains(&format!(
             "tether: {app} is a Go program: intercepting its system calls"

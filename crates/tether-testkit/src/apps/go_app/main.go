@@ -160,6 +160,10 @@ func showContext() {
 	}
 	body, err := get(fmt.Sprintf("http://db.pod.internal:%s/go-name", port))
 	show("http-name", body, err)
+	if name := os.Getenv("DNS_NAME"); name != "" {
+		body, err := get(fmt.Sprintf("http://%s:%s/go-dns", name, port))
+		show("http-dns", body, err)
+	}
 
 	connection, err := net.DialTimeout("udp", "db.pod.internal:"+udp, 10*time.Second)
 	if err == nil {
