@@ -1046,12 +1046,11 @@ fn hand_over(unreachable: program::Unreachable) -> Result<(), String> {
     }
 }
 
-/// `envp` without the library in `LD_PRELOAD` (other preloaded libraries stay).
+/// The entries of `envp`, copied.
 ///
 /// # Safety
 /// `envp` must be null or a NULL-terminated array of valid C strings.
-unsafe fn without_layer(envp: *const *const c_char) -> Vec<CString> {
-    let library = std::env::var_os(LIBRARY_ENV).unwrap_or_default();
+unsafe fn env_of(envp: *const *const c_char) -> Vec<CString> {
     let mut vars = Vec::new();
     let mut i = 0;
     while !envp.is_null() {
@@ -1061,8 +1060,21 @@ unsafe fn without_layer(envp: *const *const c_char) -> Vec<CString> {
             break;
         }
         // SAFETY: each entry is a valid C string.
-        let var = unsafe { CStr::from_ptr(entry) }.to_owned();
+        vars.push(unsafe { CStr::from_ptr(entry) }.to_owned());
         i += 1;
+    }
+    vars
+}
+
+/// `envp` without the library in `LD_PRELOAD` (other preloaded libraries stay).
+///
+/// # Safety
+/// `envp` must be null or a NULL-terminated array of valid C strings.
+unsafe fn without_layer(envp: *const *const c_char) -> Vec<CString> {
+    let library = std::env::var_os(LIBRARY_ENV).unwrap_or_default();
+    let mut vars = Vec::new();
+    // SAFETY: per the contract.
+    for var in unsafe { env_of(envp) } {
         let Some(list) = var.to_bytes().strip_prefix(b"LD_PRELOAD=") else {
             vars.push(var);
             continue;
@@ -1088,18 +1100,8 @@ unsafe fn without_layer(envp: *const *const c_char) -> Vec<CString> {
 unsafe fn keep_layer_in(envp: *const *const c_char) -> Option<Vec<CString>> {
     let socket = socket_path()?;
     let library = std::env::var_os(LIBRARY_ENV)?;
-    let mut vars = Vec::new();
-    let mut i = 0;
-    while !envp.is_null() {
-        // SAFETY: within the NULL-terminated array, per the contract.
-        let entry = unsafe { *envp.add(i) };
-        if entry.is_null() {
-            break;
-        }
-        // SAFETY: each entry is a valid C string.
-        vars.push(unsafe { CStr::from_ptr(entry) }.to_owned());
-        i += 1;
-    }
+    // SAFETY: per the contract.
+    let mut vars = unsafe { env_of(envp) };
     let has = |prefix: &str, needle: &[u8]| {
         vars.iter().any(|v| {
             v.to_bytes().starts_with(prefix.as_bytes())

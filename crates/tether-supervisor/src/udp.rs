@@ -181,6 +181,22 @@ impl Shared {
         Outcome::Now(Reply::Errno(libc::EIO))
     }
 
+    /// The program's socket (argument 0) and its family, when a datagram to `remote` on it goes
+    /// through the target (loopback is decided from the address alone, first).
+    fn remote_datagram(
+        &self,
+        call: &Call,
+        remote: SocketAddr,
+    ) -> io::Result<Option<(OwnedFd, i32)>> {
+        if !self.policy.may_go_remote(remote) {
+            return Ok(None);
+        }
+        let socket = call.fd(0)?;
+        Ok(self
+            .datagram_goes_remote(&socket, remote)
+            .map(|family| (socket, family)))
+    }
+
     /// `sendto(fd, buf, len, flags, dest, addrlen)`, trapped only with a destination.
     pub(crate) fn sendto(&self, call: &Call) -> io::Result<Outcome> {
         let len = call.arg(5) as u32 as usize;
@@ -191,11 +207,7 @@ impl Shared {
         let Some(remote) = decode_sockaddr(&memory.read(call.arg(4), len)?).map(unmapped) else {
             return Ok(Outcome::Now(Reply::Continue));
         };
-        if !self.policy.may_go_remote(remote) {
-            return Ok(Outcome::Now(Reply::Continue));
-        }
-        let socket = call.fd(0)?;
-        let Some(family) = self.datagram_goes_remote(&socket, remote) else {
+        let Some((socket, family)) = self.remote_datagram(call, remote)? else {
             return Ok(Outcome::Now(Reply::Continue));
         };
         let size = call.arg(2) as usize;
@@ -218,11 +230,7 @@ impl Shared {
         let Some(remote) = header.address(&memory)?.map(unmapped) else {
             return Ok(Outcome::Now(Reply::Continue));
         };
-        if !self.policy.may_go_remote(remote) {
-            return Ok(Outcome::Now(Reply::Continue));
-        }
-        let socket = call.fd(0)?;
-        let Some(family) = self.datagram_goes_remote(&socket, remote) else {
+        let Some((socket, family)) = self.remote_datagram(call, remote)? else {
             return Ok(Outcome::Now(Reply::Continue));
         };
         if header.controllen != 0 {
